@@ -1,0 +1,14 @@
+"""fastsgd: fast large-batch SGD for PyTorch.
+
+- Fused optimizers: SGD, Momentum, Nesterov, LARS, LAMB (drop-ins for torch.optim.SGD / timm Lars)
+- fastsgd.nn: ghost batch norm
+- fastsgd.distributed: bucketed all-reduce overlapped with backward and the optimizer step
+- fastsgd.study: step time and steps-to-result against batch size, critical batch size
+"""
+from fastsgd.backends import BackendUnavailable, available_backends
+from fastsgd.optim import LAMB, LARS, SGD, Momentum, Nesterov, param_groups
+
+__version__ = "0.1.0"
+
+__all__ = ["SGD", "Momentum", "Nesterov", "LARS", "LAMB", "param_groups", "available_backends",
+           "BackendUnavailable", "__version__"]

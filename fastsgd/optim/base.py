@@ -1,0 +1,174 @@
+"""What every fastsgd optimizer shares: the step protocol.
+
+A step is two passes over the parameter groups:
+1. plan: collect (param, grad) pairs and check everything -- devices, dtypes,
+   shapes, sparse gradients, hyperparameters, backend support. Any problem is
+   raised here, before a single tensor or state entry is touched.
+2. run: create missing state, then one kernel call per param group.
+
+AMP: ``torch.amp.GradScaler`` sees ``_step_supports_amp_scaling`` and sets
+``self.grad_scale``/``self.found_inf`` before calling ``step()``. Kernels
+divide gradients by ``grad_scale`` and change nothing when ``found_inf`` is
+set. On the steps that create state (normally only the first), ``found_inf``
+is read on the host so that a skipped first step leaves no half-initialised
+buffers behind (torch's fused SGD gets this wrong); on CPU it is always read
+on the host, which costs nothing there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import Tensor
+
+from fastsgd.backends import get_backend, requested_backend
+
+
+@dataclass
+class GroupWork:
+    """The tensors of one param group that take part in this step."""
+    group: Dict[str, Any]
+    params: List[Tensor] = field(default_factory=list)
+    grads: List[Tensor] = field(default_factory=list)
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers its memory exactly once (contiguous,
+    channels_last, any permutation), so kernels may treat it as flat."""
+    if t.is_contiguous():
+        return True
+    if any(s == 0 for s in t.stride()):
+        return False
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+    return t.numel() == 0 or span == t.numel()
+
+
+def grad_like_param(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` laid out like ``p`` in memory (a copy only when the layouts differ),
+    so a kernel can walk param, grad and state with one flat index."""
+    if g.stride() == p.stride():
+        return g
+    out = torch.empty_like(p)
+    out.copy_(g)
+    return out
+
+
+def check_non_negative(name: str, value: Any, label: Optional[str] = None) -> None:
+    """torch.optim's wording: ``Invalid learning rate: -1.0``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        return  # a device tensor is not read on the host
+    if value < 0.0:
+        raise ValueError(f"Invalid {label or name}: {value}")
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses define ``_check_group``, ``_needs_state``,
+    ``_init_state`` and ``_run_group``."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults: Dict[str, Any], *, backend: str = "auto"):
+        self.backend = requested_backend(backend)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # ---- subclass interface -------------------------------------------------
+    def _check_group(self, group: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _needs_state(self, group: Dict[str, Any], p: Tensor) -> bool:
+        raise NotImplementedError
+
+    def _init_state(self, group: Dict[str, Any], p: Tensor) -> None:
+        raise NotImplementedError
+
+    def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *,
+                   grad_scale: Optional[Tensor], found_inf: Optional[Tensor], **extra) -> None:
+        raise NotImplementedError
+
+    def _prepare(self, works: List[GroupWork], grad_scale: Optional[Tensor]) -> Dict[str, Any]:
+        """Step-wide values computed after planning (e.g. LAMB's global grad norm)."""
+        return {}
+
+    # ---- the step -----------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step(None)
+        return loss
+
+    @torch.no_grad()
+    def step_subset(self, params: Iterable[Tensor]) -> None:
+        """Update only ``params`` (with their groups' hyperparameters), as one
+        fused call per group. Used by the bucketed data-parallel engine to step
+        each bucket as soon as its gradients are reduced."""
+        self._step({id(p) for p in params})
+
+    def _plan(self, only: Optional[set]) -> List[GroupWork]:
+        name = type(self).__name__
+        works, device = [], None
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            work = GroupWork(group)
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None or (only is not None and id(p) not in only):
+                    continue
+                where = f"parameter {pi} of param group {gi}"
+                if g.is_sparse:
+                    raise RuntimeError(f"fastsgd.{name} does not support sparse gradients ({where}); "
+                                       "use torch.optim.SGD or torch.optim.SparseAdam for sparse layers")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise RuntimeError(f"fastsgd.{name}: gradient of {where} has shape {tuple(g.shape)}, "
+                                       f"dtype {g.dtype}, device {g.device} but the parameter has "
+                                       f"{tuple(p.shape)}, {p.dtype}, {p.device}")
+                if device is None:
+                    device = p.device
+                elif p.device != device:
+                    raise RuntimeError(f"fastsgd.{name}: all parameters updated in one step must be on one "
+                                       f"device; {where} is on {p.device}, others on {device}. "
+                                       "Use one optimizer per device.")
+                work.params.append(p)
+                work.grads.append(g)
+            works.append(work)
+        return works
+
+    def _step(self, only: Optional[set]) -> None:
+        grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        works = self._plan(only)
+        params = [p for w in works for p in w.params]
+        if not params:
+            return
+        device = params[0].device
+        kernels = get_backend(self.backend, device, {p.dtype for p in params},
+                              dense=all(is_dense(p) for p in params))
+        new_state = [[self._needs_state(w.group, p) for p in w.params] for w in works]
+        if found_inf is not None and (found_inf.device.type == "cpu" or any(map(any, new_state))):
+            if found_inf.item() != 0:  # skipped by the AMP scaler: change nothing, create nothing
+                return
+            found_inf = None
+        # ---- everything checked: from here on, state and params change ----
+        for w, flags in zip(works, new_state):
+            for p, new in zip(w.params, flags):
+                if new:
+                    self._init_state(w.group, p)
+        extra = self._prepare(works, grad_scale)
+        for w, flags in zip(works, new_state):
+            if w.params:
+                if kernels.NAME != "reference":
+                    w.grads = [grad_like_param(g, p) for g, p in zip(w.grads, w.params)]
+                self._run_group(kernels, w, flags, grad_scale=grad_scale, found_inf=found_inf, **extra)
