@@ -15,9 +15,12 @@ Every backend implements the same functions with the same signatures:
 Contract shared by all backends (the optimizer classes check it before calling):
 - ``params``/``grads``/state lists are aligned, tensors on one device, each
   grad with its param's shape and dtype, state tensors with the param's shape.
-- ``lr`` is a float or a 0-dim tensor.  The reference also accepts tensors
-  that broadcast against each param (per-trial hyperparameters of stacked
-  parameters, used by the study harness); ``momentum`` likewise.
+- ``lr`` is a float or a 0-dim tensor.
+- Stacked trials: ``lr`` and ``momentum`` may also be 1-D tensors of length T
+  when every param has T as its first dimension (T independent models trained
+  side by side, as the study harness does); row i of every param, grad and
+  buffer then uses lr[i] and momentum[i]. Such hyperparameter tensors live on
+  the CPU for the cpu backend and on the params' device for GPU backends.
 - ``first_step[i]`` is True when ``bufs[i]`` is new: then b = g (or lr*g in
   the lr_in_momentum form) instead of b = mu*b + (1-tau)*g.
 - ``grad_scale`` (0-dim tensor or None): gradients are divided by it.
@@ -54,9 +57,13 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _hp(x: Scalar, like: Tensor) -> Scalar:
-    """A hyperparameter as float64 (tensors broadcast against ``like``)."""
+    """A hyperparameter as float64; a 1-D per-trial tensor becomes (T, 1, ...)
+    so that row i of ``like`` uses entry i."""
     if isinstance(x, Tensor):
-        return x.to(device=like.device, dtype=torch.float64)
+        x = x.to(device=like.device, dtype=torch.float64)
+        if x.ndim == 1:
+            x = x.reshape((-1,) + (1,) * (like.ndim - 1))
+        return x
     return float(x)
 
 

@@ -157,6 +157,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         kernels = get_backend(self.backend, device, {p.dtype for p in params},
                               dense=all(is_dense(p) for p in params))
         new_state = [[self._needs_state(w.group, p) for p in w.params] for w in works]
+        if any(map(any, new_state)) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"fastsgd.{type(self).__name__}: optimizer state must exist before CUDA graph "
+                               "capture; run one eager step (warm-up) first, as with torch's capturable optimizers")
         if found_inf is not None and (found_inf.device.type == "cpu" or any(map(any, new_state))):
             if found_inf.item() != 0:  # skipped by the AMP scaler: change nothing, create nothing
                 return

@@ -13,7 +13,7 @@ Exclude biases and norm weights from adaptation by giving them a group with
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -28,13 +28,15 @@ class LARS(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor, momentum: float = 0.9, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, trust_coeff: float = 0.001,
                  eps: float = 1e-8, trust_clip: bool = False, always_adapt: bool = False,
-                 lr_in_momentum: bool = False, backend: str = "auto"):
+                 lr_in_momentum: bool = False, momentum_dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto"):
         check_non_negative("lr", lr, "learning rate")
         check_non_negative("momentum", momentum, "momentum value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
                         always_adapt=always_adapt, lr_in_momentum=lr_in_momentum)
+        self.momentum_dtype = momentum_dtype
         super().__init__(params, defaults, backend=backend)
 
     def __setstate__(self, state):
@@ -57,7 +59,8 @@ class LARS(FusedOptimizer):
         return group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None
 
     def _init_state(self, group, p):
-        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                            dtype=self.momentum_dtype or p.dtype)
 
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf):
         g = work.group

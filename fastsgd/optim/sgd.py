@@ -63,7 +63,8 @@ class SGD(FusedOptimizer):
     (``state[i]["momentum_buffer"]``) and update, but each step runs as one
     fused kernel call per param group (see ``fastsgd.available_backends()``).
 
-    Extra arguments: ``lr_in_momentum`` (see the module docstring) and
+    Extra arguments: ``lr_in_momentum`` (see the module docstring),
+    ``momentum_dtype`` (dtype of new momentum buffers; default: the param's) and
     ``backend`` ("auto", "reference", "cpu", "triton", "cuda"; the
     ``FASTSGD_BACKEND`` environment variable stands in for "auto").
     ``foreach``/``fused`` are accepted for compatibility and change nothing;
@@ -73,7 +74,8 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  lr_in_momentum: bool = False, foreach: Optional[bool] = None, differentiable: bool = False,
-                 fused: Optional[bool] = None, backend: str = "auto"):
+                 fused: Optional[bool] = None, momentum_dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto"):
         check_non_negative("lr", lr, "learning rate")
         check_non_negative("momentum", momentum, "momentum value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
@@ -81,6 +83,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused, lr_in_momentum=lr_in_momentum)
+        self.momentum_dtype = momentum_dtype
         super().__init__(params, defaults, backend=backend)
 
     def __setstate__(self, state):
@@ -105,7 +108,8 @@ class SGD(FusedOptimizer):
         return group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None
 
     def _init_state(self, group, p):
-        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                            dtype=self.momentum_dtype or p.dtype)
 
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf):
         g = work.group
