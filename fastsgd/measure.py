@@ -1,0 +1,147 @@
+"""Shared measuring helpers for benchmarks and the study harness: timing with
+device synchronisation, the environment a result was measured in, measured
+memory bandwidth, and result files.
+
+Timing convention (as in Liger-Kernel's benchmarks): median with the 20 % and
+80 % quantiles over repetitions after warm-up.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantiles(samples: Sequence[float]) -> Dict[str, float]:
+    """median, q20, q80 (seconds) of a list of timings."""
+    xs = sorted(samples)
+    if len(xs) == 1:
+        return {"median": xs[0], "q20": xs[0], "q80": xs[0], "n": 1}
+    q = statistics.quantiles(xs, n=10, method="inclusive")
+    return {"median": statistics.median(xs), "q20": q[1], "q80": q[7], "n": len(xs)}
+
+
+def time_fn(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warmup: int = 3, reps: int = 20,
+            min_time: float = 0.0) -> Dict[str, float]:
+    """Time ``fn()`` ``reps`` times (more if ``min_time`` seconds are not yet
+    spent) after ``warmup`` calls; each call is synchronised on ``device``.
+    Returns median/q20/q80 in seconds."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: List[float] = []
+    start_all = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start_all < min_time:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - t0)
+        if len(samples) >= 10 * max(reps, 1):
+            break
+    return quantiles(samples)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str = "cpu") -> Dict[str, Any]:
+    """Where and with what a result was measured."""
+    import fastsgd
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": torch.device(device).type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastsgd": fastsgd.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+
+
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 * 2**20, reps: int = 10) -> float:
+    """Measured memory bandwidth in GB/s (1e9 bytes/s) of a large tensor copy,
+    counting the bytes read plus the bytes written, which is how the kernels'
+    achieved bandwidth is counted too."""
+    device = torch.device(device)
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device=device, warmup=2, reps=reps)
+    return 2 * n * 4 / t["median"] / 1e9
+
+
+def write_rows(path: str, rows: Iterable[Dict[str, Any]], meta: Optional[Dict[str, Any]] = None) -> str:
+    """Write result rows as JSON ({"meta": ..., "rows": [...]}) or CSV (meta
+    fields repeated as columns), chosen by the file extension."""
+    rows = list(rows)
+    meta = meta or {}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".csv"):
+        fields: List[str] = []
+        for r in [meta] + rows:
+            fields += [k for k in r if k not in fields]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            for r in rows:
+                w.writerow({**meta, **r})
+    else:
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
+    return path
+
+
+def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], floatfmt: str = ".3g") -> str:
+    """A plain aligned text table of ``columns`` from ``rows``."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return "" if v is None else str(v)
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
