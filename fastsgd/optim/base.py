@@ -118,33 +118,37 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step({id(p) for p in params})
 
     def _plan(self, only: Optional[set]) -> List[GroupWork]:
-        name = type(self).__name__
-        works, device = [], None
-        for gi, group in enumerate(self.param_groups):
+        # Per-tensor Python work is the fixed cost of a step with many small
+        # tensors, so this stays lean: torch itself already guarantees that a
+        # grad has its param's shape, dtype and device (AccumulateGrad and the
+        # .grad setter check it); what is left to check is sparsity and one
+        # device per step.
+        works = []
+        for group in self.param_groups:
             self._check_group(group)
-            work = GroupWork(group)
-            for pi, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None or (only is not None and id(p) not in only):
-                    continue
-                where = f"parameter {pi} of param group {gi}"
-                if g.is_sparse:
-                    raise RuntimeError(f"fastsgd.{name} does not support sparse gradients ({where}); "
-                                       "use torch.optim.SGD or torch.optim.SparseAdam for sparse layers")
-                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                    raise RuntimeError(f"fastsgd.{name}: gradient of {where} has shape {tuple(g.shape)}, "
-                                       f"dtype {g.dtype}, device {g.device} but the parameter has "
-                                       f"{tuple(p.shape)}, {p.dtype}, {p.device}")
-                if device is None:
-                    device = p.device
-                elif p.device != device:
-                    raise RuntimeError(f"fastsgd.{name}: all parameters updated in one step must be on one "
-                                       f"device; {where} is on {p.device}, others on {device}. "
-                                       "Use one optimizer per device.")
-                work.params.append(p)
-                work.grads.append(g)
-            works.append(work)
+            ps = [p for p in group["params"] if p.grad is not None and (only is None or id(p) in only)]
+            works.append(GroupWork(group, ps, [p.grad for p in ps]))
+        grads = [g for w in works for g in w.grads]
+        if any(g.is_sparse for g in grads):
+            gi, pi = self._locate(lambda p: p.grad is not None and p.grad.is_sparse)
+            raise RuntimeError(f"fastsgd.{type(self).__name__} does not support sparse gradients (parameter {pi} "
+                               f"of param group {gi}); use torch.optim.SGD or torch.optim.SparseAdam for sparse layers")
+        devices = {g.device for g in grads}
+        if len(devices) > 1:
+            first = grads[0].device
+            gi, pi = self._locate(lambda p: p.grad is not None and p.device != first)
+            raise RuntimeError(f"fastsgd.{type(self).__name__}: all parameters updated in one step must be on one "
+                               f"device; parameter {pi} of param group {gi} is on {self.param_groups[gi]['params'][pi].device}, "
+                               f"others on {first}. Use one optimizer per device.")
         return works
+
+    def _locate(self, pred) -> tuple:
+        """(group index, param index) of the first param matching ``pred``, for error messages."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if pred(p):
+                    return gi, pi
+        return -1, -1
 
     def _step(self, only: Optional[set]) -> None:
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
@@ -155,7 +159,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         device = params[0].device
         kernels = get_backend(self.backend, device, {p.dtype for p in params},
-                              dense=all(is_dense(p) for p in params))
+                              dense=all(p.is_contiguous() or is_dense(p) for p in params))
         new_state = [[self._needs_state(w.group, p) for p in w.params] for w in works]
         if any(map(any, new_state)) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"fastsgd.{type(self).__name__}: optimizer state must exist before CUDA graph "
@@ -172,6 +176,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         extra = self._prepare(works, grad_scale)
         for w, flags in zip(works, new_state):
             if w.params:
-                if kernels.NAME != "reference":
-                    w.grads = [grad_like_param(g, p) for g, p in zip(w.grads, w.params)]
+                if not getattr(kernels, "STRIDED", False):
+                    w.grads = [g if g.is_contiguous() and p.is_contiguous() else grad_like_param(g, p)
+                               for g, p in zip(w.grads, w.params)]
                 self._run_group(kernels, w, flags, grad_scale=grad_scale, found_inf=found_inf, **extra)
