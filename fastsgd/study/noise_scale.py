@@ -1,0 +1,269 @@
+"""Gradient noise scale (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training").
+
+For a gradient averaged over a batch of B examples, ``E|G_B|^2 = |G|^2 + tr(Sigma)/B``
+(``G`` the true gradient, ``Sigma`` the per-example gradient covariance). Two squared
+norms taken at the *same parameters* with batch sizes ``b < B`` give unbiased estimates
+
+    |G|^2      ~  (B |G_B|^2 - b |G_b|^2) / (B - b)
+    tr(Sigma)  ~  (|G_b|^2 - |G_B|^2) / (1/b - 1/B)
+
+and the simple noise scale ``B_simple = tr(Sigma) / |G|^2``. A single estimate of
+``|G|^2`` is often negative, so -- as in the paper's appendix A.1 -- the two estimates are
+averaged separately (exponential moving averages, bias-corrected) and divided only
+when read.
+
+Where the two norms come from
+-----------------------------
+* Data parallel: the local gradient of one rank (batch ``b``) and the all-reduced
+  gradient (batch ``B = b x world_size``) come for free:
+  :meth:`GradientNoiseScale.update_from_distributed` (plain torch.distributed values, works
+  with any DDP) and :meth:`GradientNoiseScale.update_from_ddp` (reads
+  ``BucketedDataParallel.last_grad_sq_norms``).
+* One process with gradient accumulation: :class:`NoiseScaleAccumulator` hooks every
+  parameter's incoming gradient, so each micro-batch's own squared norm costs one
+  reduction per parameter, and compares their mean with the accumulated batch gradient.
+
+Cost: everything stays on the gradients' device as 0-dim tensors; nothing synchronises
+with the host until you read a value (``float(...)``, :meth:`GradientNoiseScale.read`,
+:func:`to_floats`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GradientNoiseScale", "NoiseScaleAccumulator", "two_batch_estimates", "to_floats"]
+
+Number = Union[float, int, Tensor]
+
+
+def _check_batches(small_batch: float, big_batch: float) -> None:
+    for name, v in (("small_batch", small_batch), ("big_batch", big_batch)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a positive finite number of examples, got {v!r}")
+    if not small_batch < big_batch:
+        raise ValueError(f"the two batch sizes must satisfy small_batch < big_batch, got "
+                         f"small_batch={small_batch!r}, big_batch={big_batch!r} (equal sizes carry no noise information)")
+
+
+def two_batch_estimates(small_sq_norm: Number, small_batch: float, big_sq_norm: Number, big_batch: float):
+    """Unbiased single-step estimates ``(|G|^2, tr(Sigma))`` from squared gradient norms at
+    batch sizes ``small_batch < big_batch`` taken at the same parameters."""
+    _check_batches(small_batch, big_batch)
+    b, B = float(small_batch), float(big_batch)
+    g2 = (B * big_sq_norm - b * small_sq_norm) / (B - b)
+    trace = (small_sq_norm - big_sq_norm) / (1.0 / b - 1.0 / B)
+    return g2, trace
+
+
+def to_floats(d: Dict[str, object]) -> Dict[str, object]:
+    """A copy of an :meth:`GradientNoiseScale.update` dict with tensors turned into floats
+    (this is the one place that synchronises with the device)."""
+    return {k: (float(v) if isinstance(v, Tensor) else v) for k, v in d.items()}
+
+
+class GradientNoiseScale:
+    """Running estimate of ``|G|^2``, ``tr(Sigma)`` and ``B_simple = tr(Sigma)/|G|^2``.
+
+    decay:  EMA decay per update (0 <= decay < 1; e.g. 0.95 averages over ~20 steps), or
+            ``None`` for a plain mean over all updates. The EMAs are bias-corrected
+            (divided by the sum of their weights), so early reads are not pulled to 0.
+
+    ``update(...)`` returns a dict for logging: ``step``, ``g2``, ``trace``, ``b_simple``
+    (the running estimates) and ``g2_raw``, ``trace_raw`` (this step's single estimates),
+    values as 0-dim float64 tensors on the input's device (:func:`to_floats` to print).
+    """
+
+    def __init__(self, decay: Optional[float] = 0.95):
+        if decay is not None and not (0.0 <= decay < 1.0):
+            raise ValueError(f"decay must be in [0, 1) or None (plain mean), got {decay!r}")
+        self.decay = decay
+        self.step = 0
+        self._g2_sum: Optional[Tensor] = None
+        self._trace_sum: Optional[Tensor] = None
+        self._weight: Optional[Tensor] = None
+
+    # ---- updating -----------------------------------------------------------------------------
+    def update(self, small_sq_norm: Number, small_batch: float, big_sq_norm: Number,
+               big_batch: float) -> Dict[str, object]:
+        """Add one pair of squared gradient norms ``|G_b|^2`` (batch ``small_batch``) and
+        ``|G_B|^2`` (batch ``big_batch``), taken at the same parameters."""
+        small = torch.as_tensor(small_sq_norm).detach().to(torch.float64)
+        big = torch.as_tensor(big_sq_norm).detach().to(device=small.device, dtype=torch.float64)
+        if small.numel() != 1 or big.numel() != 1:
+            raise ValueError(f"squared norms must be scalars, got shapes {tuple(small.shape)} and {tuple(big.shape)}")
+        g2_raw, trace_raw = two_batch_estimates(small.reshape(()), small_batch, big.reshape(()), big_batch)
+        if self._g2_sum is None or self._g2_sum.device != g2_raw.device:
+            zero = torch.zeros((), dtype=torch.float64, device=g2_raw.device)
+            self._g2_sum, self._trace_sum, self._weight = zero.clone(), zero.clone(), zero.clone()
+        keep, add = (1.0, 1.0) if self.decay is None else (self.decay, 1.0 - self.decay)
+        self._g2_sum.mul_(keep).add_(g2_raw, alpha=add)
+        self._trace_sum.mul_(keep).add_(trace_raw, alpha=add)
+        self._weight.mul_(keep).add_(add)
+        self.step += 1
+        g2, trace = self._g2_sum / self._weight, self._trace_sum / self._weight
+        return {"step": self.step, "g2": g2, "trace": trace, "b_simple": trace / g2,
+                "g2_raw": g2_raw, "trace_raw": trace_raw}
+
+    def update_from_distributed(self, local_sq_norm: Number, global_sq_norm: Number, local_batch: int,
+                                world_size: int) -> Dict[str, object]:
+        """Data-parallel source: ``local_sq_norm`` is this rank's squared norm of its own
+        mean gradient (``local_batch`` examples), ``global_sq_norm`` that of the all-reduced
+        mean gradient (``local_batch * world_size`` examples). Each rank may keep its own
+        estimate; averaging ``local_sq_norm`` over ranks first (one scalar all-reduce) lowers
+        the variance by up to ``world_size``."""
+        if not isinstance(world_size, int) or world_size < 2:
+            raise ValueError(f"world_size must be an integer >= 2 to estimate the noise scale, got {world_size!r}")
+        if not isinstance(local_batch, int) or local_batch < 1:
+            raise ValueError(f"local_batch must be a positive integer, got {local_batch!r}")
+        return self.update(local_sq_norm, local_batch, global_sq_norm, local_batch * world_size)
+
+    def update_from_ddp(self, ddp, local_batch: int) -> Dict[str, object]:
+        """Read ``ddp.last_grad_sq_norms`` (``{"local": tensor, "global": tensor,
+        "world_size": n}``, as exposed by ``fastsgd.distributed.BucketedDataParallel``
+        after a backward pass) and update with them."""
+        norms = getattr(ddp, "last_grad_sq_norms", None)
+        if norms is None:
+            raise ValueError(f"{type(ddp).__name__} exposes no last_grad_sq_norms (run a synchronised backward "
+                             "pass first; fastsgd.distributed.BucketedDataParallel records them)")
+        missing = {"local", "global", "world_size"} - set(norms)
+        if missing:
+            raise ValueError(f"last_grad_sq_norms lacks {sorted(missing)}; got keys {sorted(norms)}")
+        return self.update_from_distributed(norms["local"], norms["global"], local_batch, int(norms["world_size"]))
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _require(self) -> None:
+        if self._weight is None:
+            raise RuntimeError("GradientNoiseScale has no updates yet: call update(...) first")
+
+    @property
+    def g2(self) -> float:
+        """Running estimate of the true gradient's squared norm ``|G|^2`` (host sync)."""
+        self._require()
+        return float(self._g2_sum / self._weight)
+
+    @property
+    def trace(self) -> float:
+        """Running estimate of ``tr(Sigma)`` (host sync)."""
+        self._require()
+        return float(self._trace_sum / self._weight)
+
+    @property
+    def b_simple(self) -> float:
+        """``tr(Sigma) / |G|^2`` from the running estimates (host sync). Can be negative or
+        huge while ``|G|^2``'s running estimate is near zero: average over more steps."""
+        self._require()
+        return float(self._trace_sum / self._g2_sum)
+
+    def read(self) -> Dict[str, float]:
+        """``{"step", "g2", "trace", "b_simple"}`` as floats (one host sync)."""
+        self._require()
+        vals = torch.stack([self._g2_sum / self._weight, self._trace_sum / self._weight,
+                            self._trace_sum / self._g2_sum]).tolist()
+        return {"step": self.step, "g2": vals[0], "trace": vals[1], "b_simple": vals[2]}
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"decay": self.decay, "step": self.step, "g2_sum": self._g2_sum,
+                "trace_sum": self._trace_sum, "weight": self._weight}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.decay, self.step = state["decay"], int(state["step"])
+        self._g2_sum, self._trace_sum, self._weight = state["g2_sum"], state["trace_sum"], state["weight"]
+
+    def __repr__(self) -> str:
+        if self._weight is None:
+            return f"GradientNoiseScale(decay={self.decay}, no updates)"
+        r = self.read()
+        return (f"GradientNoiseScale(decay={self.decay}, step={r['step']}, g2={r['g2']:.4g}, "
+                f"trace={r['trace']:.4g}, b_simple={r['b_simple']:.4g})")
+
+
+class NoiseScaleAccumulator:
+    """Noise scale from gradient accumulation in one process.
+
+    Registers a hook on every parameter's incoming gradient: during each micro-batch's
+    backward pass it adds that micro-batch's own squared gradient norm (one reduction per
+    parameter, no extra memory). :meth:`finish` reads the accumulated gradient's squared
+    norm and updates ``noise`` with (mean micro-batch norm, harmonic-mean micro size) vs
+    (accumulated norm, total size). Needs at least two micro-batches per step.
+
+    Usage::
+
+        noise = GradientNoiseScale()
+        acc = NoiseScaleAccumulator(model, noise)
+        for xb, yb in micro_batches:                     # k micro-batches of one step
+            (loss_fn(model(xb), yb) * len(xb) / batch).backward()
+            acc.micro_step(len(xb))                      # marks the end of a micro-batch
+        stats = acc.finish()                             # before optimizer.step()/zero_grad()
+        optimizer.step(); optimizer.zero_grad()
+
+    Loss convention: the accumulated gradient must equal ``grad_scale`` x the mean
+    gradient over the whole batch, i.e. micro-batch i's mean loss weighted by
+    ``grad_scale * b_i / B``. The usual ``loss / k`` with equal micro-batches is
+    ``grad_scale=1``; summing un-divided micro-batch means is ``grad_scale=k``; with an
+    AMP ``GradScaler`` multiply by ``scaler.get_scale()``.
+    """
+
+    def __init__(self, model: Union[nn.Module, Iterable[Tensor]], noise: GradientNoiseScale):
+        if not isinstance(noise, GradientNoiseScale):
+            raise TypeError(f"noise must be a GradientNoiseScale, got {type(noise).__name__}")
+        params = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("NoiseScaleAccumulator needs at least one parameter with requires_grad=True")
+        self.noise = noise
+        self.params: List[Tensor] = params
+        self._current: Optional[Tensor] = None     # sum of squared grads of the running micro-batch
+        self._micro_sq: List[Tensor] = []           # one per finished micro-batch
+        self._micro_sizes: List[int] = []
+        self._handles = [p.register_hook(self._hook) for p in params]
+
+    def _hook(self, grad: Tensor) -> None:
+        sq = grad.detach().float().pow(2).sum()
+        self._current = sq if self._current is None else self._current + sq
+
+    def micro_step(self, batch_size: int) -> None:
+        """Mark the end of one micro-batch's backward pass of ``batch_size`` examples."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"micro-batch size must be a positive integer, got {batch_size!r}")
+        if self._current is None:
+            raise RuntimeError("micro_step() called but no gradient reached the parameters since the last "
+                               "micro-batch: call it after loss.backward()")
+        self._micro_sq.append(self._current)
+        self._micro_sizes.append(batch_size)
+        self._current = None
+
+    def finish(self, grad_scale: Number = 1.0) -> Dict[str, object]:
+        """End of an accumulation step: update the noise scale and return its dict."""
+        if self._current is not None:
+            raise RuntimeError("a backward pass ran after the last micro_step(): call micro_step(size) after "
+                               "every micro-batch's backward")
+        k = len(self._micro_sq)
+        sizes, micro_sq = self._micro_sizes, self._micro_sq
+        self._micro_sq, self._micro_sizes = [], []
+        if k < 2:
+            raise ValueError(f"the noise scale needs at least 2 micro-batches per step, got {k}")
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            raise RuntimeError("no accumulated gradients found (was zero_grad() called before finish()?)")
+        total = sum(sizes)
+        big_sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() / (grad_scale ** 2)
+        # micro-batch i's gradient is seen as grad_scale * (b_i / B) * G_{b_i}
+        scales = torch.tensor([(total / b) ** 2 for b in sizes], dtype=torch.float64, device=big_sq.device)
+        small_sq = (torch.stack(micro_sq).double() * scales).mean() / (grad_scale ** 2)
+        # E[mean_i |G_{b_i}|^2] = |G|^2 + tr(Sigma) * mean(1/b_i): the harmonic mean is the effective size
+        small = k / sum(1.0 / b for b in sizes)
+        return self.noise.update(small_sq, small, big_sq, total)
+
+    def discard(self) -> None:
+        """Forget the micro-batches seen since the last finish() (e.g. a skipped step)."""
+        self._current, self._micro_sq, self._micro_sizes = None, [], []
+
+    def remove(self) -> None:
+        """Remove the gradient hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
