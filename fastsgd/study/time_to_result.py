@@ -1,0 +1,333 @@
+"""Time to result T(B) = S(B) x t(B): the algorithmic half times the hardware half.
+
+Inputs
+------
+* Steps to result S(B) from a steps-to-result study (``study_summary.json``, schema
+  ``fastsgd.steps_to_result/1``, see :mod:`fastsgd.study.steps_to_result`), as measured
+  points and as the fit ``S(B) = S_min + E_min / B`` with ``B_crit = E_min / S_min``.
+* Step time t(B) from a throughput sweep (``throughput.json``, schema
+  ``fastsgd.throughput/1``, see :mod:`fastsgd.study.step_time`), as measured medians and as
+  the fit ``t(B) = t0 + B / X`` with the hardware knee ``B_hw = t0 X``; energy per step where
+  NVML measured it.
+
+The optimum of the fitted curves
+--------------------------------
+``T(B) = (S_min + E_min/B)(t0 + B/X) = S_min t0 + E_min/X + S_min B/X + E_min t0 / B``.
+``dT/dB = S_min/X - E_min t0 / B^2 = 0`` gives ``B*^2 = (E_min/S_min)(t0 X) = B_crit B_hw``,
+so ``B* = sqrt(B_crit x B_hw)`` (a minimum: ``d2T/dB2 = 2 E_min t0 / B^3 > 0``), and
+``T(B*) = (sqrt(S_min t0) + sqrt(E_min / X))^2``. Below B* steps shrink faster than step time
+grows; above it, the other way round.
+
+Measured points
+---------------
+For each batch size of the study with a steps-to-result value, the step time is the
+measured median at that batch size, else a log-log interpolation between the two
+neighbouring measured batch sizes, else (outside the measured range) the fitted t(B);
+each row says which (``step_time_source``). Energy to result is S(B) x energy per step,
+interpolated the same way, only where energy was measured.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["StepsCurve", "StepTimeCurve", "StudyData", "ThroughputData", "TimeToResult",
+           "optimal_batch_size", "interpolate_loglog", "combine", "load_study", "load_throughput",
+           "time_to_result_table", "plot_time_to_result"]
+
+
+# ---------------------------------------------------------------- fitted curves
+
+@dataclass(frozen=True)
+class StepsCurve:
+    """S(B) = s_min + e_min / B (steps to result)."""
+
+    s_min: float
+    e_min: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.s_min) and math.isfinite(self.e_min) and self.s_min >= 0 and self.e_min >= 0
+                and self.s_min + self.e_min > 0):
+            raise ValueError(f"S(B) fit needs finite S_min >= 0 and E_min >= 0, not both zero; got "
+                             f"S_min={self.s_min!r}, E_min={self.e_min!r}")
+
+    @property
+    def b_crit(self) -> float:
+        return self.e_min / self.s_min if self.s_min > 0 else math.inf
+
+    def steps(self, batch_size):
+        return self.s_min + self.e_min / np.asarray(batch_size, dtype=float)
+
+
+@dataclass(frozen=True)
+class StepTimeCurve:
+    """t(B) = t0 + B / throughput (seconds per step; throughput X in examples/s)."""
+
+    t0: float
+    throughput: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.t0) and self.t0 >= 0 and self.throughput > 0):
+            raise ValueError(f"t(B) fit needs finite t0 >= 0 and throughput > 0; got t0={self.t0!r}, "
+                             f"throughput={self.throughput!r}")
+
+    @property
+    def b_hw(self) -> float:
+        """Hardware knee t0 x X."""
+        return self.t0 * self.throughput
+
+    def time(self, batch_size):
+        return self.t0 + np.asarray(batch_size, dtype=float) / self.throughput
+
+
+def optimal_batch_size(steps: StepsCurve, step_time: StepTimeCurve) -> float:
+    """B* = sqrt(B_crit x B_hw), the minimiser of S(B) t(B) (see the module docstring).
+    0 when either knee is 0 (then the smallest batch is best), inf when S_min = 0."""
+    return math.sqrt(steps.b_crit * step_time.b_hw) if steps.s_min > 0 else math.inf
+
+
+def interpolate_loglog(xs: Sequence[float], ys: Sequence[float], x: float) -> Optional[float]:
+    """log-log linear interpolation of y at x between measured (xs, ys); None outside [min xs, max xs]."""
+    xs_a, ys_a = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if xs_a.size == 0 or x < xs_a.min() or x > xs_a.max():
+        return None
+    order = np.argsort(xs_a)
+    return float(np.exp(np.interp(math.log(x), np.log(xs_a[order]), np.log(ys_a[order]))))
+
+
+# ---------------------------------------------------------------- the two inputs
+
+@dataclass
+class StudyData:
+    """Steps to result per batch size (``None`` where the goal was not reached) and the fit."""
+
+    batch_sizes: List[int]
+    steps: List[Optional[float]]
+    fit: Optional[StepsCurve] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.batch_sizes) != len(self.steps):
+            raise ValueError(f"study: {len(self.batch_sizes)} batch sizes but {len(self.steps)} step counts")
+        if self.fit is None:
+            pts = [(b, s) for b, s in zip(self.batch_sizes, self.steps) if s is not None]
+            if len({b for b, _ in pts}) >= 2:
+                from fastsgd.study.steps_to_result import fit_scaling
+                f = fit_scaling([b for b, _ in pts], [s for _, s in pts], n_boot=0)
+                self.fit = StepsCurve(f.S_min, f.E_min)
+
+
+@dataclass
+class ThroughputData:
+    """Median step time (s) per batch size, energy per step (J) where measured, and the fit."""
+
+    batch_sizes: List[int]
+    step_times: List[float]
+    energy_per_step: Optional[List[Optional[float]]] = None
+    fit: Optional[StepTimeCurve] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.batch_sizes) != len(self.step_times):
+            raise ValueError(f"throughput: {len(self.batch_sizes)} batch sizes but {len(self.step_times)} step times")
+        if any(not (t > 0 and math.isfinite(t)) for t in self.step_times):
+            raise ValueError(f"throughput: step times must be positive and finite, got {self.step_times}")
+        if self.fit is None and len(set(self.batch_sizes)) >= 2:
+            from fastsgd.study.hardware_fit import fit_step_time
+            f = fit_step_time(self.batch_sizes, self.step_times)
+            if f.ok and f.throughput > 0:
+                self.fit = StepTimeCurve(max(f.t0_s, 0.0), f.throughput)
+
+    @property
+    def has_energy(self) -> bool:
+        return bool(self.energy_per_step) and any(e is not None for e in self.energy_per_step)
+
+
+def _find(path: str, filename: str) -> str:
+    p = os.path.join(path, filename) if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no {filename} at {path!r}")
+    return p
+
+
+def load_study(path: str) -> StudyData:
+    """Read a steps-to-result summary (a directory with ``study_summary.json`` or the file)."""
+    p = _find(path, "study_summary.json")
+    with open(p) as f:
+        d = json.load(f)
+    if not str(d.get("schema", "")).startswith("fastsgd.steps_to_result/"):
+        raise ValueError(f"{p}: not a steps-to-result summary (schema {d.get('schema')!r}, "
+                         "expected 'fastsgd.steps_to_result/1')")
+    rows = d.get("per_batch_size") or []
+    fit = d.get("fit")
+    curve = StepsCurve(float(fit["S_min"]), float(fit["E_min"])) if fit else None
+    meta = {k: d.get(k) for k in ("workload", "optimizer", "protocol", "goal", "regions", "wall_seconds")}
+    meta["fit"], meta["path"] = fit, p
+    return StudyData([int(r["batch_size"]) for r in rows],
+                     [None if r.get("steps") is None else float(r["steps"]) for r in rows], curve, meta)
+
+
+def load_throughput(path: str) -> ThroughputData:
+    """Read a throughput sweep (a directory with ``throughput.json`` or the file)."""
+    p = _find(path, "throughput.json")
+    with open(p) as f:
+        d = json.load(f)
+    meta = d.get("meta", {})
+    if not str(meta.get("schema", "")).startswith("fastsgd.throughput/"):
+        raise ValueError(f"{p}: not a throughput sweep (schema {meta.get('schema')!r}, expected 'fastsgd.throughput/1')")
+    rows = d.get("rows", [])
+    fit = meta.get("fit") or {}
+    curve = None
+    if fit.get("t0_s") is not None and fit.get("throughput"):
+        curve = StepTimeCurve(max(float(fit["t0_s"]), 0.0), float(fit["throughput"]))
+    energy = [r.get("energy_per_step_j") for r in rows]
+    out_meta = {"workload": (meta.get("workload") or {}).get("name"), "device": (meta.get("environment") or {}).get("device"),
+                "settings": meta.get("settings"), "fit": fit, "path": p}
+    return ThroughputData([int(r["batch_size"]) for r in rows], [float(r["step_time_s"]) for r in rows],
+                          energy if any(e is not None for e in energy) else None, curve, out_meta)
+
+
+# ---------------------------------------------------------------- combining
+
+@dataclass
+class TimeToResult:
+    """Rows per study batch size plus the optimum of the fitted curves."""
+
+    rows: List[Dict[str, Any]]
+    steps_fit: Optional[StepsCurve]
+    time_fit: Optional[StepTimeCurve]
+    b_crit: Optional[float]
+    b_hw: Optional[float]
+    b_star: Optional[float]
+    t_star: Optional[float]                   # fitted T(B*) in seconds
+    best_measured: Optional[Dict[str, Any]]   # the row with the smallest measured T(B)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"rows": self.rows, "b_crit": self.b_crit, "b_hw": self.b_hw, "b_star": self.b_star,
+                "t_star_s": self.t_star, "best_measured": self.best_measured,
+                "steps_fit": None if self.steps_fit is None else {"S_min": self.steps_fit.s_min, "E_min": self.steps_fit.e_min},
+                "time_fit": None if self.time_fit is None else {"t0_s": self.time_fit.t0, "throughput": self.time_fit.throughput}}
+
+
+def _at(data: ThroughputData, values: Sequence[Optional[float]], b: float):
+    """(value, source) of a per-batch-size quantity at b: measured, interpolated, or None."""
+    pts = [(x, v) for x, v in zip(data.batch_sizes, values) if v is not None and v > 0]
+    for x, v in pts:
+        if x == b:
+            return float(v), "measured"
+    v = interpolate_loglog([x for x, _ in pts], [v for _, v in pts], b)
+    return (v, "interpolated") if v is not None else (None, None)
+
+
+def combine(study: StudyData, throughput: ThroughputData) -> TimeToResult:
+    """T(B) for every study batch size with a steps-to-result value, and B* of the fits."""
+    rows: List[Dict[str, Any]] = []
+    for b, s in zip(study.batch_sizes, study.steps):
+        if s is None:
+            continue
+        t, source = _at(throughput, throughput.step_times, b)
+        if t is None and throughput.fit is not None:
+            t, source = float(throughput.fit.time(b)), "fit (extrapolated)"
+        row: Dict[str, Any] = {"batch_size": b, "steps": s, "step_time_s": t, "step_time_source": source,
+                               "time_to_result_s": None if t is None else s * t,
+                               "energy_to_result_j": None}
+        if throughput.has_energy:
+            e, _ = _at(throughput, throughput.energy_per_step, b)
+            row["energy_to_result_j"] = None if e is None else s * e
+        if study.fit is not None and throughput.fit is not None:
+            row["fit_time_to_result_s"] = float(study.fit.steps(b) * throughput.fit.time(b))
+        rows.append(row)
+    timed = [r for r in rows if r["time_to_result_s"] is not None]
+    best = min(timed, key=lambda r: r["time_to_result_s"]) if timed else None
+    b_crit = study.fit.b_crit if study.fit else None
+    b_hw = throughput.fit.b_hw if throughput.fit else None
+    b_star = t_star = None
+    if study.fit is not None and throughput.fit is not None:
+        b_star = optimal_batch_size(study.fit, throughput.fit)
+        if math.isfinite(b_star) and b_star > 0:
+            t_star = float(study.fit.steps(b_star) * throughput.fit.time(b_star))
+    return TimeToResult(rows, study.fit, throughput.fit, b_crit, b_hw, b_star, t_star, best)
+
+
+# ---------------------------------------------------------------- output
+
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def time_to_result_table(result: TimeToResult, markdown: bool = False) -> str:
+    """The T(B) rows as a text (or Markdown) table."""
+    cols = ["batch_size", "steps", "step_time_s", "step_time_source", "time_to_result_s", "fit_time_to_result_s",
+            "energy_to_result_j"]
+    if not any(r.get("energy_to_result_j") is not None for r in result.rows):
+        cols.remove("energy_to_result_j")
+    body = [[_fmt(r.get(c)) for c in cols] for r in result.rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body])
+
+
+def plot_time_to_result(result: TimeToResult, study: StudyData, throughput: ThroughputData, path: str,
+                        title: str = "") -> str:
+    """Three log-log panels -- S(B), t(B), T(B) -- with fits and B_crit, B_hw, B* marked. Writes a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    all_b = [b for b in study.batch_sizes] + list(throughput.batch_sizes)
+    lo, hi = max(min(all_b) / 2, 0.5), max(all_b) * 2
+    grid = np.geomspace(lo, hi, 200)
+    marks = [("B_crit", result.b_crit, "tab:red"), ("B_hw", result.b_hw, "tab:green"),
+             ("B*", result.b_star, "tab:purple")]
+
+    pts = [(b, s) for b, s in zip(study.batch_sizes, study.steps) if s is not None]
+    ax = axes[0]
+    if pts:
+        ax.plot(*zip(*pts), "o", label="measured")
+    if study.fit:
+        ax.plot(grid, study.fit.steps(grid), "-", color="0.4", label="S_min + E_min/B")
+    ax.set_ylabel("steps to result")
+
+    ax = axes[1]
+    ax.plot(throughput.batch_sizes, throughput.step_times, "o", label="measured")
+    if throughput.fit:
+        ax.plot(grid, throughput.fit.time(grid), "-", color="0.4", label="t0 + B/X")
+    ax.set_ylabel("time per step (s)")
+
+    ax = axes[2]
+    rows = [r for r in result.rows if r["time_to_result_s"] is not None]
+    if rows:
+        ax.plot([r["batch_size"] for r in rows], [r["time_to_result_s"] for r in rows], "o", label="measured S x t")
+    if study.fit and throughput.fit:
+        ax.plot(grid, study.fit.steps(grid) * throughput.fit.time(grid), "-", color="0.4", label="fit S(B) t(B)")
+    ax.set_ylabel("time to result (s)")
+
+    for ax in axes:
+        for name, v, color in marks:
+            if v is not None and math.isfinite(v) and lo <= v <= hi:
+                ax.axvline(v, color=color, ls="--", lw=1, label=f"{name} = {v:.3g}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

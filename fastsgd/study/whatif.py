@@ -1,0 +1,264 @@
+"""What if I had N devices? A planning model for data-parallel time to result.
+
+This is a planning tool, not a promise. It extrapolates one device's measured step
+time and a steps-to-result fit with a textbook communication model; real clusters
+add stragglers, topology, contention, input pipelines and memory limits it knows
+nothing about. Use it to see *where* more devices stop paying off, not to quote
+seconds.
+
+The model
+---------
+A global batch ``B`` is split evenly over ``N`` devices (``b = B / N`` examples each,
+fractional b allowed as an average; ``b < 1`` is not allowed).
+
+* Compute per step: the single-device fit ``t_comp(b) = t0 + b / X`` at the per-device
+  batch (``N = 1`` gives exactly the measured/fitted single-device ``t(B)``).
+* Gradient all-reduce (ring): ``t_comm(N) = 2 (N-1)/N x bytes / bandwidth + 2 (N-1) x alpha``
+  (bandwidth in bytes/s per device link, alpha the per-message latency). 0 for N = 1.
+* Overlap: a fraction ``overlap`` of the communication can run hidden behind the
+  backward pass, which takes ``backward_fraction`` of the compute time (default 2/3:
+  backward costs about twice the forward). Hidden time = min(overlap x t_comm,
+  backward_fraction x t_comp); ``t_step = t_comp + t_comm - hidden``. With overlap 1 and
+  backward_fraction 1 this is ``max(t_comp, t_comm)``.
+* Steps: ``S(B) = S_min + E_min / B`` from a steps-to-result study (or predicted from the
+  noise scale). Time to result ``T = S(B) x t_step``.
+
+Assumed, not modelled: identical devices and links, a flat ring (no hierarchy),
+bandwidth that does not depend on message size beyond the alpha term, per-device
+memory large enough for b, the optimizer step cost inside t0, and steps to result
+that depend only on the global batch (tuned metaparameters at every B).
+
+For each N, the global batch is either fixed (``global_batch``), grown with N
+(``per_device_batch``), or chosen to minimise T over powers of two (default).
+"Stops paying off": the smallest N (in the powers-of-two sweep) from which doubling the
+devices cuts time to result by less than ``min_gain`` (default 10 %).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from fastsgd.study.time_to_result import StepsCurve, StepTimeCurve
+
+__all__ = ["CommModel", "WhatIf", "step_time", "what_if", "load_comm_model", "whatif_table"]
+
+
+@dataclass(frozen=True)
+class CommModel:
+    """Ring all-reduce of ``grad_bytes`` with ``bandwidth`` bytes/s, ``latency`` s per
+    message and ``overlap`` (0..1) of it hideable behind ``backward_fraction`` of compute."""
+
+    grad_bytes: float
+    bandwidth: float = math.inf
+    latency: float = 0.0
+    overlap: float = 0.0
+    backward_fraction: float = 2.0 / 3.0
+
+    def __post_init__(self) -> None:
+        if not (self.grad_bytes >= 0 and math.isfinite(self.grad_bytes)):
+            raise ValueError(f"grad_bytes must be finite and >= 0, got {self.grad_bytes!r}")
+        if not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0 bytes/s (inf: free), got {self.bandwidth!r}")
+        if not (self.latency >= 0 and math.isfinite(self.latency)):
+            raise ValueError(f"latency must be finite and >= 0 s, got {self.latency!r}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"overlap must lie in [0, 1], got {self.overlap!r}")
+        if not 0.0 <= self.backward_fraction <= 1.0:
+            raise ValueError(f"backward_fraction must lie in [0, 1], got {self.backward_fraction!r}")
+
+    def allreduce_time(self, n: int) -> float:
+        """Ring all-reduce time for n devices (0 for n = 1)."""
+        if n < 1:
+            raise ValueError(f"number of devices must be >= 1, got {n!r}")
+        if n == 1:
+            return 0.0
+        return 2.0 * (n - 1) / n * self.grad_bytes / self.bandwidth + 2.0 * (n - 1) * self.latency
+
+
+def step_time(hardware: StepTimeCurve, comm: CommModel, global_batch: float, n: int) -> Dict[str, float]:
+    """Per-step time of ``global_batch`` split over ``n`` devices: compute, communication,
+    hidden communication and the total (seconds)."""
+    if n < 1:
+        raise ValueError(f"number of devices must be >= 1, got {n!r}")
+    per_device = global_batch / n
+    if per_device < 1:
+        raise ValueError(f"global batch {global_batch} over {n} devices is {per_device:.3g} examples each (< 1)")
+    t_comp = float(hardware.time(per_device))
+    t_comm = comm.allreduce_time(n)
+    hidden = min(comm.overlap * t_comm, comm.backward_fraction * t_comp)
+    return {"per_device_batch": per_device, "compute_s": t_comp, "comm_s": t_comm, "hidden_s": hidden,
+            "step_time_s": t_comp + t_comm - hidden}
+
+
+@dataclass
+class WhatIf:
+    rows: List[Dict[str, Any]]
+    stops_paying_off: Optional[int]      # smallest N from which doubling gains < min_gain
+    fastest_n: int                       # N with the smallest time to result
+    min_gain: float
+    mode: str
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"rows": self.rows, "stops_paying_off": self.stops_paying_off, "fastest_n": self.fastest_n,
+                "min_gain": self.min_gain, "mode": self.mode}
+
+
+def _devices(max_devices: int) -> List[int]:
+    if not isinstance(max_devices, int) or max_devices < 1:
+        raise ValueError(f"max_devices must be a positive integer, got {max_devices!r}")
+    ns, n = [], 1
+    while n <= max_devices:
+        ns.append(n)
+        n *= 2
+    return ns
+
+
+def what_if(steps: StepsCurve, hardware: StepTimeCurve, comm: CommModel, *, max_devices: int = 4096,
+            global_batch: Optional[float] = None, per_device_batch: Optional[float] = None,
+            batch_candidates: Optional[Sequence[float]] = None, min_gain: float = 0.10) -> WhatIf:
+    """Per-step time and time to result for N = 1, 2, 4, ..., max_devices.
+
+    Exactly one way to choose the global batch per N: ``global_batch`` (fixed),
+    ``per_device_batch`` (B = N x b), or neither (the best of ``batch_candidates``,
+    default powers of two from 1 to 2^24, with at least one example per device).
+    """
+    if global_batch is not None and per_device_batch is not None:
+        raise ValueError("give global_batch or per_device_batch, not both")
+    if not 0 < min_gain < 1:
+        raise ValueError(f"min_gain must lie in (0, 1), got {min_gain!r}")
+    if global_batch is not None:
+        mode = f"fixed global batch {global_batch:g}"
+    elif per_device_batch is not None:
+        mode = f"fixed per-device batch {per_device_batch:g}"
+    else:
+        mode = "best global batch per N"
+        batch_candidates = list(batch_candidates or [2.0 ** k for k in range(25)])
+    rows: List[Dict[str, Any]] = []
+    for n in _devices(max_devices):
+        if global_batch is not None:
+            choices = [global_batch] if global_batch >= n else []
+        elif per_device_batch is not None:
+            choices = [per_device_batch * n]
+        else:
+            choices = [b for b in batch_candidates if b >= n]
+        best = None
+        for b in choices:
+            st = step_time(hardware, comm, b, n)
+            s = float(steps.steps(b))
+            cand = {"devices": n, "global_batch": b, "steps": s, **st, "time_to_result_s": s * st["step_time_s"]}
+            if best is None or cand["time_to_result_s"] < best["time_to_result_s"]:
+                best = cand
+        if best is None:   # fixed global batch smaller than N: stop the sweep there
+            break
+        rows.append(best)
+    if not rows:
+        raise ValueError("no device count fits the requested batch (need at least one example per device)")
+    t1 = rows[0]["time_to_result_s"]
+    for r in rows:
+        r["speedup"] = t1 / r["time_to_result_s"]
+        r["efficiency"] = r["speedup"] / r["devices"]
+    stops = None
+    for prev, nxt in zip(rows, rows[1:]):
+        if prev["time_to_result_s"] / nxt["time_to_result_s"] < 1.0 + min_gain:
+            stops = prev["devices"]
+            break
+    fastest = min(rows, key=lambda r: r["time_to_result_s"])["devices"]
+    return WhatIf(rows, stops, fastest, min_gain, mode)
+
+
+def load_comm_model(path: Optional[str], grad_bytes: float, *, bandwidth: Optional[float] = None,
+                    latency: Optional[float] = None, overlap: Optional[float] = None) -> CommModel:
+    """A :class:`CommModel` from explicit values, filling the missing ones from an all-reduce
+    benchmark JSON (``bench/allreduce.py``'s output) when ``path`` is given.
+
+    Recognised keys, searched in ``meta`` and top level: ``bandwidth_bytes_per_s`` (or
+    ``bandwidth_gbps`` in GB/s), ``latency_s``, ``overlap_fraction`` (the fraction of
+    communication hidden behind backward). Explicit arguments win. Missing values: infinite
+    bandwidth / zero latency / no overlap, i.e. a lower bound on communication cost.
+    """
+    found: Dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            d = json.load(f)
+        found = _search_keys(d, ("bandwidth_bytes_per_s", "bandwidth_gbps", "latency_s", "overlap_fraction",
+                                 "hidden_fraction"))
+        if not found:
+            raise ValueError(f"{path}: found none of bandwidth_bytes_per_s / bandwidth_gbps / latency_s / "
+                             "overlap_fraction in the all-reduce results; give --bandwidth/--latency/--overlap")
+    if bandwidth is None:
+        if "bandwidth_bytes_per_s" in found:
+            bandwidth = float(found["bandwidth_bytes_per_s"])
+        elif "bandwidth_gbps" in found:
+            bandwidth = float(found["bandwidth_gbps"]) * 1e9
+        else:
+            bandwidth = math.inf
+    if latency is None:
+        latency = float(found.get("latency_s", 0.0))
+    if overlap is None:
+        overlap = float(found.get("overlap_fraction", found.get("hidden_fraction", 0.0)))
+        overlap = min(max(overlap, 0.0), 1.0)
+    return CommModel(grad_bytes=grad_bytes, bandwidth=bandwidth, latency=latency, overlap=overlap)
+
+
+def _search_keys(d: Any, keys: Sequence[str]) -> Dict[str, Any]:
+    """First occurrence of each key anywhere in a nested JSON value (dicts before lists)."""
+    out: Dict[str, Any] = {}
+    stack = [d]
+    while stack:
+        cur = stack.pop(0)
+        if isinstance(cur, dict):
+            for k in keys:
+                if k in cur and k not in out and isinstance(cur[k], (int, float)):
+                    out[k] = cur[k]
+            stack.extend(v for v in cur.values() if isinstance(v, (dict, list)))
+        elif isinstance(cur, list):
+            stack.extend(v for v in cur if isinstance(v, (dict, list)))
+    return out
+
+
+def whatif_table(result: WhatIf, markdown: bool = False) -> str:
+    cols = ["devices", "global_batch", "per_device_batch", "steps", "compute_s", "comm_s", "step_time_s",
+            "time_to_result_s", "speedup", "efficiency"]
+
+    def cell(v: Any) -> str:
+        return format(v, ".3g") if isinstance(v, float) else str(v)
+    body = [[cell(r[c]) for c in cols] for r in result.rows]
+    if markdown:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body])
+
+
+def plot_whatif(result: WhatIf, path: str, title: str = "") -> str:
+    """Time to result and per-step time against N (log-log), with the ideal 1/N line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import os
+
+    ns = np.array([r["devices"] for r in result.rows], dtype=float)
+    ttr = np.array([r["time_to_result_s"] for r in result.rows])
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot(ns, ttr, "o-", label="time to result (model)")
+    ax.plot(ns, ttr[0] / ns, "--", color="0.5", label="perfect scaling")
+    if result.stops_paying_off is not None:
+        ax.axvline(result.stops_paying_off, color="tab:red", ls="--", lw=1,
+                   label=f"doubling gains < {result.min_gain:.0%} from N = {result.stops_paying_off}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("devices N")
+    ax.set_ylabel("time to result (s)")
+    ax.set_title(title or result.mode, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
