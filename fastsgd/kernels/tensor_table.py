@@ -1,0 +1,132 @@
+"""Device-side tables that let one kernel launch walk many tensors.
+
+A fused optimizer step touches every parameter, its gradient and its state
+tensors. Instead of one launch per tensor (or torch's multi_tensor_apply,
+which passes at most a few dozen addresses as kernel arguments and so needs
+several launches for a ResNet-50), fastsgd writes the addresses into an int64
+tensor on the device once and launches a single grid over all of them:
+
+``tensors`` -- (T, TABLE_WIDTH) int64, one row per tensor:
+    columns 0..4  addresses (data_ptr) of up to five tensors of the same shape
+                  that are walked together (param, grad, buffer, ...; 0 if unused)
+    COL_NUMEL     number of elements
+    COL_FIRST_PROGRAM, COL_NUM_PROGRAMS
+                  the range of programs (rows of ``programs``) that cover it
+    COL_FLAG      a per-tensor flag (the SGD kernel's "first step" bit)
+
+``programs`` -- (P, 2) int64, one row per program of the grid: the tensor it
+    works on and the first element of its chunk (chunk = ``chunk`` elements,
+    the last chunk of a tensor may be short; an empty tensor has no program).
+    Element offsets are 64-bit, so a tensor may pass 2^31 elements.
+
+Both tables are cached and rebuilt only when what they describe changes: the
+program table is keyed on the element counts (it survives new gradient
+tensors), the address table on the addresses, counts and flags. With
+``zero_grad(set_to_none=True)`` gradients may be re-allocated each step; the
+caching allocator usually hands back the same addresses, and when it does not
+the rebuild is one small asynchronous host-to-device copy from pinned memory
+(no host synchronisation). During CUDA graph capture nothing may be copied
+from the host, so a table missing at capture time raises.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+ADDRESS_COLUMNS = 5
+COL_NUMEL = 5
+COL_FIRST_PROGRAM = 6
+COL_NUM_PROGRAMS = 7
+COL_FLAG = 8
+TABLE_WIDTH = 9
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    tensors: Tensor   # (T, TABLE_WIDTH) int64 on the tensors' device
+    programs: Tensor  # (max(P, 1), 2) int64 on the tensors' device
+    num_tensors: int
+    num_programs: int
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host table to ``device`` without making the host wait."""
+    if device.type != "cuda":
+        return host.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fastsgd: the Triton tensor table must be built before CUDA graph capture "
+                           "(the parameters, gradients or state changed since the last eager step); run one "
+                           "eager step with the same tensors first")
+    # Pinned memory from torch's caching host allocator: the copy is
+    # asynchronous and the staging block is not reused before it completes.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class TableCache:
+    """Least-recently-used cache of TensorTables. ``builds`` counts address
+    tables built (tests use it to check that a table is reused)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self.builds = 0
+        self._tables: "OrderedDict[Hashable, TensorTable]" = OrderedDict()
+        self._programs: "OrderedDict[Hashable, Tensor]" = OrderedDict()
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self._programs.clear()
+
+    def _remember(self, cache: OrderedDict, key: Hashable, value) -> None:
+        cache[key] = value
+        if len(cache) > self.capacity:
+            cache.popitem(last=False)
+
+    def get(self, columns: Sequence[Optional[Sequence[Tensor]]], numels: Sequence[int], chunk: int,
+            device: torch.device, flags: Optional[Sequence[bool]] = None) -> TensorTable:
+        """The table for tensors whose i-th row holds ``columns[c][i]`` (a
+        column may be None: address 0), ``numels[i]`` elements each."""
+        if len(columns) > ADDRESS_COLUMNS:
+            raise ValueError(f"at most {ADDRESS_COLUMNS} address columns, got {len(columns)}")
+        addresses = tuple(tuple(t.data_ptr() for t in col) if col is not None else None for col in columns)
+        numels = tuple(numels)
+        flags = tuple(bool(f) for f in flags) if flags is not None else None
+        key = (device, chunk, addresses, numels, flags)
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+            return table
+        first, counts, programs = self._program_table(numels, chunk, device)
+        rows = torch.zeros((len(numels), TABLE_WIDTH), dtype=torch.int64)
+        for c, col in enumerate(addresses):
+            if col is not None:
+                rows[:, c] = torch.tensor(col, dtype=torch.int64)
+        rows[:, COL_NUMEL] = torch.tensor(numels, dtype=torch.int64)
+        rows[:, COL_FIRST_PROGRAM] = first
+        rows[:, COL_NUM_PROGRAMS] = counts
+        if flags is not None:
+            rows[:, COL_FLAG] = torch.tensor(flags, dtype=torch.int64)
+        table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()))
+        self.builds += 1
+        self._remember(self._tables, key, table)
+        return table
+
+    def _program_table(self, numels: tuple, chunk: int, device: torch.device):
+        n = torch.tensor(numels, dtype=torch.int64)
+        counts = (n + chunk - 1) // chunk
+        first = torch.cumsum(counts, 0) - counts
+        key = (device, chunk, numels)
+        programs = self._programs.get(key)
+        if programs is None:
+            total = int(counts.sum())
+            owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
+            start = (torch.arange(total, dtype=torch.int64) - first[owner]) * chunk
+            host = torch.stack([owner, start], dim=1) if total else torch.zeros((1, 2), dtype=torch.int64)
+            programs = _to_device(host.contiguous(), device)
+            self._remember(self._programs, key, programs)
+        else:
+            self._programs.move_to_end(key)
+        return first, counts, programs

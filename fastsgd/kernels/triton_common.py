@@ -1,0 +1,124 @@
+"""Pieces shared by fastsgd's Triton optimizer kernels: table columns, launch
+sizes, and small device functions (hyperparameters read on the device, the
+AMP skip, stochastic rounding to bfloat16).
+
+Whether the kernels run compiled (CUDA) or through the Triton interpreter
+(CPU tensors) is Triton's choice at import time: ``TRITON_INTERPRET=1`` must
+be set before these modules are imported. ``kernels_interpreted()`` says
+which way they were built.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastsgd.kernels import tensor_table
+
+# Column indices of the tensor table (see tensor_table.py), as compile-time constants.
+TABLE_WIDTH: tl.constexpr = tensor_table.TABLE_WIDTH
+COL_NUMEL: tl.constexpr = tensor_table.COL_NUMEL
+COL_FIRST_PROGRAM: tl.constexpr = tensor_table.COL_FIRST_PROGRAM
+COL_NUM_PROGRAMS: tl.constexpr = tensor_table.COL_NUM_PROGRAMS
+COL_FLAG: tl.constexpr = tensor_table.COL_FLAG
+
+TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int         # elements per loop iteration of a program
+    chunk: int         # elements per program (a multiple of block)
+    reduce_block: int  # partial sums summed per iteration in the trust-ratio kernel
+    num_warps: int
+
+
+# GPU sizes: 16 KiB-64 KiB of each tensor per program keeps a ResNet-50 step
+# at a few thousand programs while a tiny tensor costs one short program.
+# (Chosen, not yet tuned on a GPU.)
+GPU_CONFIG = LaunchConfig(block=2048, chunk=16384, reduce_block=256, num_warps=8)
+# Interpreter sizes: small, so that test shapes of a few hundred elements
+# cross block and chunk boundaries and exercise the same loops as on a GPU.
+INTERPRETER_CONFIG = LaunchConfig(block=64, chunk=128, reduce_block=4, num_warps=1)
+
+
+def kernels_interpreted() -> bool:
+    """True when the Triton kernels of this process run in the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(load_hparam, InterpretedFunction)
+
+
+def interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_config(device: torch.device) -> LaunchConfig:
+    return GPU_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+
+
+@triton.jit
+def load_hparam(ptr, value, IS_TENSOR: tl.constexpr):
+    """A hyperparameter given either as a 0-dim device tensor (read here, so
+    the host never waits and a CUDA graph replays the current value) or as a
+    float kernel argument."""
+    if IS_TENSOR:
+        value = tl.load(ptr).to(tl.float32)
+    return value
+
+
+@triton.jit
+def step_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """True when the AMP scaler found inf/nan gradients: the step changes nothing."""
+    skipped = False
+    if HAS_FOUND_INF:
+        skipped = tl.load(found_inf_ptr) != 0
+    return skipped
+
+
+@triton.jit
+def address(row_ptr, column, DTYPE: tl.constexpr):
+    """Column ``column`` of a tensor-table row as a pointer to DTYPE."""
+    return tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def random_bits(offsets, tensor_index, seed, counter):
+    """32 random bits per element: Philox keyed by the seed, the element
+    offset (64-bit), the tensor and the call counter, so every element of
+    every call draws fresh bits and a given seed replays exactly."""
+    zero = tl.zeros(offsets.shape, dtype=tl.uint32)
+    c0 = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (offsets >> 32).to(tl.uint32)
+    c2 = zero + tensor_index.to(tl.uint32)
+    c3 = zero + counter.to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return bits
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, offsets, tensor_index, seed, counter, DTYPE: tl.constexpr,
+                  STOCHASTIC: tl.constexpr):
+    """Store fp32 ``x`` as DTYPE. With STOCHASTIC (bfloat16 only) the value
+    rounds up with probability equal to its distance from the lower bf16
+    neighbour, so the stored value is unbiased: add 16 random bits below
+    bf16's last mantissa bit, then truncate."""
+    if STOCHASTIC:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (random_bits(offsets, tensor_index, seed, counter) & 0xFFFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr + offsets, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def advance_rng(rng_ptr, counter):
+    """Bump the call counter of the stochastic-rounding state once per launch,
+    on the device: the last program to finish (atomic ticket) writes
+    counter + 1. Every program read the counter before taking its ticket, so
+    no program of this launch sees the new value."""
+    ticket = tl.atomic_add(rng_ptr + 2, 1, sem="acq_rel")
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(rng_ptr + 1, counter + 1)
+        tl.store(rng_ptr + 2, 0)

@@ -1,0 +1,107 @@
+"""Triton kernel for LAMB (timm's rule, see fastsgd/optim/lamb.py).
+
+``lamb_kernel`` runs twice per step with the same arithmetic:
+- NORMS_ONLY: computes the new moments and the update direction u without
+  storing them, and writes each program's (sum p^2, sum u^2) partials for
+  triton_norms.trust_ratio_kernel (which then advances the step counts);
+- update: recomputes the moments (bit-identical), stores them and applies
+  p <- p - lr * ratio * u.
+Recomputing instead of storing the moments in the first pass keeps the update
+exactly the reference's (u from the unrounded moments) at the cost of one
+extra read of p, g, m, v.
+
+Bytes moved per element (s = param/grad size, m = moment size): norms pass
+2*s + 2*m read; update pass 3*s + 4*m.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastsgd.kernels.triton_common import COL_NUMEL, TABLE_WIDTH, address, load_hparam, step_skipped
+
+
+@triton.jit
+def bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
+    """1 - beta1^t and sqrt(1 - beta2^t), computed in fp64: with beta2 near 1,
+    1 - beta2^t cancels most fp32 digits. log_beta = log(beta) (host, fp64)."""
+    bc1 = 1.0
+    sqrt_bc2 = 1.0
+    if BIAS_CORRECTION:
+        t64 = t.to(tl.float64)
+        bc1 = (1.0 - tl.exp(t64 * log_beta1)).to(tl.float32)
+        sqrt_bc2 = tl.sqrt((1.0 - tl.exp(t64 * log_beta2)).to(tl.float32))
+    return bc1, sqrt_bc2
+
+
+@triton.jit
+def lamb_kernel(
+    tensors_ptr,     # (T, TABLE_WIDTH) int64: addresses of param, grad, exp_avg, exp_avg_sq, step; numel; ...
+    programs_ptr,    # (P, 2) int64: tensor index, first element of this program's chunk
+    partials_ptr,    # (P, 2) fp32 out (NORMS_ONLY): sum of p^2, sum of u^2 over the chunk
+    ratios_ptr,      # (T,) fp32 trust ratios (update pass)
+    lr_ptr,          # () lr on the device, read when LR_IS_TENSOR
+    scale_ptr,       # () AMP grad scale, read when HAS_SCALE
+    found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
+    clip_ptr,        # () global-norm clip divisor on the device, read when CLIP_IS_TENSOR
+    lr_value, clip_value, beta1, one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2,
+    eps, weight_decay,
+    PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NORMS_ONLY: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HAS_CLIP: tl.constexpr, CLIP_IS_TENSOR: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    if step_skipped(found_inf_ptr, HAS_FOUND_INF):
+        return
+    pid = tl.program_id(0)
+    tensor = tl.load(programs_ptr + 2 * pid)
+    start = tl.load(programs_ptr + 2 * pid + 1)
+    row = tensors_ptr + tensor * TABLE_WIDTH
+    p_ptr = address(row, 0, PARAM_DTYPE)
+    g_ptr = address(row, 1, PARAM_DTYPE)
+    m_ptr = address(row, 2, STATE_DTYPE)
+    v_ptr = address(row, 3, STATE_DTYPE)
+    numel = tl.load(row + COL_NUMEL)
+    # The norms pass runs before trust_ratio_kernel advances the step count.
+    t = tl.load(address(row, 4, tl.float32))
+    if NORMS_ONLY:
+        t += 1.0
+    bc1, sqrt_bc2 = bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
+    scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
+    clip = 1.0
+    if HAS_CLIP:
+        clip = load_hparam(clip_ptr, clip_value, CLIP_IS_TENSOR)
+    if NORMS_ONLY:
+        p_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        u_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    else:
+        step_size = load_hparam(lr_ptr, lr_value, LR_IS_TENSOR) * tl.load(ratios_ptr + tensor)
+
+    for i in range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)  # int64
+        mask = offsets < numel
+        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g / scale
+        if HAS_CLIP:
+            g = g / clip
+        m = beta1 * m + one_minus_beta1 * g
+        v = beta2 * v + one_minus_beta2 * g * g
+        u = (m / bc1) / (tl.sqrt(v) / sqrt_bc2 + eps)
+        if HAS_WEIGHT_DECAY:
+            u = u + weight_decay * p
+        if NORMS_ONLY:
+            p_acc += p * p
+            u_acc += tl.where(mask, u * u, 0.0)
+        else:
+            tl.store(m_ptr + offsets, m.to(STATE_DTYPE), mask=mask)
+            tl.store(v_ptr + offsets, v.to(STATE_DTYPE), mask=mask)
+            tl.store(p_ptr + offsets, (p - step_size * u).to(PARAM_DTYPE), mask=mask)
+
+    if NORMS_ONLY:
+        tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))
+        tl.store(partials_ptr + 2 * pid + 1, tl.sum(u_acc, axis=0))

@@ -1,0 +1,103 @@
+"""Triton kernels for the per-tensor norms of LARS and LAMB: a segmented
+reduction in two launches without atomics (so results are deterministic).
+
+1. a partial-sums kernel, one program per chunk (LARS: ``lars_partials_kernel``
+   below; LAMB: ``triton_lamb.lamb_kernel`` with NORMS_ONLY) writes
+   (sum p^2, sum d^2) of its chunk into ``partials[program]``;
+2. ``trust_ratio_kernel``, one program per tensor, adds the partials of its
+   tensor's programs (a contiguous range, see tensor_table.py) and turns the
+   two norms into the tensor's trust ratio. For LAMB it also advances the
+   tensor's step count, once, before the update kernel reads it.
+
+Bytes moved: partials 2*s per element (read p, g; s = element size) plus 8 per
+program; trust ratio 8 per program plus 4-8 per tensor.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fastsgd.kernels.triton_common import (COL_FIRST_PROGRAM, COL_NUM_PROGRAMS, COL_NUMEL, TABLE_WIDTH, address,
+                                           load_hparam, step_skipped)
+
+
+@triton.jit
+def lars_partials_kernel(
+    tensors_ptr,     # (T, TABLE_WIDTH) int64: addresses of param, grad; numel; ...
+    programs_ptr,    # (P, 2) int64: tensor index, first element of this program's chunk
+    partials_ptr,    # (P, 2) fp32 out: sum of p^2, sum of (g / grad_scale)^2 over the chunk
+    scale_ptr,       # () AMP grad scale, read when HAS_SCALE
+    found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
+    PARAM_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    if step_skipped(found_inf_ptr, HAS_FOUND_INF):
+        return
+    pid = tl.program_id(0)
+    tensor = tl.load(programs_ptr + 2 * pid)
+    start = tl.load(programs_ptr + 2 * pid + 1)
+    row = tensors_ptr + tensor * TABLE_WIDTH
+    p_ptr = address(row, 0, PARAM_DTYPE)
+    g_ptr = address(row, 1, PARAM_DTYPE)
+    numel = tl.load(row + COL_NUMEL)
+    scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
+    p_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    g_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, CHUNK, BLOCK):
+        offsets = start + i + tl.arange(0, BLOCK)  # int64
+        mask = offsets < numel
+        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g / scale
+        p_acc += p * p
+        g_acc += g * g
+    tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))
+    tl.store(partials_ptr + 2 * pid + 1, tl.sum(g_acc, axis=0))
+
+
+@triton.jit
+def trust_ratio_kernel(
+    tensors_ptr,     # (T, TABLE_WIDTH) int64: ...; first program, program count; LAMB: step address in column 4
+    partials_ptr,    # (P, 2) fp32: per program, sum of p^2 and of d^2 (d = LARS grad / LAMB update)
+    ratios_ptr,      # (T,) fp32 out: trust ratio per tensor
+    lr_ptr,          # () lr on the device, read when LR_IS_TENSOR (LARS trust_clip)
+    found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
+    lr_value, weight_decay, trust_coeff, eps,
+    LAMB: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if step_skipped(found_inf_ptr, HAS_FOUND_INF):
+        return
+    tensor = tl.program_id(0)
+    row = tensors_ptr + tensor * TABLE_WIDTH
+    ratio = 1.0
+    if ADAPT:
+        first = tl.load(row + COL_FIRST_PROGRAM)
+        count = tl.load(row + COL_NUM_PROGRAMS).to(tl.int32)
+        w_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        d_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        # A while loop: the Triton interpreter cannot run range() over a loaded bound.
+        j = count * 0
+        while j < count:
+            idx = j + tl.arange(0, BLOCK)
+            mask = idx < count
+            w_acc += tl.load(partials_ptr + 2 * (first + idx), mask=mask, other=0.0)
+            d_acc += tl.load(partials_ptr + 2 * (first + idx) + 1, mask=mask, other=0.0)
+            j += BLOCK
+        w_norm = tl.sqrt(tl.sum(w_acc, axis=0))
+        d_norm = tl.sqrt(tl.sum(d_acc, axis=0))
+        if LAMB:
+            r = w_norm / tl.where(d_norm > 0, d_norm, 1.0)
+        else:
+            r = trust_coeff * w_norm / (d_norm + weight_decay * w_norm + eps)
+        ratio = tl.where((w_norm > 0) & (d_norm > 0), r, 1.0)
+        if TRUST_CLIP:
+            if LAMB:
+                ratio = tl.minimum(ratio, 1.0)
+            else:  # LARC: the ratio is capped so that lr * ratio <= lr
+                ratio = tl.minimum(ratio / load_hparam(lr_ptr, lr_value, LR_IS_TENSOR), 1.0)
+    tl.store(ratios_ptr + tensor, ratio)
+    if LAMB:
+        step_ptr = address(row, 4, tl.float32)
+        tl.store(step_ptr, tl.load(step_ptr) + 1.0)

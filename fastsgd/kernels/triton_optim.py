@@ -1,0 +1,407 @@
+"""The ``triton`` backend: sgd_step, lars_step and lamb_step as Triton kernels.
+
+Same signatures and semantics as fastsgd/kernels/reference.py. CUDA tensors;
+CPU tensors too when the kernels run in the Triton interpreter
+(``TRITON_INTERPRET=1`` set before import), which is how CI tests them.
+
+How many tensors per launch: all of them. A device-side table of addresses
+(tensor_table.py) lists every param/grad/state tensor of the call, and one
+grid walks them in fixed-size chunks, so a step is one launch for 10 or
+10,000 tensors. The table is cached, keyed on the tensors' addresses and
+sizes, and rebuilt (one small asynchronous copy) only when they change.
+Parameters are not moved into a flat buffer: the user's tensors stay as they
+are. The element type is a compile-time constant, so tensors are grouped by
+(param dtype, state dtype) and each group is one launch set; a model with one
+dtype (the usual case) is one group.
+
+Launches per group and call:
+  sgd_step   1
+  lars_step  1 without adaptation (weight_decay == 0 and not always_adapt),
+             else 3: norm partials, trust ratios, update
+  lamb_step  3 with adaptation (norm partials, trust ratios + step counts,
+             update), else 2 (step counts, update)
+None of them reads anything back to the host: lr, grad_scale, found_inf and
+LAMB's clip divisor may be device tensors, so a step can be captured in a
+CUDA graph (the tables must exist before capture: run one eager step first).
+
+Stochastic rounding (``stochastic_rounding=True``) rounds bfloat16 momentum
+buffers stochastically: unbiased, and deterministic given the seed
+(``manual_seed``). The seed and a call counter live on the device and the
+counter advances inside the kernel, so replays of a captured step draw fresh
+random bits. fp32 buffers need no rounding; fp16 buffers are refused.
+
+Not supported here (clear errors): stacked trials (1-D lr/momentum tensors),
+float64 and complex tensors, strided views (use backend="reference").
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+try:
+    import triton  # noqa: F401
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # the registry reports this through unavailable_reason()
+    _IMPORT_ERROR = f"triton is not installed ({exc})"
+
+if _IMPORT_ERROR is None:
+    from fastsgd.kernels import triton_common as common
+    from fastsgd.kernels.tensor_table import TableCache, TensorTable
+    from fastsgd.kernels.triton_lamb import lamb_kernel
+    from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
+    from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
+
+Scalar = Union[float, Tensor]
+
+NAME = "triton"
+STRIDED = False  # kernels walk each tensor as one flat range of memory
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STACKED_ERROR = ("fastsgd backend 'triton' does not support stacked trials (1-D {name} tensors); "
+                  "use backend='reference' or 'cpu' for per-trial hyperparameters")
+
+# Tables of tensor addresses, shared by all calls (keyed on the tensors).
+TABLES = TableCache() if _IMPORT_ERROR is None else None
+# Stochastic-rounding state per device: int64 (seed, call counter, ticket).
+_RNG: Dict[torch.device, Tensor] = {}
+
+
+def unavailable_reason() -> Optional[str]:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if common.kernels_interpreted() or torch.cuda.is_available():
+        return None
+    if common.interpret_requested():
+        return ("TRITON_INTERPRET=1 was set after fastsgd's Triton kernels were imported; set it before "
+                "importing fastsgd.kernels.triton_optim")
+    return "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU tensors)"
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    if _IMPORT_ERROR is not None or dtype not in _DTYPES:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return not common.kernels_interpreted()
+    return device.type == "cpu" and common.kernels_interpreted()
+
+
+def manual_seed(seed: int, device: Union[str, torch.device] = "cuda") -> None:
+    """Seed stochastic rounding on ``device`` (and restart its call counter).
+    Without it the seed is drawn once from torch's default generator, so
+    ``torch.manual_seed`` makes runs repeatable too."""
+    device = torch.device(device)
+    _RNG[device] = _state_tensor(seed, device)
+
+
+# ---- checks: everything is validated before any tensor is touched -----------
+
+def _check_device(device: torch.device) -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"fastsgd backend 'triton' is not available: {reason}")
+    if device.type == "cuda" and common.kernels_interpreted():
+        raise RuntimeError("fastsgd backend 'triton': the kernels were imported with TRITON_INTERPRET=1 and run "
+                           "on CPU tensors only; import without it to run on CUDA")
+    if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not common.kernels_interpreted()):
+        raise RuntimeError(f"fastsgd backend 'triton' runs on CUDA tensors (CPU tensors only under "
+                           f"TRITON_INTERPRET=1); got tensors on {device}")
+
+
+def _check_tensors(op: str, params: Sequence[Tensor], **others: Optional[Sequence[Tensor]]) -> None:
+    """Aligned lists; one device; supported dtypes; every other tensor laid
+    out exactly like its param (the kernels walk them with one flat index)."""
+    n = len(params)
+    for name, ts in others.items():
+        if ts is not None and len(ts) != n:
+            raise ValueError(f"{op}: {len(ts)} {name} for {n} params")
+    device = params[0].device
+    _check_device(device)
+    for i, p in enumerate(params):
+        if p.device != device:
+            raise RuntimeError(f"{op}: params[{i}] is on {p.device}, params[0] on {device}; one device per call")
+        if p.dtype not in _DTYPES:
+            raise TypeError(f"{op}: fastsgd backend 'triton' supports {', '.join(map(str, _DTYPES))} params; "
+                            f"params[{i}] is {p.dtype} (use backend='reference')")
+        if p.numel() and not _is_dense(p):
+            raise TypeError(f"{op}: params[{i}] is a strided view with gaps; the triton backend needs dense "
+                            "tensors (use backend='reference')")
+        for name, ts in others.items():
+            t = ts[i] if ts is not None else None
+            if t is None:
+                continue
+            if t.device != device or t.shape != p.shape or (p.numel() > 1 and t.stride() != p.stride()):
+                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)}, strides {t.stride()}, device "
+                                 f"{t.device}; its param has {tuple(p.shape)}, {p.stride()}, {device}")
+            if name == "grads" and t.dtype != p.dtype:
+                raise TypeError(f"{op}: grads[{i}] is {t.dtype} but params[{i}] is {p.dtype}")
+            if t.dtype not in _DTYPES:
+                raise TypeError(f"{op}: {name}[{i}] is {t.dtype}; the triton backend supports "
+                                f"{', '.join(map(str, _DTYPES))}")
+
+
+def _is_dense(t: Tensor) -> bool:
+    if t.is_contiguous():
+        return True
+    if any(s == 0 for s in t.stride()):
+        return False
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) == t.numel()
+
+
+def _check_scalar(op: str, name: str, value, device: torch.device, *, allow_none: bool = False) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{op}: {name} is required")
+    if isinstance(value, Tensor):
+        if value.ndim == 1 and value.numel() > 1:
+            raise NotImplementedError(_STACKED_ERROR.format(name=name))
+        if value.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a float or a 1-element tensor, got shape {tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{op}: {name} is on {value.device} but the params are on {device}; keep it on the "
+                             "params' device (read there without a host sync)")
+        if not (value.dtype.is_floating_point or name == "found_inf"):
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {value.dtype}")
+
+
+def _host_float(op: str, name: str, value) -> float:
+    """Hyperparameters compiled into the launch as floats (not lr)."""
+    if isinstance(value, Tensor):
+        if value.ndim == 1 and value.numel() > 1:
+            raise NotImplementedError(_STACKED_ERROR.format(name=name))
+        return float(value.item())
+    return float(value)
+
+
+def _first_flags(op: str, first_step, n: int) -> List[bool]:
+    if isinstance(first_step, bool):
+        return [first_step] * n
+    flags = [bool(f) for f in first_step]
+    if len(flags) != n:
+        raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
+    return flags
+
+
+# ---- launch helpers ----------------------------------------------------------
+
+def _scalar_arg(value, dummy: Tensor) -> Tuple[Tensor, float, bool]:
+    """(pointer argument, float argument, is-a-tensor flag) for a hyperparameter."""
+    if isinstance(value, Tensor):
+        return value, 0.0, True
+    return dummy, (0.0 if value is None else float(value)), False
+
+
+def _group_by(keys: Sequence) -> Dict[object, List[int]]:
+    groups: Dict[object, List[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return groups
+
+
+def _pick(ts: Optional[Sequence[Tensor]], idx: List[int]) -> Optional[List[Tensor]]:
+    return None if ts is None else [ts[i] for i in idx]
+
+
+def _state_tensor(seed: int, device: torch.device) -> Tensor:
+    host = torch.tensor([seed, 0, 0], dtype=torch.int64)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fastsgd: stochastic rounding state must exist before CUDA graph capture; run one "
+                           "eager step first (or call fastsgd.kernels.triton_optim.manual_seed before capture)")
+    return host.to(device)
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    if device not in _RNG:
+        _RNG[device] = _state_tensor(int(torch.randint(0, 2 ** 62, ()).item()), device)
+    return _RNG[device]
+
+
+def _rounding_flag(op: str, stochastic_rounding: bool, bufs: Optional[Sequence[Tensor]]) -> bool:
+    """Stochastic rounding happens for bf16 buffers; fp32 buffers are stored
+    exactly (nothing to round); fp16 buffers are refused."""
+    if not stochastic_rounding or bufs is None:
+        return False
+    for i, b in enumerate(bufs):
+        if b.dtype == torch.float16:
+            raise NotImplementedError(f"{op}: stochastic_rounding is implemented for bfloat16 momentum buffers; "
+                                      f"bufs[{i}] is float16")
+    return True
+
+
+# ---- SGD family and LARS -----------------------------------------------------
+
+@torch.no_grad()
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
+             lr: Scalar, momentum: Scalar = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+             nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
+             first_step: Union[bool, Sequence[bool]] = False,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False) -> None:
+    """torch.optim.SGD's update for all tensors in one launch per dtype group."""
+    _momentum_step("sgd_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
+                   weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, lr_in_momentum=lr_in_momentum,
+                   first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+                   stochastic_rounding=stochastic_rounding, lars=None)
+
+
+@torch.no_grad()
+def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
+              lr: Scalar, momentum: Scalar = 0.9, dampening: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8,
+              trust_clip: bool = False, always_adapt: bool = False, lr_in_momentum: bool = False,
+              first_step: Union[bool, Sequence[bool]] = False,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+              stochastic_rounding: bool = False) -> None:
+    """timm's Lars rule: per-tensor trust ratios by a segmented reduction,
+    then the SGD momentum update, in at most 3 launches per dtype group."""
+    lars = dict(trust_coeff=float(trust_coeff), eps=float(eps), trust_clip=bool(trust_clip),
+                adapt=weight_decay != 0 or always_adapt)
+    _momentum_step("lars_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
+                   weight_decay=weight_decay, nesterov=nesterov, maximize=False, lr_in_momentum=lr_in_momentum,
+                   first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+                   stochastic_rounding=stochastic_rounding, lars=lars)
+
+
+def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                   lr_in_momentum, first_step, grad_scale, found_inf, stochastic_rounding, lars) -> None:
+    if len(params) == 0:
+        return
+    if bufs is not None and any(b is None for b in bufs):
+        raise ValueError(f"{op}: bufs must be None (no momentum) or a buffer for every param")
+    _check_tensors(op, params, grads=grads, bufs=bufs)
+    device = params[0].device
+    for name, value, optional in (("lr", lr, False), ("grad_scale", grad_scale, True),
+                                  ("found_inf", found_inf, True)):
+        _check_scalar(op, name, value, device, allow_none=optional)
+    momentum = _host_float(op, "momentum", momentum)
+    weight_decay = _host_float(op, "weight_decay", weight_decay)
+    one_minus_dampening = 1.0 - _host_float(op, "dampening", dampening)
+    flags = _first_flags(op, first_step, len(params))
+    rounding = _rounding_flag(op, stochastic_rounding, bufs)
+    rng = _rng_state(device) if rounding else None
+    cfg = common.launch_config(device)
+    # ---- checked: from here on tensors change ----
+    keys = [(p.dtype, bufs[i].dtype if bufs is not None else None) for i, p in enumerate(params)]
+    for (p_dtype, b_dtype), idx in _group_by(keys).items():
+        g_flags = [flags[i] for i in idx]
+        mixed = len(set(g_flags)) > 1
+        ps, gs, bs = _pick(params, idx), _pick(grads, idx), _pick(bufs, idx)
+        table = TABLES.get([ps, gs, bs], [p.numel() for p in ps], cfg.chunk, device,
+                           flags=g_flags if mixed else None)
+        dummy = table.tensors
+        lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
+        ratios = dummy
+        if lars is not None and lars["adapt"]:
+            ratios = _trust_ratios(table, cfg, params_dtype=p_dtype, lr=lr, weight_decay=weight_decay,
+                                   grad_scale=grad_scale, found_inf=found_inf, **lars)
+        if table.num_programs == 0:
+            continue
+        momentum_sgd_kernel[(table.num_programs,)](
+            table.tensors, table.programs, ratios, lr_ptr,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            rng if rng is not None and b_dtype == torch.bfloat16 else dummy,
+            lr_value, momentum, one_minus_dampening, weight_decay, int(all(g_flags)),
+            PARAM_DTYPE=common.TORCH_TO_TRITON[p_dtype],
+            BUF_DTYPE=common.TORCH_TO_TRITON[b_dtype or p_dtype],
+            HAS_MOMENTUM=bs is not None, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+            LR_IN_MOMENTUM=bool(lr_in_momentum), HAS_WEIGHT_DECAY=weight_decay != 0,
+            HAS_RATIO=ratios is not dummy, LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            STOCHASTIC_ROUNDING=rounding and b_dtype == torch.bfloat16,
+            BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+
+
+def _trust_ratios(table: TensorTable, cfg, *, params_dtype, lr, weight_decay, trust_coeff, eps, trust_clip,
+                  adapt, grad_scale, found_inf) -> Tensor:
+    """LARS trust ratio per tensor of ``table``, on the device (2 launches)."""
+    device = table.tensors.device
+    dummy = table.tensors
+    partials = torch.empty((max(table.num_programs, 1), 2), dtype=torch.float32, device=device)
+    ratios = torch.empty((table.num_tensors,), dtype=torch.float32, device=device)
+    if table.num_programs:
+        lars_partials_kernel[(table.num_programs,)](
+            table.tensors, table.programs, partials,
+            grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+            PARAM_DTYPE=common.TORCH_TO_TRITON[params_dtype], HAS_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+    lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
+    trust_ratio_kernel[(table.num_tensors,)](
+        table.tensors, partials, ratios, lr_ptr, found_inf if found_inf is not None else dummy,
+        lr_value, weight_decay, trust_coeff, eps,
+        LAMB=False, ADAPT=True, TRUST_CLIP=trust_clip, LR_IS_TENSOR=lr_is_tensor,
+        HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.reduce_block)
+    return ratios
+
+
+# ---- LAMB --------------------------------------------------------------------
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+@torch.no_grad()
+def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+              exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
+              lr: Scalar, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+              weight_decay: float = 0.01, bias_correction: bool = True, trust_clip: bool = False,
+              always_adapt: bool = False, clip_divisor: Optional[Scalar] = None,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """LAMB in 2-3 launches per dtype group; ``steps`` advance on the device."""
+    op = "lamb_step"
+    if len(params) == 0:
+        return
+    _check_tensors(op, params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    device = params[0].device
+    if len(steps) != len(params):
+        raise ValueError(f"{op}: {len(steps)} steps for {len(params)} params")
+    for i, (s, m, v) in enumerate(zip(steps, exp_avgs, exp_avg_sqs)):
+        if s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
+            raise TypeError(f"{op}: steps[{i}] must be a 1-element float32 tensor on {device}, got shape "
+                            f"{tuple(s.shape)}, {s.dtype} on {s.device}")
+        if m.dtype != v.dtype:
+            raise TypeError(f"{op}: exp_avgs[{i}] is {m.dtype} but exp_avg_sqs[{i}] is {v.dtype}")
+    for name, value, optional in (("lr", lr, False), ("clip_divisor", clip_divisor, True),
+                                  ("grad_scale", grad_scale, True), ("found_inf", found_inf, True)):
+        _check_scalar(op, name, value, device, allow_none=optional)
+    beta1, beta2 = float(beta1), float(beta2)
+    weight_decay = float(weight_decay)
+    adapt = weight_decay != 0 or always_adapt
+    cfg = common.launch_config(device)
+    # ---- checked: from here on tensors change ----
+    for (p_dtype, s_dtype), idx in _group_by([(p.dtype, m.dtype) for p, m in zip(params, exp_avgs)]).items():
+        ps = _pick(params, idx)
+        table = TABLES.get([ps, _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
+                            _pick(steps, idx)], [p.numel() for p in ps], cfg.chunk, device)
+        dummy = table.tensors
+        lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
+        clip_ptr, clip_value, clip_is_tensor = _scalar_arg(clip_divisor, dummy)
+        partials = torch.empty((max(table.num_programs, 1), 2), dtype=torch.float32, device=device)
+        ratios = torch.empty((table.num_tensors,), dtype=torch.float32, device=device)
+        lamb_args = dict(
+            PARAM_DTYPE=common.TORCH_TO_TRITON[p_dtype], STATE_DTYPE=common.TORCH_TO_TRITON[s_dtype],
+            LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
+            HAS_CLIP=clip_divisor is not None, CLIP_IS_TENSOR=clip_is_tensor,
+            HAS_WEIGHT_DECAY=weight_decay != 0, BIAS_CORRECTION=bool(bias_correction),
+            BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+
+        def launch_lamb(norms_only: bool) -> None:
+            lamb_kernel[(table.num_programs,)](
+                table.tensors, table.programs, partials, ratios, lr_ptr,
+                grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
+                clip_ptr, lr_value, clip_value, beta1, 1.0 - beta1, beta2, 1.0 - beta2, _log(beta1), _log(beta2),
+                float(eps), weight_decay, NORMS_ONLY=norms_only, **lamb_args)
+
+        if adapt and table.num_programs:
+            launch_lamb(norms_only=True)
+        trust_ratio_kernel[(table.num_tensors,)](
+            table.tensors, partials, ratios, lr_ptr, found_inf if found_inf is not None else dummy,
+            lr_value, weight_decay, 0.0, float(eps),
+            LAMB=True, ADAPT=adapt, TRUST_CLIP=bool(trust_clip), LR_IS_TENSOR=lr_is_tensor,
+            HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.reduce_block)
+        if table.num_programs:
+            launch_lamb(norms_only=False)
