@@ -4,10 +4,11 @@ Every backend implements the same functions with the same signatures:
 
     sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay,
              nesterov, maximize, lr_in_momentum, first_step,
-             grad_scale=None, found_inf=None)
+             grad_scale=None, found_inf=None, stochastic_rounding=False)
     lars_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay,
               nesterov, trust_coeff, eps, trust_clip, always_adapt,
-              lr_in_momentum, first_step, grad_scale=None, found_inf=None)
+              lr_in_momentum, first_step, grad_scale=None, found_inf=None,
+              stochastic_rounding=False)
     lamb_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
               beta2, eps, weight_decay, bias_correction, trust_clip,
               always_adapt, clip_divisor=None, grad_scale=None, found_inf=None)
@@ -26,6 +27,10 @@ Contract shared by all backends (the optimizer classes check it before calling):
 - ``grad_scale`` (0-dim tensor or None): gradients are divided by it.
   ``found_inf`` (0-dim tensor or None): when non-zero, nothing is modified.
 - Gradients are never modified.
+- ``stochastic_rounding`` (sgd/lars): GPU backends may round bfloat16
+  momentum buffers stochastically (unbiased). The reference always rounds to
+  nearest and ignores the flag: it is the expected value the stochastic
+  result is tested against.
 
 The reference is written for clarity, not speed: one tensor at a time, math in
 float64 (complex128 for complex params), results rounded once into the
@@ -108,7 +113,8 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              lr: Scalar, momentum: Scalar = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
              nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
              first_step: Union[bool, Sequence[bool]] = False,
-             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False) -> None:
     """torch.optim.SGD's update (plain, momentum, Nesterov, dampening, weight
     decay, maximize), optionally in the lr-inside-momentum form."""
     if _skipped(found_inf):
@@ -143,7 +149,8 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
               nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8,
               trust_clip: bool = False, always_adapt: bool = False, lr_in_momentum: bool = False,
               first_step: Union[bool, Sequence[bool]] = False,
-              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+              stochastic_rounding: bool = False) -> None:
     """timm's Lars rule: if weight_decay != 0 or always_adapt, the gradient
     becomes (g + wd*p) * trust_ratio; then SGD momentum with lr outside."""
     if _skipped(found_inf):
