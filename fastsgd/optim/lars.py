@@ -19,17 +19,18 @@ import torch
 from torch import Tensor
 
 from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative
-from fastsgd.optim.sgd import check_nesterov, hp_float
+from fastsgd.optim.sgd import check_nesterov, hp_float, rounding_kwargs
 
 
 class LARS(FusedOptimizer):
-    """Layer-wise adaptive rate scaling (You et al. 2017) with timm's rule and flags."""
+    """Layer-wise adaptive rate scaling (You et al. 2017) with timm's rule and flags.
+    ``momentum_dtype`` and ``stochastic_rounding`` as in fastsgd.SGD."""
 
     def __init__(self, params, lr: float | Tensor, momentum: float = 0.9, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, trust_coeff: float = 0.001,
                  eps: float = 1e-8, trust_clip: bool = False, always_adapt: bool = False,
                  lr_in_momentum: bool = False, momentum_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto"):
+                 stochastic_rounding: bool = False, backend: str = "auto"):
         check_non_negative("lr", lr, "learning rate")
         check_non_negative("momentum", momentum, "momentum value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
@@ -37,10 +38,12 @@ class LARS(FusedOptimizer):
                         nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
                         always_adapt=always_adapt, lr_in_momentum=lr_in_momentum)
         self.momentum_dtype = momentum_dtype
+        self.stochastic_rounding = bool(stochastic_rounding)
         super().__init__(params, defaults, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("stochastic_rounding", False)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("trust_clip", False)
@@ -71,4 +74,5 @@ class LARS(FusedOptimizer):
                           nesterov=bool(g["nesterov"]), trust_coeff=hp_float(g["trust_coeff"]),
                           eps=hp_float(g["eps"]), trust_clip=bool(g["trust_clip"]),
                           always_adapt=bool(g["always_adapt"]), lr_in_momentum=bool(g["lr_in_momentum"]),
-                          first_step=new_state, grad_scale=grad_scale, found_inf=found_inf)
+                          first_step=new_state, grad_scale=grad_scale, found_inf=found_inf,
+                          **rounding_kwargs(self))

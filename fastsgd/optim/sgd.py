@@ -50,6 +50,12 @@ def check_nesterov(group: Dict[str, Any]) -> None:
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
+def rounding_kwargs(opt) -> Dict[str, bool]:
+    """``stochastic_rounding=True`` for the kernel call when asked for; left
+    out otherwise so that backends without the option keep working."""
+    return {"stochastic_rounding": True} if getattr(opt, "stochastic_rounding", False) else {}
+
+
 def hp_float(value: Any) -> float:
     """A hyperparameter other than lr as a Python float (tensors are read once)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)
@@ -64,9 +70,11 @@ class SGD(FusedOptimizer):
     fused kernel call per param group (see ``fastsgd.available_backends()``).
 
     Extra arguments: ``lr_in_momentum`` (see the module docstring),
-    ``momentum_dtype`` (dtype of new momentum buffers; default: the param's) and
-    ``backend`` ("auto", "reference", "cpu", "triton", "cuda"; the
-    ``FASTSGD_BACKEND`` environment variable stands in for "auto").
+    ``momentum_dtype`` (dtype of new momentum buffers; default: the param's),
+    ``stochastic_rounding`` (round bfloat16 momentum buffers stochastically --
+    unbiased; GPU backends only, the cpu backend raises, the reference rounds
+    to nearest) and ``backend`` ("auto", "reference", "cpu", "triton", "cuda";
+    the ``FASTSGD_BACKEND`` environment variable stands in for "auto").
     ``foreach``/``fused`` are accepted for compatibility and change nothing;
     ``differentiable=True`` raises.
     """
@@ -75,7 +83,7 @@ class SGD(FusedOptimizer):
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  lr_in_momentum: bool = False, foreach: Optional[bool] = None, differentiable: bool = False,
                  fused: Optional[bool] = None, momentum_dtype: Optional[torch.dtype] = None,
-                 backend: str = "auto"):
+                 stochastic_rounding: bool = False, backend: str = "auto"):
         check_non_negative("lr", lr, "learning rate")
         check_non_negative("momentum", momentum, "momentum value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
@@ -84,10 +92,12 @@ class SGD(FusedOptimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused, lr_in_momentum=lr_in_momentum)
         self.momentum_dtype = momentum_dtype
+        self.stochastic_rounding = bool(stochastic_rounding)
         super().__init__(params, defaults, backend=backend)
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("stochastic_rounding", False)
         for group in self.param_groups:
             group.setdefault("nesterov", False)
             group.setdefault("maximize", False)
@@ -119,7 +129,7 @@ class SGD(FusedOptimizer):
                          dampening=hp_float(g["dampening"]), weight_decay=hp_float(g["weight_decay"]),
                          nesterov=bool(g["nesterov"]), maximize=bool(g["maximize"]),
                          lr_in_momentum=bool(g["lr_in_momentum"]), first_step=new_state,
-                         grad_scale=grad_scale, found_inf=found_inf)
+                         grad_scale=grad_scale, found_inf=found_inf, **rounding_kwargs(self))
 
 
 class Momentum(SGD):
