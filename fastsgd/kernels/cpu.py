@@ -1,0 +1,367 @@
+"""Fused C++ CPU kernels (fastsgd._C): one native call per functional call.
+
+Same functions and signatures as ``fastsgd.kernels.reference``. Each call
+checks its tensors, builds a table with one int64 row per tensor (data
+pointers, element count, dtype codes, first-step flag) and hands it to a single
+native call, which splits all tensors into work items and runs them on
+``torch.get_num_threads()`` OpenMP threads. The native module never sees a
+torch object, so everything that could make it touch the wrong memory is
+checked here, before anything is modified:
+
+- every tensor on the CPU, of a supported dtype (float32, float64, bfloat16,
+  float16); grads with their param's shape and dtype; buffers/moments with
+  the param's shape (any supported dtype: e.g. bfloat16 momentum for float32
+  params, rounded to nearest even);
+- each tensor dense (it covers its memory exactly once: contiguous,
+  channels_last, ...) and laid out like its param, so one flat index walks
+  all of them;
+- ``lr``, ``grad_scale``, ``found_inf`` (and ``clip_divisor``) on the CPU;
+  they are read on the host, which costs nothing on a CPU.
+
+Math is float32 for float32/bfloat16/float16 tensors and float64 when the
+param or its state is float64; norms (LARS, LAMB) accumulate in float64 in a
+fixed order, so results do not depend on the thread count.
+"""
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastsgd._native import native, native_error
+
+Scalar = Union[float, Tensor]
+
+NAME = "cpu"
+STRIDED = False  # flat kernels: dense tensors only (contiguous, channels_last, ...)
+
+_SGD_FIELDS = ("param", "grad", "buf", "numel", "param_dtype", "buf_dtype", "first_step")
+_LAMB_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "param_dtype", "state_dtype",
+                "step_dtype")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+_size = Tensor.size
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+_dtype = attrgetter("dtype")
+_is_cpu = attrgetter("is_cpu")
+_codes: dict = {}  # torch dtype -> native dtype code, filled on first use
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the fused CPU kernels can run, else why not."""
+    err = native_error()
+    if err:
+        return err
+    mod = native()
+    if not hasattr(mod, "cpu_sgd_step"):
+        return "fastsgd._C was built without the CPU kernels (csrc/cpu); rebuild with `pip install .`"
+    if tuple(mod.cpu_sgd_table_fields) != _SGD_FIELDS or tuple(mod.cpu_lamb_table_fields) != _LAMB_FIELDS:
+        return ("fastsgd._C does not match fastsgd/kernels/cpu.py (table layouts differ); "
+                "rebuild with `pip install .`")
+    return None
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                           torch.float16)
+
+
+def _native():
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"fastsgd cpu backend is not available: {reason}")
+    mod = native()
+    if not _codes:
+        _codes.update({_DTYPES[k]: v for k, v in mod.cpu_dtype_codes.items()})
+    return mod
+
+
+# ---- checks -------------------------------------------------------------------
+def _first_bad(flags: Sequence[bool]) -> int:
+    return next(i for i, ok in enumerate(flags) if not ok)
+
+
+def _check_length(what: str, name: str, ts: Sequence, n: int) -> None:
+    if len(ts) != n:
+        raise ValueError(f"{what}: {name} has {len(ts)} tensors but params has {n}")
+
+
+def _check_cpu(what: str, name: str, ts: Sequence[Tensor]) -> None:
+    flags = list(map(_is_cpu, ts))
+    if not all(flags):
+        i = _first_bad(flags)
+        raise ValueError(f"{what}: {name}[{i}] is on {ts[i].device}; the cpu backend takes CPU tensors only")
+
+
+def _dtype_codes(what: str, name: str, ts: Sequence[Tensor]) -> List[int]:
+    dtypes = list(map(_dtype, ts))
+    try:
+        return [_codes[d] for d in dtypes]
+    except KeyError:
+        i = _first_bad([d in _codes for d in dtypes])
+        raise TypeError(f"{what}: {name}[{i}] has dtype {dtypes[i]}; the cpu backend supports float32, "
+                        "float64, bfloat16 and float16 (use backend='reference' for others)") from None
+
+
+def _is_dense(t: Tensor) -> bool:
+    if any(s == 0 for s in t.stride()):
+        return False
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) == t.numel()
+
+
+def _check_layouts(what: str, params: Sequence[Tensor], others: Sequence[tuple]) -> None:
+    """Every tensor dense and strided like its param (so a flat index walks them all)."""
+    tensors = list(params) + [t for _, ts in others for t in ts if t is not None]
+    if all(map(_is_contiguous, tensors)):
+        return
+    for i, p in enumerate(params):
+        if p.numel() > 1 and not (p.is_contiguous() or _is_dense(p)):
+            raise ValueError(f"{what}: params[{i}] is a strided view with gaps (strides {p.stride()}); the cpu "
+                             "backend needs dense tensors (use backend='reference' for views)")
+        for name, ts in others:
+            t = ts[i]
+            if t is not None and t.numel() > 1 and t.stride() != p.stride():
+                raise ValueError(f"{what}: {name}[{i}] has strides {t.stride()} but its param has "
+                                 f"{p.stride()}; they must share one memory layout")
+
+
+def _check_like_params(what: str, name: str, ts: Sequence[Optional[Tensor]], sizes: list,
+                       same_dtype_codes: Optional[List[int]] = None) -> List[int]:
+    """CPU, same shapes as the params (None entries allowed); returns dtype codes (-1 for None)."""
+    present = [t for t in ts if t is not None]
+    _check_cpu(what, name, present)
+    if len(present) == len(ts):
+        got = list(map(_size, ts))
+        if got != sizes:
+            i = _first_bad([a == b for a, b in zip(got, sizes)])
+            raise ValueError(f"{what}: {name}[{i}] has shape {tuple(got[i])} but its param has {tuple(sizes[i])}")
+        codes = _dtype_codes(what, name, ts)
+    else:
+        for i, t in enumerate(ts):
+            if t is not None and t.shape != sizes[i]:
+                raise ValueError(f"{what}: {name}[{i}] has shape {tuple(t.shape)} but its param has "
+                                 f"{tuple(sizes[i])}")
+        present_codes = iter(_dtype_codes(what, name, present))
+        codes = [-1 if t is None else next(present_codes) for t in ts]
+    if same_dtype_codes is not None and codes != same_dtype_codes:
+        i = _first_bad([a == b for a, b in zip(codes, same_dtype_codes)])
+        raise ValueError(f"{what}: {name}[{i}] has dtype {ts[i].dtype}, not its param's dtype")
+    return codes
+
+
+def _host_scalar(what: str, name: str, x: Optional[Scalar], default: float) -> float:
+    if x is None:
+        return default
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu" or x.numel() != 1:
+            raise ValueError(f"{what}: {name} must be a float or a 1-element CPU tensor, got a tensor of shape "
+                             f"{tuple(x.shape)} on {x.device}")
+        return float(x.item())
+    return float(x)
+
+
+def _skipped(what: str, found_inf: Optional[Tensor]) -> bool:
+    return found_inf is not None and _host_scalar(what, "found_inf", found_inf, 0.0) != 0.0
+
+
+def _first_flags(what: str, first_step: Union[bool, Sequence[bool]], n: int) -> List[int]:
+    if isinstance(first_step, bool):
+        return [int(first_step)] * n
+    if len(first_step) != n:
+        raise ValueError(f"{what}: first_step has {len(first_step)} flags but params has {n}")
+    return [1 if f else 0 for f in first_step]
+
+
+def _no_stochastic_rounding(what: str, stochastic_rounding: bool) -> None:
+    if stochastic_rounding:
+        raise ValueError(f"{what}: stochastic_rounding=True is implemented only in the GPU backends "
+                         "(triton, cuda); the cpu backend rounds to nearest")
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+# ---- stacked trials -------------------------------------------------------------
+def _trial_values(what: str, name: str, x: Scalar) -> Optional[List[float]]:
+    """A 1-D per-trial tensor as a list of floats, else None."""
+    if isinstance(x, Tensor) and x.ndim == 1:
+        if x.device.type != "cpu":
+            raise ValueError(f"{what}: {name} (one value per trial) must be a CPU tensor for the cpu backend, "
+                             f"got one on {x.device}")
+        return x.double().tolist()
+    return None
+
+
+def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials: int, lrs: List[float],
+                   mus: List[float], ptr_fields: Sequence[int], dtype_fields: Sequence[int]):
+    """Row i of every tensor becomes its own entry with lr[i] and momentum[i]."""
+    for i, p in enumerate(params):
+        if p.ndim == 0 or p.shape[0] != trials:
+            raise ValueError(f"{what}: lr/momentum hold {trials} values (stacked trials), so every param needs "
+                             f"{trials} as its first dimension; params[{i}] has shape {tuple(p.shape)}")
+        if p.numel() > 0 and trials > 1 and p.stride(0) * trials != p.numel():
+            raise ValueError(f"{what}: params[{i}] (stacked trials) must keep each trial's row contiguous "
+                             f"(strides {p.stride()})")
+    elem_size = np.zeros(len(_codes), dtype=np.int64)
+    for d, c in _codes.items():
+        elem_size[c] = torch.empty((), dtype=d).element_size()
+    out = np.repeat(rows, trials, axis=0)
+    row = np.tile(np.arange(trials, dtype=np.int64), len(params))
+    row_numel = out[:, 3] // trials
+    out[:, 3] = row_numel
+    for ptr_field, dtype_field in zip(ptr_fields, dtype_fields):
+        elem = elem_size[out[:, dtype_field]]
+        nonzero = out[:, ptr_field] != 0
+        out[nonzero, ptr_field] += (row * row_numel * elem)[nonzero]
+    hparams = np.ascontiguousarray(np.stack([np.tile(lrs, len(params)), np.tile(mus, len(params))], axis=1),
+                                   dtype=np.float64)
+    return np.ascontiguousarray(out), hparams
+
+
+# ---- SGD / LARS ------------------------------------------------------------------
+def _sgd_table(what: str, params, grads, bufs, first_step) -> np.ndarray:
+    n = len(params)
+    _check_length(what, "grads", grads, n)
+    if bufs is not None:
+        _check_length(what, "bufs", bufs, n)
+    firsts = _first_flags(what, first_step, n)
+    _check_cpu(what, "params", params)
+    sizes = list(map(_size, params))
+    p_codes = _dtype_codes(what, "params", params)
+    _check_like_params(what, "grads", grads, sizes, p_codes)
+    others = [("grads", grads)]
+    table = np.empty((n, len(_SGD_FIELDS)), dtype=np.int64)
+    if bufs is None:
+        table[:, 2] = 0
+        table[:, 5] = 0
+    else:
+        b_codes = _check_like_params(what, "bufs", bufs, sizes)
+        others.append(("bufs", bufs))
+        table[:, 2] = [0 if b is None else b.data_ptr() for b in bufs] if -1 in b_codes else \
+            list(map(_data_ptr, bufs))
+        table[:, 5] = [max(c, 0) for c in b_codes]
+    _check_layouts(what, params, others)
+    table[:, 0] = list(map(_data_ptr, params))
+    table[:, 1] = list(map(_data_ptr, grads))
+    table[:, 3] = [s.numel() for s in sizes]
+    table[:, 4] = p_codes
+    table[:, 6] = firsts
+    return table
+
+
+@torch.no_grad()
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
+             lr: Scalar, momentum: Scalar = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+             nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
+             first_step: Union[bool, Sequence[bool]] = False,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False) -> None:
+    """torch.optim.SGD's update (see ``reference.sgd_step``) for all tensors in
+    one native pass. ``lr``/``momentum`` may be 1-D CPU tensors of length T
+    (stacked trials: every param has T as its first dimension)."""
+    what = "fastsgd cpu sgd_step"
+    mod = _native()
+    _no_stochastic_rounding(what, stochastic_rounding)
+    lrs, mus = _trial_values(what, "lr", lr), _trial_values(what, "momentum", momentum)
+    if lrs is not None and mus is not None and len(lrs) != len(mus):
+        raise ValueError(f"{what}: lr has {len(lrs)} values but momentum has {len(mus)}")
+    lr_f = 0.0 if lrs is not None else _host_scalar(what, "lr", lr, 0.0)
+    mu_f = 0.0 if mus is not None else _host_scalar(what, "momentum", momentum, 0.0)
+    scale = _host_scalar(what, "grad_scale", grad_scale, 1.0)
+    table = _sgd_table(what, params, grads, bufs, first_step)
+    hparams = None
+    if lrs is not None or mus is not None:
+        trials = len(lrs if lrs is not None else mus)
+        table, hparams = _expand_trials(what, table, params, trials, lrs or [lr_f] * trials,
+                                        mus or [mu_f] * trials, ptr_fields=(0, 1, 2), dtype_fields=(4, 4, 5))
+    if _skipped(what, found_inf):
+        return
+    mod.cpu_sgd_step(table.ctypes.data, table.shape[0], 0 if hparams is None else hparams.ctypes.data,
+                     lr_f, mu_f, float(dampening), float(weight_decay), scale, bool(maximize), bool(nesterov),
+                     bool(lr_in_momentum), _threads())
+
+
+@torch.no_grad()
+def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
+              lr: Scalar, momentum: Scalar = 0.9, dampening: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8,
+              trust_clip: bool = False, always_adapt: bool = False, lr_in_momentum: bool = False,
+              first_step: Union[bool, Sequence[bool]] = False,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+              stochastic_rounding: bool = False) -> None:
+    """timm's Lars rule (see ``reference.lars_step``): per-tensor norms and
+    the momentum update in one native call (two passes over memory when
+    adapting, one otherwise)."""
+    what = "fastsgd cpu lars_step"
+    mod = _native()
+    _no_stochastic_rounding(what, stochastic_rounding)
+    if _trial_values(what, "lr", lr) is not None or _trial_values(what, "momentum", momentum) is not None:
+        raise ValueError(f"{what}: stacked trials (1-D lr/momentum) are supported by sgd_step only")
+    lr_f = _host_scalar(what, "lr", lr, 0.0)
+    mu_f = _host_scalar(what, "momentum", momentum, 0.0)
+    scale = _host_scalar(what, "grad_scale", grad_scale, 1.0)
+    table = _sgd_table(what, params, grads, bufs, first_step)
+    if _skipped(what, found_inf):
+        return
+    mod.cpu_lars_step(table.ctypes.data, table.shape[0], lr_f, mu_f, float(dampening), float(weight_decay), scale,
+                      bool(nesterov), float(trust_coeff), float(eps), bool(trust_clip), bool(always_adapt),
+                      bool(lr_in_momentum), _threads())
+
+
+# ---- LAMB ----------------------------------------------------------------------
+@torch.no_grad()
+def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+              exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
+              lr: Scalar, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+              weight_decay: float = 0.01, bias_correction: bool = True, trust_clip: bool = False,
+              always_adapt: bool = False, clip_divisor: Optional[Scalar] = None,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """LAMB as timm computes it (see ``reference.lamb_step``) in one native
+    call: moments and norms in pass 1, the trust-ratio update in pass 2.
+    ``steps[i]`` (0-dim float32/float64 CPU tensor) is incremented."""
+    what = "fastsgd cpu lamb_step"
+    mod = _native()
+    if isinstance(lr, Tensor) and lr.ndim == 1:
+        raise ValueError(f"{what}: stacked trials (1-D lr) are supported by sgd_step only")
+    lr_f = _host_scalar(what, "lr", lr, 0.0)
+    divisor = _host_scalar(what, "grad_scale", grad_scale, 1.0) * _host_scalar(what, "clip_divisor",
+                                                                               clip_divisor, 1.0)
+    n = len(params)
+    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
+        _check_length(what, name, ts, n)
+    _check_cpu(what, "params", params)
+    sizes = list(map(_size, params))
+    p_codes = _dtype_codes(what, "params", params)
+    _check_like_params(what, "grads", grads, sizes, p_codes)
+    m_codes = _check_like_params(what, "exp_avgs", exp_avgs, sizes)
+    v_codes = _check_like_params(what, "exp_avg_sqs", exp_avg_sqs, sizes)
+    if m_codes != v_codes:
+        i = _first_bad([a == b for a, b in zip(m_codes, v_codes)])
+        raise ValueError(f"{what}: exp_avgs[{i}] is {exp_avgs[i].dtype} but exp_avg_sqs[{i}] is "
+                         f"{exp_avg_sqs[i].dtype}; both moments must share a dtype")
+    _check_cpu(what, "steps", steps)
+    for i, s in enumerate(steps):
+        if s.numel() != 1 or s.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{what}: steps[{i}] must be a 1-element float32/float64 tensor, got shape "
+                             f"{tuple(s.shape)} {s.dtype}")
+    _check_layouts(what, params, [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)])
+    table = np.empty((n, len(_LAMB_FIELDS)), dtype=np.int64)
+    table[:, 0] = list(map(_data_ptr, params))
+    table[:, 1] = list(map(_data_ptr, grads))
+    table[:, 2] = list(map(_data_ptr, exp_avgs))
+    table[:, 3] = list(map(_data_ptr, exp_avg_sqs))
+    table[:, 4] = list(map(_data_ptr, steps))
+    table[:, 5] = [s.numel() for s in sizes]
+    table[:, 6] = p_codes
+    table[:, 7] = m_codes
+    table[:, 8] = [_codes[s.dtype] for s in steps]
+    if _skipped(what, found_inf):
+        return
+    mod.cpu_lamb_step(table.ctypes.data, n, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay),
+                      bool(bias_correction), bool(trust_clip), bool(always_adapt), divisor, _threads())
