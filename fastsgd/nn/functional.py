@@ -89,26 +89,33 @@ def as_ncl(x: Tensor) -> Tensor:
 
 class GhostBatchNormFunction(torch.autograd.Function):
     """y = ghost_bn(x3); also returns the per-group mean and biased variance
-    (G, C) for the running statistics (not differentiable)."""
+    (G, C) for the running statistics (not differentiable).
+
+    Every backend module provides
+      forward(x3, weight, bias, g, eps) -> (y3, mean, var)
+      backward(dy3, x3, weight, mean, var, g, eps, needs_dx) -> (dx3 | None, sum_dy, sum_dy_xhat)
+    with x3 an (N, C, L) view, statistics (G, C) in float32 (float64 input: float64).
+    """
 
     @staticmethod
     def forward(ctx, x3: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], g: int, eps: float, impl):
-        y3, mean, var, rstd = impl.forward(x3, weight, bias, g, eps)
-        ctx.save_for_backward(x3, weight, mean, rstd)
-        ctx.g, ctx.impl = g, impl
+        y3, mean, var = impl.forward(x3, weight, bias, g, eps)
+        ctx.save_for_backward(x3, weight, mean, var)
+        ctx.g, ctx.eps, ctx.impl = g, eps, impl
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mean, var)
         return y3, mean, var
 
     @staticmethod
     def backward(ctx, dy3: Tensor, _dmean, _dvar):
-        x3, weight, mean, rstd = ctx.saved_tensors
+        x3, weight, mean, var = ctx.saved_tensors
         if dy3.stride() != x3.stride():
-            dy3 = torch.empty_like(x3).copy_(dy3)  # same layout as x, dense
-        dx3, sum_dy, sum_dy_xhat = ctx.impl.backward(dy3, x3, weight, mean, rstd, ctx.g, ctx.needs_input_grad[0])
-        dweight = sum_dy_xhat.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = sum_dy.sum(0).to(dx3.dtype if weight is None else weight.dtype) \
-            if ctx.has_bias and ctx.needs_input_grad[2] else None
+            dy3 = torch.empty_like(x3).copy_(dy3)  # same dense layout as x
+        dx3, sum_dy, sum_dy_xhat = ctx.impl.backward(dy3, x3, weight, mean, var, ctx.g, ctx.eps,
+                                                     ctx.needs_input_grad[0])
+        param_dtype = x3.dtype if weight is None else weight.dtype
+        dweight = sum_dy_xhat.sum(0).to(param_dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = sum_dy.sum(0).to(param_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx3, dweight, dbias, None, None, None
 
 
@@ -167,8 +174,7 @@ def ghost_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var:
 def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
                           g: int, spatial: int, momentum: float) -> None:
     with torch.no_grad():
-        counts = torch.tensor([seg[3] * spatial for seg in ghost_bn_torch.segments(n, g) for _ in range(seg[2])],
-                              dtype=var.dtype, device=var.device)[:, None]
+        counts = ghost_bn_torch.group_counts(n, g, spatial, var.dtype, var.device)
         new_mean = mean.mean(0)
         new_var = (var * counts / (counts - 1)).mean(0)
         running_mean.copy_(momentum * new_mean + (1 - momentum) * running_mean)

@@ -2,32 +2,39 @@
 on any device without Triton).
 
 The input arrives as an (N, C, L) view (L = product of the spatial sizes, 1
-for (N, C) input) of a tensor that is contiguous or channels-last. Full ghost
-batches are viewed as (G, g, C, L) and reduced over dims (1, 3) in one op per
-statistic, so there is no Python loop over ghost batches; a smaller last
-batch is a second "segment" of the same ops (at most two segments).
+for (N, C) input) whose rows are dense either along L ("rows" layout: NCHW)
+or along C ("channels" layout: channels_last, and every (N, C) input).
+There is no Python loop over ghost batches: every pass reduces or rewrites the
+whole tensor with per-(sample, channel) coefficients, and ghost batches only
+appear in the tiny (N, C) -> (G, C) sums and the (G, C) -> (N, C) tiling.
 
-Memory passes (a pass = one read of an N*C*L tensor):
-  forward:  sum(x), sum(x^2) [vector_norm, no temporary], y = x*scale + shift
-  backward: sum(dy), sum(dy*x) [one temporary], dx = a*dy + b*x + d [two ops]
-nn.BatchNorm's CPU kernel makes about the same number of passes, which is why
-this stays within a small factor of it (see bench/ghost_bn.py).
+The "rows" layout borrows nn.BatchNorm's own CPU kernels by viewing x as
+(1, N*C, L), one "channel" per (sample, channel) row: eval-mode batch_norm is
+the fused normalise + affine (per-row mean, var, weight, bias), and eval-mode
+native_batch_norm_backward returns per-row sum(dy) and sum(dy * xhat) in one
+pass. The "channels" layout uses plain broadcasting ops.
+
+Passes over an N*C*L tensor (reads; writes count as passes too):
+  forward:  sum(x), sum(x^2), y = (x - mean)*rstd*w + b
+  backward: sum(dy), sum(dy*xhat), dx = a*dy + xhat*b' + d'
+about as many as nn.BatchNorm's own CPU kernel makes (bench/ghost_bn.py).
 
 Statistics are accumulated in float32 (float64 for float64 input) as a sum and
 a sum of squares. var = E[x^2] - E[x]^2 loses digits when |mean| >> std, so
-groups where the one-pass variance is below ``_CANCELLATION * mean^2`` are
-recomputed with the two-pass formula sum((x - mean)^2) (rare for activations;
-it costs one extra pass only when it triggers).
+when any group's one-pass variance is below ``_CANCELLATION * mean^2`` the
+variance is recomputed with the two-pass formula sum((x - mean)^2): one more
+pass, only when it triggers (rare for activations).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-# One-pass variance keeps about -log10(eps32) - log10(mean^2/var) digits;
-# below var = 1e-3 * mean^2 that is fewer than ~4, so recompute.
+# The one-pass variance keeps about 7 - log10(mean^2/var) digits in float32;
+# below var = 1e-3 * mean^2 that is fewer than 4, so recompute.
 _CANCELLATION = 1e-3
 
 
@@ -35,108 +42,139 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def segments(n: int, g: int) -> List[Tuple[int, int, int, int]]:
-    """(start, stop, number of groups, group size) for the full ghost batches
-    and, when g does not divide n, the smaller last one."""
-    full = n // g
-    out = []
-    if full:
-        out.append((0, full * g, full, g))
-    if n - full * g:
-        out.append((full * g, n, 1, n - full * g))
-    return out
+def _rows_layout(x3: Tensor) -> bool:
+    """True for NCHW-like (N, C, L) views with L > 1 contiguous."""
+    return x3.shape[2] > 1 and x3.stride(2) == 1
 
 
-def _grouped(t3: Tensor, seg: Tuple[int, int, int, int]) -> Tensor:
-    start, stop, groups, size = seg
-    return t3[start:stop].view(groups, size, t3.shape[1], t3.shape[2])
+def group_sum(per_sample: Tensor, g: int) -> Tensor:
+    """(N, ...) -> (G, ...): sums over ghost batches [k*g, (k+1)*g)."""
+    n = per_sample.shape[0]
+    full = n // g * g
+    parts = [per_sample[:full].view(n // g, g, *per_sample.shape[1:]).sum(1)]
+    if full < n:
+        parts.append(per_sample[full:].sum(0, keepdim=True))
+    return torch.cat(parts)
+
+
+def group_counts(n: int, g: int, spatial: int, dtype: torch.dtype, device) -> Tensor:
+    """(G, 1): values per channel in each ghost batch."""
+    sizes = torch.full(((n + g - 1) // g,), g, dtype=dtype, device=device)
+    sizes[-1] = n - (sizes.shape[0] - 1) * g
+    return (sizes * spatial)[:, None]
+
+
+def _per_sample(t: Tensor, n: int, g: int) -> Tensor:
+    """(G, C) -> (N, C): each sample gets its ghost batch's row."""
+    return t.repeat_interleave(g, dim=0)[:n]
+
+
+def _sum_over_l(t3: Tensor, acc: torch.dtype, square: bool = False, other: Optional[Tensor] = None,
+                scratch: Optional[Tensor] = None) -> Tensor:
+    """(N, C): sum over L of t3, of t3^2 (square) or of t3*other, in dtype
+    acc. Products are written to ``scratch`` (an output buffer about to be
+    overwritten) when given: on CPU a fresh N*C*L temporary costs a
+    page-faulting allocation as slow as the pass itself."""
+    if not square and other is None:
+        return t3.sum(2, dtype=acc)
+    if square and _rows_layout(t3) and t3.dtype == acc:  # inner reduction: a norm needs no temporary
+        return torch.linalg.vector_norm(t3, dim=2).square()
+    other = t3 if square else other
+    if t3.dtype != acc:  # bf16/fp16: products in float32
+        return (t3.to(acc) * other.to(acc)).sum(2)
+    return torch.mul(t3, other, out=scratch).sum(2) if scratch is not None else (t3 * other).sum(2)
 
 
 def forward(x3: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], g: int,
-            eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y (N, C, L) in x's dtype and layout; per-group mean, biased var and
-    1/sqrt(var + eps), each (G, C) in the accumulation dtype."""
+            eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """y (N, C, L) in x's dtype and layout, per-group mean and biased variance
+    (G, C) in the accumulation dtype."""
     n, c, l = x3.shape
     acc = _acc_dtype(x3.dtype)
-    means, variances = [], []
-    for seg in segments(n, g):
-        xs = _grouped(x3, seg)
-        count = seg[3] * l
-        mean = xs.sum((1, 3), dtype=acc) / count
-        if xs.dtype == acc:
-            sumsq = torch.linalg.vector_norm(xs, dim=(1, 3)).square()
-        else:  # bf16/fp16: upcast on the fly through a temporary
-            sumsq = xs.to(acc).square().sum((1, 3))
-        var = (sumsq / count - mean.square()).clamp_(min=0)
-        if bool((var < _CANCELLATION * mean.square()).any()):
-            var = (xs.to(acc) - mean[:, None, :, None]).square().sum((1, 3)) / count
-        means.append(mean)
-        variances.append(var)
-    mean = torch.cat(means)
-    var = torch.cat(variances)
-    rstd = (var + eps).rsqrt()
-    scale = rstd if weight is None else rstd * weight.to(acc)
+    counts = group_counts(n, g, l, acc, x3.device)
+    y3 = None if _rows_layout(x3) else torch.empty_like(x3)
+    mean = group_sum(_sum_over_l(x3, acc), g) / counts
+    var = (group_sum(_sum_over_l(x3, acc, square=True, scratch=y3), g) / counts - mean.square()).clamp_(min=0)
+    if bool((var < _CANCELLATION * mean.square()).any()):
+        centred = x3.to(acc) - _per_sample(mean, n, g)[:, :, None]
+        var = group_sum(centred.square().sum(2), g) / counts
+    return _normalize(x3, mean, var, weight, bias, eps, g, out=y3), mean, var
+
+
+def _normalize(x3: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float, g: int, out: Optional[Tensor] = None, dy3: Optional[Tensor] = None,
+               dy_scale: Optional[Tensor] = None) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias (+ dy_scale * dy) with
+    per-group (G, C) mean, var, dy_scale and (C,) or (G, C) weight and bias;
+    result in x's dtype and layout (in ``out`` when given, channels layout),
+    float32 arithmetic for bf16/fp16 input."""
+    n, c, l = x3.shape
+    acc = mean.dtype
+
+    def per_sample(t: Optional[Tensor]) -> Optional[Tensor]:
+        if t is None:
+            return None
+        t = t.to(acc)
+        return t.expand(n, c) if t.dim() == 1 else _per_sample(t, n, g)
+
+    if _rows_layout(x3):
+        def rows(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else per_sample(t).reshape(n * c)
+        result = F.batch_norm(x3.reshape(1, n * c, l), rows(mean), rows(var), rows(weight), rows(bias),
+                              False, 0.0, eps).view(n, c, l)
+        if dy3 is not None:
+            result.addcmul_(dy3, per_sample(dy_scale)[:, :, None].to(result.dtype))
+        return result
+    scale = (var + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.to(acc)
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias.to(acc)
-    y3 = torch.empty_like(x3)
-    g0 = 0
-    for seg in segments(n, g):
-        sl = slice(g0, g0 + seg[2])
-        _axpb(_grouped(x3, seg), scale[sl, None, :, None], shift[sl, None, :, None], out=_grouped(y3, seg))
-        g0 += seg[2]
-    return y3, mean, var, rstd
-
-
-def _axpb(x: Tensor, a: Tensor, b: Tensor, out: Tensor, dy: Optional[Tensor] = None,
-          dy_scale: Optional[Tensor] = None) -> None:
-    """out = a*x + b (+ dy_scale*dy), computed in a's dtype: in place for
-    float32/64, through float32 temporaries for bf16/fp16 input, whose own
-    precision would not survive the cancellation in a*x + b."""
-    if x.dtype == a.dtype:
-        torch.addcmul(b, x, a, out=out)
-        if dy is not None:
-            out.addcmul_(dy, dy_scale)
-    else:
-        t = torch.addcmul(b, x.to(a.dtype), a)
-        if dy is not None:
-            t.addcmul_(dy.to(a.dtype), dy_scale)
+    scale, shift = per_sample(scale)[:, :, None], per_sample(shift)[:, :, None]
+    out = torch.empty_like(x3) if out is None else out
+    if x3.dtype == acc:
+        torch.addcmul(shift, x3, scale, out=out)
+        if dy3 is not None:
+            out.addcmul_(dy3, per_sample(dy_scale)[:, :, None])
+    else:  # bf16/fp16: a*x + b cancels, so compute it in float32
+        t = torch.addcmul(shift, x3.to(acc), scale)
+        if dy3 is not None:
+            t.addcmul_(dy3.to(acc), per_sample(dy_scale)[:, :, None])
         out.copy_(t)
+    return out
 
 
-def backward(dy3: Tensor, x3: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, g: int,
+def backward(dy3: Tensor, x3: Tensor, weight: Optional[Tensor], mean: Tensor, var: Tensor, g: int, eps: float,
              needs_input_grad: bool) -> Tuple[Optional[Tensor], Tensor, Tensor]:
-    """dx (or None), and the per-group sums of dy and dy*xhat, (G, C) each
-    (dweight and dbias are their sums over groups).
+    """dx (or None, when not needed), and the per-group sums of dy and
+    dy*xhat, (G, C) each (dweight and dbias are their sums over groups).
 
-    Per group, with m values per channel and a = weight*rstd:
+    Per ghost batch, with m values per channel and a = weight*rstd:
       dx = a * (dy - sum(dy)/m - xhat * sum(dy*xhat)/m)
-         = a*dy + b*x + d,  b = -a*rstd*sum(dy*xhat)/m,  d = -a*sum(dy)/m - b*mean
+    computed as one normalisation of x (weight -a*sum(dy*xhat)/m, bias
+    -a*sum(dy)/m) plus a*dy.
     """
-    n, c, l = dy3.shape
+    n, c, l = x3.shape
     acc = mean.dtype
-    sum_dy, sum_dy_x = [], []
-    for seg in segments(n, g):
-        dys, xs = _grouped(dy3, seg), _grouped(x3, seg)
-        sum_dy.append(dys.sum((1, 3), dtype=acc))
-        prod = dys * xs if dys.dtype == acc else dys.to(acc) * xs.to(acc)
-        sum_dy_x.append(prod.sum((1, 3)))
-    sdy = torch.cat(sum_dy)
-    # sum(dy * (x - mean)) = sum(dy*x) - mean*sum(dy): no cancellation worse
-    # than |mean|/std, unlike the variance.
-    sdy_xhat = (torch.cat(sum_dy_x) - mean * sdy) * rstd
+    rstd = (var + eps).rsqrt()
+    dx3 = None
+    if _rows_layout(x3):
+        _, dw_rows, db_rows = torch.ops.aten.native_batch_norm_backward(
+            dy3.reshape(1, n * c, l), x3.reshape(1, n * c, l), None, _per_sample(mean, n, g).reshape(n * c),
+            _per_sample(var, n, g).reshape(n * c), None, None, False, eps, [False, True, True])
+        sum_dy_xhat = group_sum(dw_rows.view(n, c), g)
+        sum_dy = group_sum(db_rows.view(n, c), g)
+    else:
+        dx3 = torch.empty_like(x3) if needs_input_grad else None  # scratch for dy*x first
+        sum_dy = group_sum(_sum_over_l(dy3, acc), g)
+        # sum(dy*(x - mean)) = sum(dy*x) - mean*sum(dy): the error grows like
+        # |mean|/std only, not its square as in the variance.
+        sum_dy_xhat = (group_sum(_sum_over_l(dy3, acc, other=x3, scratch=dx3), g) - mean * sum_dy) * rstd
     if not needs_input_grad:
-        return None, sdy, sdy_xhat
-    counts = torch.tensor([seg[3] * l for seg in segments(n, g) for _ in range(seg[2])], dtype=acc,
-                          device=mean.device)[:, None]
+        return None, sum_dy, sum_dy_xhat
+    counts = group_counts(n, g, l, acc, x3.device)
     a = rstd if weight is None else rstd * weight.to(acc)
-    b = -a * rstd * sdy_xhat / counts
-    d = -a * sdy / counts - b * mean
-    dx3 = torch.empty_like(x3)
-    g0 = 0
-    for seg in segments(n, g):
-        sl = slice(g0, g0 + seg[2])
-        _axpb(_grouped(x3, seg), b[sl, None, :, None], d[sl, None, :, None], out=_grouped(dx3, seg),
-              dy=_grouped(dy3, seg), dy_scale=a[sl, None, :, None])
-        g0 += seg[2]
-    return dx3, sdy, sdy_xhat
+    dx3 = _normalize(x3, mean, var, -a * sum_dy_xhat / counts, -a * sum_dy / counts, eps, g, out=dx3, dy3=dy3,
+                     dy_scale=a)
+    return dx3, sum_dy, sum_dy_xhat
