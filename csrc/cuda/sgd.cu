@@ -1,0 +1,101 @@
+// SGD / momentum / Nesterov (torch.optim.SGD semantics, or the lr-inside-
+// momentum form) over every tensor of the table in ONE launch. LARS reuses
+// this kernel for its final update with a per-tensor trust ratio.
+//
+// Per element, in acc_t (fp32, or fp64 for fp64 params):
+//   g = grad / grad_scale, negated if maximize;  g += wd * p
+//   g *= ratio[t]                                  (LARS only)
+//   s = lr * g if lr_in_momentum else g
+//   b = s on the tensor's first step, else mu * b + (1 - dampening) * s
+//   d = s + mu * b if nesterov else b
+//   p -= d if lr_in_momentum else lr * d          (no buffer: p -= lr * g)
+// Memory traffic per element: read p, g (+ b), write p (+ b); nothing else.
+#include "cuda/common.cuh"
+
+namespace fastsgd {
+namespace cuda {
+namespace {
+
+template <class K>
+__device__ __forceinline__ void sgd_chunk(const SgdArgs& a, const Entry& e, int64_t t, int64_t begin, int64_t end) {
+  using P = typename K::param_t;
+  using S = typename K::state_t;
+  using A = typename K::acc_t;
+  P* __restrict__ param = reinterpret_cast<P*>(e.ptr[0]);
+  const P* __restrict__ grad = reinterpret_cast<const P*>(e.ptr[1]);
+  S* __restrict__ buf = reinterpret_cast<S*>(e.ptr[2]);
+
+  // Scalars read once per thread; per-row (stacked trials) ones per element.
+  const A lr0 = read_scalar<A>(a.lr);
+  const A mu0 = read_scalar<A>(a.momentum);
+  const A inv_scale = A(1) / read_scalar<A>(a.grad_scale);
+  const A ratio = a.ratio ? static_cast<A>(a.ratio[t]) : A(1);
+  const A wd = static_cast<A>(a.weight_decay);
+  const A one_minus_damp = static_cast<A>(1.0 - a.dampening);
+  const bool first = e.first_step;
+  const bool sr = a.stochastic_rounding && std::is_same<S, __nv_bfloat16>::value;
+
+  walk_chunk<K::kVec>(begin, end, e.vectorised, [&](auto width, int64_t i) {
+    constexpr int W = decltype(width)::value;
+    A p[W], g[W], b[W];
+    load_n<W>(param, i, p);
+    load_n<W>(grad, i, g);
+    if (a.has_buf && !first) load_n<W>(buf, i, b);
+    P p_out[W];
+    S b_out[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const int64_t idx = i + k;
+      const A lr = scalar_at<A>(a.lr, lr0, idx, e.row_len);
+      A gk = g[k] * inv_scale;  // multiply by 1/scale: the scale is a power of two in AMP
+      if (a.maximize) gk = -gk;
+      if (wd != A(0)) gk += wd * p[k];
+      gk *= ratio;
+      A pk;
+      if (a.has_buf) {
+        const A mu = scalar_at<A>(a.momentum, mu0, idx, e.row_len);
+        const A s = a.lr_in_momentum ? lr * gk : gk;
+        const A bk = first ? s : mu * b[k] + one_minus_damp * s;
+        if constexpr (std::is_same<S, __nv_bfloat16>::value) {
+          if (sr) {
+            const uint64_t h = mix64(a.seed ^ mix64((static_cast<uint64_t>(t) << 40) ^ static_cast<uint64_t>(idx)) ^
+                                     static_cast<uint64_t>(__float_as_uint(static_cast<float>(g[k]))));
+            b_out[k] = bf16_stochastic(static_cast<float>(bk), static_cast<uint32_t>(h));
+          } else {
+            b_out[k] = narrow<S>(bk);
+          }
+        } else {
+          b_out[k] = narrow<S>(bk);
+        }
+        const A d = a.nesterov ? s + mu * bk : bk;
+        pk = a.lr_in_momentum ? p[k] - d : p[k] - lr * d;
+      } else {
+        pk = p[k] - lr * gk;
+      }
+      p_out[k] = narrow<P>(pk);
+    }
+    store_n<W>(param, i, p_out);
+    if (a.has_buf) store_n<W>(buf, i, b_out);
+  });
+}
+
+__global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs a) {
+  if (step_skipped(a.found_inf)) return;  // AMP skipped the step: write nothing
+  int64_t t, chunk;
+  load_block(a.table, t, chunk);
+  const Entry e = load_entry(a.table.table, t);
+  const int64_t begin = chunk * a.table.chunk_size;
+  const int64_t end = begin + a.table.chunk_size < e.numel ? begin + a.table.chunk_size : e.numel;
+  dispatch_kind(e.kind, [&](auto kind) { sgd_chunk<decltype(kind)>(a, e, t, begin, end); });
+}
+
+}  // namespace
+
+void launch_sgd(const SgdArgs& args, uintptr_t stream, const char* op) {
+  if (args.table.n_blocks == 0) return;  // only empty tensors: nothing to do
+  sgd_kernel<<<static_cast<unsigned>(args.table.n_blocks), kThreads, 0, as_stream(stream)>>>(args);
+  check_launch(op, "sgd_kernel");
+}
+
+}  // namespace cuda
+}  // namespace fastsgd

@@ -1,0 +1,406 @@
+"""CUDA C++ kernels (fastsgd._C, csrc/cuda/): SGD family, LARS, LAMB.
+
+Same functions and signatures as fastsgd/kernels/reference.py. How a call
+runs:
+
+1. Check the tensors (one CUDA device, supported dtype combinations, dense
+   layouts shared by each param and its grad/state) -- everything the native
+   code cannot check, since it only sees raw addresses.
+2. Look up the *tensor table* for this exact set of tensors (keyed on data
+   pointers, sizes, dtypes and first-step flags) or build it once: per tensor
+   its pointers, numel, stacked-trial row length, dtype kind and whether all
+   its pointers are 16-byte aligned (then the kernel uses 16-byte vector
+   loads); then one (tensor, chunk) entry per CUDA block. The table is copied
+   to the device once and reused while the set is unchanged, so a step over
+   any number of tensors is ONE launch (SGD family) or at most three
+   (LARS/LAMB: per-block norm partials, per-tensor reduction, update).
+3. Call fastsgd._C.cuda_*_step with the table address, hyperparameters as
+   (value, device_ptr, dtype_code, per_row) tuples, the current stream.
+
+lr, grad_scale, found_inf (and LAMB's clip_divisor and step counters) are
+read on the device, so a step never synchronises with the host and can be
+captured in a CUDA graph. A table built during capture (e.g. gradients in the
+graph's memory pool) is copied by a captured host-to-device copy; its host
+buffer and scratch are then kept for the life of the process so that replays
+read valid memory.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fastsgd._native import native, native_error
+
+Scalar = Union[float, Tensor]
+
+NAME = "cuda"
+STRIDED = False  # walks each tensor as flat memory: dense layouts only
+
+# Elements per CUDA block (a multiple of every vector width, 8). 16K elements
+# keep each block busy for a few dozen 16-byte loads per thread while leaving
+# thousands of blocks for large models.
+CHUNK_SIZE = 16384
+_ALIGN = 16  # bytes: vector loads need every pointer of a tensor 16-byte aligned
+
+# Must match csrc/cuda/ops.h (ScalarDType) and common.cuh (dispatch_kind).
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_KINDS = {
+    (torch.float32, torch.float32): 0,
+    (torch.float32, torch.bfloat16): 1,
+    (torch.float32, torch.float16): 2,
+    (torch.float16, torch.float16): 3,
+    (torch.float16, torch.float32): 4,
+    (torch.bfloat16, torch.bfloat16): 5,
+    (torch.bfloat16, torch.float32): 6,
+    (torch.float64, torch.float64): 7,
+}
+_ENTRY_WORDS = 8
+
+_CACHE_SIZE = 32
+_cache: "OrderedDict[tuple, _Table]" = OrderedDict()
+_seed_counter = itertools.count()
+
+
+# ---- availability -------------------------------------------------------------
+def unavailable_reason() -> Optional[str]:
+    mod = native()
+    if mod is None:
+        return native_error()
+    if not getattr(mod, "has_cuda", False):
+        return ("fastsgd._C was built without its CUDA kernels (no nvcc was found when it was built, or "
+                "FASTSGD_WITH_CUDA=OFF); install the CUDA toolkit and reinstall with `pip install .`")
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA device: torch.cuda.is_available() is False"
+    if mod.cuda_device_count() == 0:
+        return (f"fastsgd._C's CUDA runtime {mod.cuda_runtime_version()} sees no device although torch does; "
+                "the NVIDIA driver is probably older than that runtime needs")
+    return None
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return torch.device(device).type == "cuda" and dtype in _DTYPE_CODES
+
+
+# ---- checks -----------------------------------------------------------------------
+def _is_dense(t: Tensor) -> bool:
+    if t.is_contiguous():
+        return True
+    if any(s <= 0 for s in t.stride()):
+        return False
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+    return t.numel() == 0 or span == t.numel()
+
+
+def _check(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
+           states: Sequence[Optional[Sequence[Tensor]]]) -> Tuple[torch.device, List[Tensor]]:
+    """Validates everything the kernels cannot; returns the device and the grads,
+    copied into their param's layout where it differs (grads are only read)."""
+    if len(grads) != len(params) or any(s is not None and len(s) != len(params) for s in states):
+        raise ValueError(f"fastsgd cuda {op}: params, grads and state lists must have the same length")
+    device = params[0].device
+    if device.type != "cuda":
+        raise TypeError(f"fastsgd cuda {op}: tensors must be on a CUDA device, got {device}")
+    out_grads = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        for what, t in (("param", p), ("grad", g)) + tuple((f"state{k}", s[i]) for k, s in enumerate(states)
+                                                          if s is not None):
+            if t.device != device:
+                raise RuntimeError(f"fastsgd cuda {op}: {what} {i} is on {t.device}, param 0 on {device}")
+            if t.shape != p.shape:
+                raise RuntimeError(f"fastsgd cuda {op}: {what} {i} has shape {tuple(t.shape)}, "
+                                   f"param has {tuple(p.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"fastsgd cuda {op}: grad {i} is {g.dtype} but its param is {p.dtype}")
+        if not _is_dense(p):
+            raise TypeError(f"fastsgd cuda {op}: param {i} (shape {tuple(p.shape)}, stride {p.stride()}) is not "
+                            "dense; use backend='reference' for strided views")
+        for k, s in enumerate(states):
+            if s is not None and s[i].stride() != p.stride():
+                raise RuntimeError(f"fastsgd cuda {op}: state{k} {i} has stride {s[i].stride()} but its param "
+                                   f"{p.stride()}; create state with torch.zeros_like(p)")
+        if g.stride() != p.stride() and p.numel() > 1:
+            g = torch.empty_like(p).copy_(g)
+        out_grads.append(g)
+    return device, out_grads
+
+
+def _kind(op: str, p: Tensor, state: Optional[Tensor]) -> int:
+    key = (p.dtype, state.dtype if state is not None else p.dtype)
+    kind = _KINDS.get(key)
+    if kind is None:
+        supported = ", ".join(f"{a}/{b}" for a, b in _KINDS)
+        raise TypeError(f"fastsgd cuda {op}: param dtype {key[0]} with state dtype {key[1]} is not supported "
+                        f"(param/state pairs: {supported})")
+    return kind
+
+
+def _scalar(op: str, name: str, x, device: torch.device, keep: list, *,
+            rows_ok: bool = False, default: float = 0.0) -> Tuple[float, int, int, bool]:
+    """(value, device_ptr, dtype_code, per_row) for the native call. Device
+    tensors are read by the kernel; 0-dim CPU tensors are read here (no sync).
+    None becomes the host value ``default``."""
+    if x is None:
+        return (float(default), 0, 0, False)
+    if not isinstance(x, Tensor):
+        return (float(x), 0, 0, False)
+    if x.device.type == "cpu" and x.ndim == 0:
+        return (float(x.item()), 0, 0, False)
+    if x.device != device:
+        raise RuntimeError(f"fastsgd cuda {op}: {name} is on {x.device}, the params on {device}")
+    if x.ndim > 1 or (x.ndim == 1 and not rows_ok):
+        raise ValueError(f"fastsgd cuda {op}: {name} must be a float or a 0-dim tensor"
+                         + (" (or 1-D, one entry per stacked trial)" if rows_ok else "") +
+                         f", got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPE_CODES or not x.is_contiguous():
+        x = x.to(torch.float32).contiguous()
+    keep.append(x)  # alive until the launch is queued
+    return (0.0, x.data_ptr(), _DTYPE_CODES[x.dtype], x.ndim == 1)
+
+
+def _row_lens(op: str, params: Sequence[Tensor], hps) -> List[int]:
+    """Elements per stacked-trial row of each param (1 when no hyperparameter is per-row)."""
+    trials = {int(h.shape[0]) for h in hps if isinstance(h, Tensor) and h.ndim == 1}
+    if not trials:
+        return [1] * len(params)
+    if len(trials) > 1:
+        raise ValueError(f"fastsgd cuda {op}: per-trial hyperparameters have different lengths {sorted(trials)}")
+    (n_trials,) = trials
+    out = []
+    for i, p in enumerate(params):
+        if p.ndim == 0 or p.shape[0] != n_trials:
+            raise ValueError(f"fastsgd cuda {op}: stacked trials need every param's first dimension to be "
+                             f"{n_trials}; param {i} has shape {tuple(p.shape)}")
+        out.append(max(1, p.numel() // n_trials))
+    return out
+
+
+# ---- the tensor table -----------------------------------------------------------------
+class _Table:
+    """The device-side tensor table of one set of tensors, plus the scratch
+    that LARS/LAMB need (allocated on first use)."""
+
+    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor", "captured")
+
+    def __init__(self, dev, host, n_tensors, n_blocks, chunk_size, captured):
+        self.dev, self.host = dev, host
+        self.n_tensors, self.n_blocks, self.chunk_size = n_tensors, n_blocks, chunk_size
+        self.partials: Optional[Tensor] = None
+        self.per_tensor: Optional[Tensor] = None
+        self.captured = captured
+
+    def scratch(self, device) -> Tuple[int, int]:
+        if self.partials is None:
+            self.partials = torch.empty(max(1, 2 * self.n_blocks), dtype=torch.float64, device=device)
+            self.per_tensor = torch.empty(max(1, 4 * self.n_tensors), dtype=torch.float64, device=device)
+        return self.partials.data_ptr(), self.per_tensor.data_ptr()
+
+
+def _ptrs(ts: Optional[Sequence[Tensor]], n: int) -> Tuple[int, ...]:
+    return tuple(t.data_ptr() for t in ts) if ts is not None else (0,) * n
+
+
+def build_host_table(ptr_cols: Sequence[Sequence[int]], numels: Sequence[int], kinds: Sequence[int],
+                     first: Sequence[bool], row_lens: Sequence[int],
+                     chunk_size: int = CHUNK_SIZE) -> Tuple[Tensor, int]:
+    """The tensor table as a CPU int64 tensor, and the number of CUDA blocks.
+
+    ``ptr_cols``: five columns of addresses (param, grad, state0, state1, step;
+    0 where absent). Layout (read by csrc/cuda/common.cuh): per tensor 8 words
+    -- the five pointers, numel, row_len, flags = first_block | kind << 32 |
+    first_step << 40 | vectorised << 41 -- then one word per block,
+    tensor << 32 | chunk. Blocks of a tensor are consecutive."""
+    n = len(numels)
+    chunks = [-(-m // chunk_size) for m in numels]
+    first_block = list(itertools.accumulate([0] + chunks[:-1]))[:n]
+    rows = []
+    for i in range(n):
+        ptrs = [int(c[i]) for c in ptr_cols]
+        # Absent (0) pointers count as aligned; the step pointer is never vector-loaded.
+        aligned = all(q % _ALIGN == 0 for q in ptrs[:4])
+        flags = first_block[i] | (kinds[i] << 32) | (int(bool(first[i])) << 40) | (int(aligned) << 41)
+        rows.append(ptrs + [int(numels[i]), int(row_lens[i]), flags])
+    words = torch.tensor(rows, dtype=torch.int64).reshape(-1) if n else torch.empty(0, dtype=torch.int64)
+    counts = torch.tensor(chunks, dtype=torch.int64)
+    n_blocks = int(counts.sum())
+    tensor_ids = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+    chunk_ids = torch.arange(n_blocks, dtype=torch.int64) - torch.tensor(first_block, dtype=torch.int64)[tensor_ids]
+    return torch.cat([words, (tensor_ids << 32) | chunk_ids]), n_blocks
+
+
+def _table(op: str, device: torch.device, params, grads, s0, s1, steps, first: Sequence[bool],
+           row_lens: Sequence[int]) -> _Table:
+    n = len(params)
+    cols = (_ptrs(params, n), _ptrs(grads, n), _ptrs(s0, n), _ptrs(s1, n), _ptrs(steps, n))
+    numels = tuple(p.numel() for p in params)
+    kinds = tuple(_kind(op, p, s0[i] if s0 is not None else None) for i, p in enumerate(params))
+    key = (device.index, CHUNK_SIZE) + cols + (numels, kinds, tuple(first), tuple(row_lens))
+    entry = _cache.get(key)
+    if entry is not None:
+        _cache.move_to_end(key)
+        return entry
+
+    host, n_blocks = build_host_table(cols, numels, kinds, first, row_lens, CHUNK_SIZE)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        host = host.pin_memory()  # pin_memory() is not allowed during capture
+    dev = torch.empty(host.shape, dtype=torch.int64, device=device)
+    # non_blocking: no host sync; during capture this records a copy node that
+    # rereads `host` at every replay, so `host` is kept with the table.
+    dev.copy_(host, non_blocking=True)
+    entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE, capturing)
+    _cache[key] = entry
+    while len(_cache) > _CACHE_SIZE:
+        old = next((k for k, v in _cache.items() if not v.captured), None)
+        if old is None:
+            break
+        del _cache[old]
+    return entry
+
+
+def clear_cache() -> None:
+    """Drops every cached tensor table (tables built during CUDA graph capture included)."""
+    _cache.clear()
+
+
+def _first_flags(first_step, n: int) -> List[bool]:
+    if isinstance(first_step, bool):
+        return [first_step] * n
+    flags = [bool(f) for f in first_step]
+    if len(flags) != n:
+        raise ValueError(f"first_step has {len(flags)} entries for {n} params")
+    return flags
+
+
+def _seed() -> int:
+    return hash((torch.initial_seed(), next(_seed_counter))) & ((1 << 63) - 1)
+
+
+def _launch(op: str, fn, params, states, **kw) -> None:
+    try:
+        fn(**kw)
+    except RuntimeError as exc:
+        pairs = sorted({f"{p.dtype}/{s[i].dtype}" if s is not None else str(p.dtype)
+                        for i, p in enumerate(params) for s in (states or [None])})
+        raise RuntimeError(f"{exc} [param/state dtypes: {', '.join(pairs)}]") from exc
+
+
+# ---- the ops ------------------------------------------------------------------------------
+@torch.no_grad()
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
+             lr: Scalar, momentum: Scalar = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+             nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
+             first_step: Union[bool, Sequence[bool]] = False,
+             grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+             stochastic_rounding: bool = False) -> None:
+    """torch.optim.SGD's update in one launch (see reference.sgd_step).
+    ``stochastic_rounding`` rounds bfloat16 momentum buffers stochastically
+    (other buffer dtypes round to nearest as always)."""
+    _sgd_like("sgd_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
+              weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, lr_in_momentum=lr_in_momentum,
+              first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+              stochastic_rounding=stochastic_rounding, lars=None)
+
+
+@torch.no_grad()
+def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
+              lr: Scalar, momentum: Scalar = 0.9, dampening: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False, trust_coeff: float = 0.001, eps: float = 1e-8,
+              trust_clip: bool = False, always_adapt: bool = False, lr_in_momentum: bool = False,
+              first_step: Union[bool, Sequence[bool]] = False,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+              stochastic_rounding: bool = False) -> None:
+    """timm's Lars rule in at most three launches (see reference.lars_step)."""
+    _sgd_like("lars_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
+              weight_decay=weight_decay, nesterov=nesterov, maximize=False, lr_in_momentum=lr_in_momentum,
+              first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
+              stochastic_rounding=stochastic_rounding,
+              lars=dict(trust_coeff=float(trust_coeff), eps=float(eps), trust_clip=bool(trust_clip),
+                        adapt=bool(weight_decay != 0 or always_adapt)))
+
+
+def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+              lr_in_momentum, first_step, grad_scale, found_inf, stochastic_rounding, lars) -> None:
+    params, grads = list(params), list(grads)
+    if not params:
+        return
+    if bufs is not None:
+        bufs = list(bufs)
+        if any(b is None for b in bufs):
+            raise ValueError(f"fastsgd cuda {op}: bufs must be all tensors or None (got a None entry)")
+    device, grads = _check(op, params, grads, [bufs])
+    keep: list = []
+    lr_t = _scalar(op, "lr", lr, device, keep, rows_ok=True)
+    mom_t = _scalar(op, "momentum", momentum, device, keep, rows_ok=True)
+    if lars is not None and lars["trust_clip"] and lr_t[3]:
+        raise NotImplementedError("fastsgd cuda lars_step: trust_clip with a per-trial (1-D) lr is not supported "
+                                  "(the trust ratio is per tensor); use backend='reference'")
+    rows = _row_lens(op, params, (lr, momentum))
+    flags = _first_flags(first_step, len(params))
+    table = _table(op, device, params, grads, bufs, None, None, flags, rows)
+    common = dict(table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
+                  chunk_size=table.chunk_size, lr=lr_t, momentum=mom_t, dampening=float(dampening),
+                  weight_decay=float(weight_decay), nesterov=bool(nesterov), lr_in_momentum=bool(lr_in_momentum),
+                  has_buf=bufs is not None,
+                  grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
+                  found_inf=_scalar(op, "found_inf", found_inf, device, keep),
+                  stochastic_rounding=bool(stochastic_rounding), seed=_seed() if stochastic_rounding else 0,
+                  stream=torch.cuda.current_stream(device).cuda_stream, device=device.index)
+    if common["found_inf"][1] == 0 and common["found_inf"][0] != 0:  # found_inf was a CPU tensor, set
+        return
+    if common["found_inf"][1] == 0:
+        common["found_inf"] = (0.0, 0, 0, False)
+    mod = native()
+    states = [bufs] if bufs is not None else None
+    if lars is None:
+        _launch(op, mod.cuda_sgd_step, params, states, maximize=bool(maximize), **common)
+    else:
+        partials, ratio = table.scratch(device)
+        _launch(op, mod.cuda_lars_step, params, states, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
+                trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
+
+
+@torch.no_grad()
+def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+              exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
+              lr: Scalar, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+              weight_decay: float = 0.01, bias_correction: bool = True, trust_clip: bool = False,
+              always_adapt: bool = False, clip_divisor: Optional[Scalar] = None,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """LAMB (timm's rule) in at most three launches (see reference.lamb_step).
+    ``steps`` are 0-dim float32 tensors on the params' device, incremented on the device."""
+    op = "lamb_step"
+    params, grads, exp_avgs, exp_avg_sqs, steps = map(list, (params, grads, exp_avgs, exp_avg_sqs, steps))
+    if not params:
+        return
+    device, grads = _check(op, params, grads, [exp_avgs, exp_avg_sqs])
+    if len(steps) != len(params):
+        raise ValueError(f"fastsgd cuda {op}: {len(steps)} step tensors for {len(params)} params")
+    for i, (m, v, s) in enumerate(zip(exp_avgs, exp_avg_sqs, steps)):
+        if v.dtype != m.dtype:
+            raise TypeError(f"fastsgd cuda {op}: exp_avg {i} is {m.dtype} but exp_avg_sq {i} is {v.dtype}")
+        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
+            raise TypeError(f"fastsgd cuda {op}: step {i} must be a one-element float32 tensor on {device}, "
+                            f"got {s.dtype} shape {tuple(s.shape)} on {s.device}")
+    keep: list = []
+    lr_t = _scalar(op, "lr", lr, device, keep, rows_ok=True)
+    clip_t = _scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0)
+    found = _scalar(op, "found_inf", found_inf, device, keep)
+    if found[1] == 0 and found[0] != 0:  # a set CPU found_inf: skipped step
+        return
+    rows = _row_lens(op, params, (lr, clip_divisor))
+    table = _table(op, device, params, grads, exp_avgs, exp_avg_sqs, steps, [False] * len(params), rows)
+    partials, per_tensor = table.scratch(device)
+    _launch(op, native().cuda_lamb_step, params, [exp_avgs],
+            table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
+            chunk_size=table.chunk_size, lr=lr_t, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+            weight_decay=float(weight_decay), bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
+            adapt=bool(weight_decay != 0 or always_adapt), clip_divisor=clip_t,
+            has_clip_divisor=clip_divisor is not None, grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
+            found_inf=found if found[1] else (0.0, 0, 0, False), partials=partials, per_tensor=per_tensor,
+            stream=torch.cuda.current_stream(device).cuda_stream, device=device.index)
