@@ -121,10 +121,10 @@ class ResNet(nn.Module):
             raise ValueError(f"Invalid ResNet stages: {len(blocks_per_stage)} block counts for {len(widths)} widths")
         if stem == "cifar":
             self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-                                      nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+                                      nn.BatchNorm2d(widths[0]), nn.ReLU())
         elif stem == "imagenet":
             self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
-                                      nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+                                      nn.BatchNorm2d(widths[0]), nn.ReLU(),
                                       nn.MaxPool2d(3, stride=2, padding=1))
         else:
             raise ValueError(f"Invalid stem: {stem!r}; choose 'cifar' or 'imagenet'")

@@ -1,0 +1,316 @@
+#!/usr/bin/env python
+"""Time per training step against batch size -- the hardware half of time-to-result.
+
+    python bench/throughput.py                      # Simple CNN on the CPU, batch sizes 1..512, ~2 minutes
+    python bench/throughput.py --model resnet50 --device cuda --optimizer fastsgd-nesterov:triton
+    python bench/throughput.py --model transformer --seq-len 128 --batch-sizes 1..256 --out results/
+
+For each batch size: warm-up steps, then timed full training steps (forward,
+backward, optimizer step) on synthetic inputs. Prints a table (step time
+median and 20-80 % range, its forward+backward and optimizer parts,
+examples/s, peak memory, energy on NVIDIA GPUs), fits t(B) = t0 + B/X and
+reports the hardware knee B_hw = t0*X, and writes throughput.json,
+throughput.csv and throughput.png (schema: fastsgd/study/step_time.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from fastsgd.measure import device_name, format_table
+from fastsgd.study.optimizer_factory import OPTIMIZERS, parse_optimizer_spec
+from fastsgd.study.step_time import StepTimeSweep, measure_step_times, write_results
+from fastsgd.study.synthetic import WORKLOADS, synthetic_workload
+from fastsgd.study.throughput_plot import plot_throughput
+
+# Per device type: batch sizes, warm-up steps, minimum timed steps, seconds of timing per batch size.
+# The CPU values make the default run take about two minutes on 2 cores.
+DEFAULTS = {
+    "cpu": {"batch_sizes": "1..512", "warmup": 2, "steps": 3, "time_budget": 8.0},
+    "cuda": {"batch_sizes": "1..8192", "warmup": 5, "steps": 10, "time_budget": 2.0},
+}
+
+
+def parse_batch_sizes(text: str) -> List[int]:
+    """``"1..512"`` -> the powers of two from 1 to 512; ``"8,24,100"`` -> that list."""
+    text = text.strip()
+    try:
+        if ".." in text:
+            lo, hi = (int(v) for v in text.split(".."))
+            if lo < 1 or hi < lo:
+                raise ValueError
+            sizes = [2 ** k for k in range(hi.bit_length()) if lo <= 2 ** k <= hi]
+            if not sizes:
+                raise ValueError
+            return sizes
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+        return sizes
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid batch sizes {text!r}: write LO..HI for the powers of two in that range (e.g. 1..512, "
+            "which must contain one) or a comma-separated list of positive integers (e.g. 8,24,100)") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def optimizer_spec(text: str) -> str:
+    try:
+        parse_optimizer_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = "\n".join(f"  {name:<17} {desc}" for name, desc in WORKLOADS.items())
+    optimizers = "\n".join(f"  {name:<17} {desc}" for name, desc in OPTIMIZERS.items())
+    p = argparse.ArgumentParser(
+        description="Time per training step against batch size; fit t(B) = t0 + B/X and find the hardware knee.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"models:\n{models}\n\noptimizers (fastsgd ones take :BACKEND, e.g. fastsgd-lars:triton):\n"
+               f"{optimizers}\n\nDefaults per device: {DEFAULTS}")
+    p.add_argument("--model", default="simple-cnn", help="workload to time (default: simple-cnn; see below)")
+    p.add_argument("--seq-len", type=positive_int, help="transformer: tokens per sequence (default 64)")
+    p.add_argument("--vocab-size", type=positive_int, help="transformer: vocabulary size (default 1024)")
+    p.add_argument("--image-size", type=positive_int, help="torchvision:/timm: models: input height = width (224)")
+    p.add_argument("--optimizer", type=optimizer_spec, default="fastsgd-nesterov",
+                   help="optimizer spec (default: fastsgd-nesterov, backend auto)")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (does not change the time; default 0.01)")
+    p.add_argument("--ghost-bn", type=positive_int, metavar="SIZE",
+                   help="convert the model's batch norms to ghost batch norm with this ghost batch size")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--batch-sizes", type=parse_batch_sizes, metavar="LO..HI|LIST",
+                   help="powers of two LO..HI or a list (default: 1..512 on cpu, 1..8192 on cuda; the sweep "
+                        "stops at the largest that fits in memory)")
+    p.add_argument("--steps", type=positive_int, help="minimum timed steps per batch size (default: cpu 3, cuda 10)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="keep timing each batch size until this many seconds are spent (default: cpu 8, cuda 2; "
+                        "0: exactly --steps)")
+    p.add_argument("--warmup", type=int, help="untimed steps per batch size first (default: cpu 2, cuda 5)")
+    p.add_argument("--memory-limit-gb", type=float,
+                   help="stop before a batch size whose estimated peak memory passes this (default on cpu: "
+                        "current use + 80%% of available memory; on cuda: 90%% of the device's memory)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="where to write throughput.{json,csv,png} "
+                                                "(default: out/throughput-<model>-<device>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or explanations; table and paths only")
+    return p
+
+
+def model_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The model flags that apply to --model (an error names the ones that do not)."""
+    given = {"seq_len": args.seq_len, "vocab_size": args.vocab_size, "image_size": args.image_size}
+    given = {k: v for k, v in given.items() if v is not None}
+    applies = {"seq_len", "vocab_size"} if args.model == "transformer" else (
+        {"image_size"} if ":" in args.model else set())
+    wrong = sorted(set(given) - applies)
+    if wrong:
+        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        raise ValueError(f"{flags} does not apply to --model {args.model}")
+    return given
+
+
+class ProgressBar:
+    """tqdm bar over batch sizes on stderr; without tqdm, one line per batch size."""
+
+    def __init__(self, sizes: List[int], enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print("(tqdm is not installed: no progress bar, one line per batch size)", file=sys.stderr)
+            return
+        self.bar = tqdm(total=len(sizes), unit="batch size", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, event: str, batch_size: int, steps: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            if event == "done":
+                print(f"  batch size {batch_size}: {steps} timed steps", file=sys.stderr)
+            return
+        if event == "start":
+            self.bar.set_description(f"B={batch_size}")
+            self.bar.set_postfix_str("warm-up")
+        elif event == "step":
+            self.bar.set_postfix_str(f"step {steps}")
+        elif event == "done":
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds with about three significant digits and no exponent."""
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:,.0f}"
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.3g}"
+
+
+def table_text(sweep: StepTimeSweep) -> str:
+    rows = []
+    for r in sweep.records:
+        rows.append({
+            "batch": r["batch_size"],
+            "step ms": _ms(r["step_time_s"]),
+            "(20-80 %)": f"{_ms(r['step_time_q20_s'])}-{_ms(r['step_time_q80_s'])}",
+            "fwd+bwd ms": _ms(r["fwd_bwd_time_s"]),
+            "optim ms": _ms(r["optimizer_time_s"]),
+            "examples/s": f"{r['examples_per_s']:,.0f}" if r["examples_per_s"] >= 100 else
+                          f"{r['examples_per_s']:.3g}",
+            "peak MB": f"{r['peak_memory_bytes'] / 2**20:,.0f}",
+            "mJ/example": "n/a" if r["energy_per_example_j"] is None else f"{r['energy_per_example_j'] * 1e3:.3g}",
+            "steps": r["steps"],
+        })
+    columns = ["batch", "step ms", "(20-80 %)", "fwd+bwd ms", "optim ms", "examples/s", "peak MB", "mJ/example",
+               "steps"]
+    return format_table(rows, columns)
+
+
+def fit_text(sweep: StepTimeSweep) -> List[str]:
+    fit = sweep.fit
+    lines = []
+    if fit.ok:
+        lines.append(f"Fit  t(B) = t0 + B/X:  t0 = {fit.t0_s * 1e3:.3g} ms fixed cost per step, "
+                     f"X = {fit.throughput:,.4g} examples/s  (weighted R^2 {fit.r2:.3f}, "
+                     f"largest residual {fit.max_abs_rel_residual:.0%})")
+        lines.append(f"Hardware knee  B_hw = t0*X = {fit.knee_batch_size:.3g}: below it a larger batch costs little "
+                     "extra time per step; above it step time grows in proportion to B.")
+    elif fit.t0_s is not None:
+        lines.append(f"Fit  t(B) ~ {fit.t0_s * 1e3:.3g} ms, flat over the measured batch sizes.")
+    if fit.message:
+        lines.append(f"Note: {fit.message}.")
+    return lines
+
+
+def header_text(args: argparse.Namespace, workload, device: torch.device, sizes: List[int], warmup: int,
+                steps: int, budget: float, out_dir: str) -> List[str]:
+    budget_text = f" and up to {budget:g} s" if budget else ""
+    listed = ", ".join(map(str, sizes)) if len(sizes) <= 4 else f"{sizes[0]}, {sizes[1]}, ..., {sizes[-1]}"
+    return [
+        "fastsgd throughput: time per training step against batch size",
+        f"  model      {workload.name}: {workload.info.get('description', '')}",
+        f"  optimizer  {args.optimizer}" + (f", ghost batch norm of {args.ghost_bn}" if args.ghost_bn else ""),
+        f"  device     {device}: {device_name(device)}, {torch.get_num_threads()} torch threads",
+        f"  plan       batch sizes {listed}; each: {warmup} warm-up steps, then at least {steps} timed "
+        f"steps{budget_text}",
+        f"  output     {out_dir}/",
+    ] + busy_machine_note()
+
+
+def busy_machine_note() -> List[str]:
+    """A warning when other programs already keep the CPUs busy: the timings will be noisy."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return []
+    cores = os.cpu_count() or 1
+    if load < 0.75 * cores:
+        return []
+    return [f"  warning    the machine is busy (load average {load:.1f} on {cores} cores): expect noisy timings; "
+            "--threads 1 is often steadier on a shared CPU"]
+
+
+def summary_text(sweep: StepTimeSweep, elapsed: float) -> List[str]:
+    s, w, env = sweep.settings, sweep.workload, sweep.environment
+    lines = [f"  optimizer step  {s['implementation']}; model {w['parameters'] / 1e6:.3g} M parameters; "
+             f"torch {env['torch']}, fastsgd {env['fastsgd']}, commit {env['commit']}"]
+    if "reference" in s["implementation"]:
+        lines.append("  note            the optimizer step ran on fastsgd's float64 reference backend (no compiled "
+                     "backend is available here: see fastsgd.available_backends()), so 'optim ms' is slow")
+    example = w["info"].get("example")
+    if example and example not in ("image", "vector"):
+        lines.append(f"  examples        one example is one {example}")
+    lines.append(f"  memory          {s['memory_method']}")
+    if sweep.records and sweep.records[0]["energy_note"].startswith("n/a"):
+        lines.append(f"  energy          {sweep.records[0]['energy_note']}")
+    lines.append(f"  measured in     {elapsed:.0f} s")
+    return lines
+
+
+TABLE_LEGEND = ("step ms: median time of one training step (forward, backward, optimizer) with its 20-80 % "
+                "range; fwd+bwd ms and optim ms: medians of its two parts")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    defaults = DEFAULTS.get(device.type, DEFAULTS["cpu"])
+    sizes = args.batch_sizes or parse_batch_sizes(defaults["batch_sizes"])
+    steps = args.steps or defaults["steps"]
+    warmup = defaults["warmup"] if args.warmup is None else args.warmup
+    budget = defaults["time_budget"] if args.time_budget is None else args.time_budget
+    memory_limit = args.memory_limit_gb
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        workload = synthetic_workload(args.model, **model_options(args))
+        if memory_limit is None and device.type == "cuda" and torch.cuda.is_available():
+            memory_limit = 0.9 * torch.cuda.get_device_properties(device).total_memory / 1e9
+        out_dir = args.out or os.path.join("out", f"throughput-{args.model.replace(':', '-')}-{device.type}")
+        if not args.quiet:
+            print("\n".join(header_text(args, workload, device, sizes, warmup, steps, budget, out_dir)), flush=True)
+        bar = ProgressBar(sizes, enabled=not args.quiet)
+        started = time.perf_counter()
+        try:
+            sweep = measure_step_times(workload, sizes, optimizer=args.optimizer, device=device, warmup=warmup,
+                                       steps=steps, time_budget_s=budget, memory_limit_gb=memory_limit,
+                                       ghost_bn=args.ghost_bn, lr=args.lr, seed=args.seed, progress=bar)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - started
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    paths = write_results(sweep, out_dir)
+    png = None
+    if sweep.records:
+        env = sweep.environment
+        png = plot_throughput(sweep.records, sweep.fit, os.path.join(out_dir, "throughput.png"),
+                              title=f"{sweep.workload['name']}, {sweep.settings['optimizer']} "
+                                    f"({sweep.settings['implementation']}) on {env['device']}",
+                              subtitle=f"torch {env['torch']}, fastsgd {env['fastsgd']}, {env['date']}")
+
+    print()
+    print(table_text(sweep) if sweep.records else "No batch size ran.")
+    if not args.quiet and sweep.records:
+        print(TABLE_LEGEND)
+    print()
+    for line in fit_text(sweep):
+        print(line)
+    if sweep.stopped:
+        print(f"Stopped: {sweep.stopped['reason']}. Largest batch size that fit: {sweep.largest_fit}.")
+    if not args.quiet:
+        print()
+        print("\n".join(summary_text(sweep, elapsed)))
+    written = [p for p in (png, paths["json"], paths["csv"]) if p]
+    print(f"Wrote {written[0]}" + (f" (and {', '.join(os.path.basename(p) for p in written[1:])})"
+                                   if len(written) > 1 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
