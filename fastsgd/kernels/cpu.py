@@ -243,9 +243,12 @@ def _sgd_table(what: str, params, grads, bufs, first_step) -> np.ndarray:
     else:
         b_codes = _check_like_params(what, "bufs", bufs, sizes)
         others.append(("bufs", bufs))
-        table[:, 2] = [0 if b is None else b.data_ptr() for b in bufs] if -1 in b_codes else \
-            list(map(_data_ptr, bufs))
-        table[:, 5] = [max(c, 0) for c in b_codes]
+        if -1 in b_codes:  # some params without a buffer: plain SGD for them
+            table[:, 2] = [0 if b is None else b.data_ptr() for b in bufs]
+            table[:, 5] = [max(c, 0) for c in b_codes]
+        else:
+            table[:, 2] = list(map(_data_ptr, bufs))
+            table[:, 5] = b_codes
     _check_layouts(what, params, others)
     table[:, 0] = list(map(_data_ptr, params))
     table[:, 1] = list(map(_data_ptr, grads))
