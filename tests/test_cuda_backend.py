@@ -1,0 +1,454 @@
+"""backend="cuda": the CUDA C++ kernels of csrc/cuda/ through fastsgd.kernels.cuda.
+
+Two kinds of tests:
+- CPU-runnable (always): the backend says clearly why it is unavailable, the
+  native module was built with CUDA when nvcc exists, the functional
+  signatures match the reference, and the tensor table the kernels read is
+  laid out as csrc/cuda/common.cuh expects (decoded here independently).
+- GPU (marked ``gpu``, skipped without a CUDA device): the shared kernel cases
+  of tests/kernel_cases.py against the reference, torch.optim.SGD(fused=True),
+  unaligned tensors (scalar path), launches per step counted by the profiler,
+  CUDA graph capture and replay with a changing lr, mixed dtypes, bf16
+  momentum buffers with stochastic rounding, stacked trials, a >2^31-element
+  tensor.
+"""
+from __future__ import annotations
+
+import glob
+import inspect
+import os
+import shutil
+
+import pytest
+import torch
+
+import kernel_cases as kc
+from fastsgd import backends
+from fastsgd._native import native
+from fastsgd.kernels import cuda as ck
+from fastsgd.kernels import reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HAS_GPU = torch.cuda.is_available() and ck.unavailable_reason() is None
+gpu = pytest.mark.skipif(not HAS_GPU, reason=f"needs a CUDA device and the cuda backend: {ck.unavailable_reason()}")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+# =============================================================================
+# CPU-runnable
+# =============================================================================
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_unavailable_reason_is_precise_without_gpu():
+    reason = ck.unavailable_reason()
+    assert isinstance(reason, str) and reason
+    expected = ("could not be imported", "built without its CUDA kernels", "has no CUDA support", "no CUDA device")
+    assert any(e in reason for e in expected), reason
+    with pytest.raises(backends.BackendUnavailable, match="'cuda' is not available"):
+        backends.get_backend("cuda", torch.device("cuda"), [torch.float32])
+    assert backends.available_backends()["cuda"] == reason
+
+
+def _build_configured_without_cuda() -> bool:
+    """True when this checkout's CMake build was configured with FASTSGD_WITH_CUDA=OFF
+    (an editable install of a helper that skips CUDA on purpose)."""
+    for cache in glob.glob(os.path.join(REPO, "build", "*", "CMakeCache.txt")):
+        with open(cache, errors="replace") as fh:
+            if any(line.strip().startswith("FASTSGD_WITH_CUDA:BOOL=OFF") for line in fh):
+                return True
+    return False
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH: CUDA kernels are not expected")
+def test_native_module_built_with_cuda_when_nvcc_exists():
+    mod = native()
+    assert mod is not None, "fastsgd._C is missing although nvcc is installed"
+    if not mod.has_cuda and _build_configured_without_cuda():
+        pytest.skip("this checkout's build was configured with FASTSGD_WITH_CUDA=OFF")
+    assert mod.has_cuda, "nvcc is installed but fastsgd._C was built without the CUDA kernels"
+    assert mod.cuda_runtime_version() >= 12000
+    for name in ("cuda_sgd_step", "cuda_lars_step", "cuda_lamb_step"):
+        doc = getattr(mod, name).__doc__
+        assert doc and "launch" in doc, f"{name} has no docstring"
+    # Importing and querying must work without a GPU (static cudart, no driver needed).
+    assert mod.cuda_device_count() >= 0
+
+
+@pytest.mark.parametrize("op", ["sgd_step", "lars_step", "lamb_step"])
+def test_signatures_match_reference(op):
+    ref = inspect.signature(getattr(reference, op)).parameters
+    ours = dict(inspect.signature(getattr(ck, op)).parameters)
+    extra = {k: ours.pop(k) for k in list(ours) if k not in ref}
+    assert list(ours) == list(ref)
+    for name, p in ref.items():
+        assert ours[name].default == p.default and ours[name].kind == p.kind, name
+    # sgd/lars also take stochastic_rounding (bf16 momentum buffers), keyword-only, off by default.
+    assert set(extra) <= {"stochastic_rounding"}
+    for p in extra.values():
+        assert p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is False
+
+
+def test_supports():
+    assert ck.NAME == "cuda"
+    for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        assert ck.supports(torch.device("cuda"), dt)
+        assert not ck.supports(torch.device("cpu"), dt)
+    assert not ck.supports(torch.device("cuda"), torch.int32)
+    assert not ck.supports(torch.device("cuda"), torch.complex64)
+
+
+def _decode(table: torch.Tensor, n: int):
+    """Independent decoder of the layout documented in csrc/cuda/common.cuh."""
+    w = table.tolist()
+    entries = []
+    for t in range(n):
+        e = w[t * 8:(t + 1) * 8]
+        flags = e[7]
+        entries.append(dict(ptrs=e[:5], numel=e[5], row_len=e[6], first_block=flags & 0xFFFFFFFF,
+                            kind=(flags >> 32) & 0xFF, first=bool((flags >> 40) & 1), vec=bool((flags >> 41) & 1)))
+    blocks = [((b >> 32) & 0xFFFFFFFF, b & 0xFFFFFFFF) for b in w[n * 8:]]
+    return entries, blocks
+
+
+def test_table_layout_covers_every_chunk_once():
+    chunk = 1024
+    numels = [0, 1, 1023, 1024, 1025, 5000, (1 << 31) + 3]  # the last one needs 64-bit element offsets
+    n = len(numels)
+    base = 1 << 40
+    cols = [[base + 4096 * i for i in range(n)],          # params: 16-byte aligned
+            [base + 4096 * i + 8 for i in range(n)],      # grads: 8-byte aligned only
+            [0] * n, [0] * n, [0] * n]
+    cols[1][0] = base + 16  # tensor 0: all aligned
+    kinds = list(range(n))
+    first = [i % 2 == 0 for i in range(n)]
+    rows = [1, 1, 1, 1, 1, 1000, 3]
+    table, n_blocks = ck.build_host_table(cols, numels, kinds, first, rows, chunk)
+    entries, blocks = _decode(table, n)
+    assert n_blocks == len(blocks) == sum(-(-m // chunk) for m in numels)
+    for t, e in enumerate(entries):
+        assert e["ptrs"] == [c[t] for c in cols]
+        assert (e["numel"], e["row_len"], e["kind"], e["first"]) == (numels[t], rows[t], kinds[t], first[t])
+        assert e["vec"] == (t == 0), "vector loads only when every pointer is 16-byte aligned"
+        mine = blocks[e["first_block"]:e["first_block"] + -(-numels[t] // chunk)]
+        assert mine == [(t, c) for c in range(-(-numels[t] // chunk))]
+    assert blocks[-1] == (n - 1, ((1 << 31) + 3 - 1) // chunk)
+
+
+def test_table_of_no_tensors_is_empty():
+    table, n_blocks = ck.build_host_table([[], [], [], [], []], [], [], [], [], 1024)
+    assert n_blocks == 0 and table.numel() == 0
+
+
+# =============================================================================
+# GPU: correctness against the reference
+# =============================================================================
+DEV = "cuda"
+
+
+@gpu
+@pytest.mark.parametrize("dtype,hp", kc.sgd_cases(DTYPES + [torch.float64]))
+def test_sgd_matches_reference(dtype, hp):
+    kc.check_sgd(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
+
+
+@gpu
+@pytest.mark.parametrize("dtype,hp", kc.sgd_cases(DTYPES))
+def test_sgd_lr_tensor_and_grad_scale(dtype, hp):
+    kc.check_sgd(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=1024.0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("hp", kc.LARS_HPARAMS)
+def test_lars_matches_reference(dtype, hp):
+    kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
+    kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=512.0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("hp", kc.LAMB_HPARAMS)
+def test_lamb_matches_reference(dtype, hp):
+    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
+    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=256.0)
+
+
+@gpu
+def test_lamb_clip_divisor_on_device():
+    div = torch.tensor(2.5, device=DEV)
+    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, torch.float32, kc.LAMB_HPARAMS[0], clip_divisor=div)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_skip_changes_nothing(dtype):
+    kc.check_skip_changes_nothing(ck, DEV, dtype)
+
+
+@gpu
+def test_many_tensors_one_call_mixed_dtypes_and_first_steps():
+    """fp32, bf16, fp16 and fp64 params in ONE call, some on their first step."""
+    shapes = [(3,), (1025,), (17, 33), (4096,), (1,), (65537,)] * 4
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64] * 6
+    params = [kc.make_tensors([s], dt, DEV, seed=i)[0] for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    bufs = [torch.randn_like(p) for p in params]
+    ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
+    first = [i % 3 == 0 for i in range(len(params))]
+    grads = [torch.randn_like(p) for p in params]
+    hp = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False,
+              lr_in_momentum=False, first_step=first)
+    ck.sgd_step(params, grads, bufs, **hp)
+    reference.sgd_step(ref_p, grads, ref_b, **hp)
+    for a, e, b, eb in zip(params, ref_p, bufs, ref_b):
+        kc.assert_all_close([a], [e], a.dtype, "param")
+        kc.assert_all_close([b], [eb], b.dtype, "momentum_buffer")
+
+
+@gpu
+@pytest.mark.parametrize("fn", ["sgd", "lars"])
+def test_bf16_momentum_buffers_with_fp32_params(fn):
+    shapes = kc.AWKWARD_SHAPES
+    params = kc.make_tensors(shapes, torch.float32, DEV)
+    ref_p = [p.clone() for p in params]
+    bufs = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
+    ref_b = [b.clone() for b in bufs]
+    for step in range(3):
+        grads = kc.make_tensors(shapes, torch.float32, DEV, seed=100 + step)
+        kw = dict(lr=kc.LRS[step], momentum=0.9, weight_decay=1e-4, first_step=step == 0)
+        getattr(ck, f"{fn}_step")(params, grads, bufs, **kw)
+        getattr(reference, f"{fn}_step")(ref_p, grads, ref_b, **kw)
+    kc.assert_all_close(bufs, ref_b, torch.bfloat16, "momentum_buffer")
+    kc.assert_all_close(params, ref_p, torch.bfloat16, "param")  # buffers carry bf16 error into params
+
+
+@gpu
+def test_stochastic_rounding_of_bf16_buffers_is_unbiased():
+    n = 1 << 20
+    x = 1.0 + 2.0 ** -10  # between the bf16 neighbours 1 and 1 + 2^-7
+    p = torch.zeros(n, device=DEV)
+    g = torch.full((n,), x, device=DEV)
+    buf = torch.zeros(n, dtype=torch.bfloat16, device=DEV)
+    ck.sgd_step([p], [g], [buf], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
+    vals = buf.float()
+    assert set(torch.unique(vals).tolist()) <= {1.0, 1.0 + 2.0 ** -7}
+    assert abs(vals.mean().item() - x) < 2e-4, vals.mean().item()  # round-to-nearest would give exactly 1.0
+    buf2 = torch.zeros_like(buf)
+    ck.sgd_step([p], [g], [buf2], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=False)
+    assert torch.all(buf2.float() == 1.0)
+
+
+@gpu
+def test_stacked_trials_per_row_lr_and_momentum():
+    T = 4
+    shapes = [(T, 5), (T, 1023), (T, 3, 7)]
+    lr = torch.tensor([0.1, 0.05, 0.2, 0.0], device=DEV)
+    mu = torch.tensor([0.9, 0.5, 0.0, 0.99], device=DEV)
+    params = kc.make_tensors(shapes, torch.float32, DEV)
+    ref_p = [p.clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    ref_b = [b.clone() for b in bufs]
+    for step in range(3):
+        grads = kc.make_tensors(shapes, torch.float32, DEV, seed=7 + step)
+        kw = dict(lr=lr, momentum=mu, nesterov=False, first_step=step == 0)
+        ck.sgd_step(params, grads, bufs, **kw)
+        reference.sgd_step(ref_p, grads, ref_b, **kw)
+    kc.assert_all_close(params, ref_p, torch.float32, "param")
+    kc.assert_all_close(bufs, ref_b, torch.float32, "momentum_buffer")
+
+
+@gpu
+@pytest.mark.parametrize("nesterov,wd,maximize", [(False, 0.0, False), (True, 1e-4, False), (False, 5e-4, True)])
+def test_matches_torch_fused_sgd(nesterov, wd, maximize):
+    torch.manual_seed(0)
+    shapes = [(64, 3, 7, 7), (64,), (1000, 2048), (1000,), (13,)]
+    ours = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd, maximize=maximize,
+                          fused=True)
+    bufs = [torch.zeros_like(p) for p in ours]
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+        ck.sgd_step([p.data for p in ours], grads, bufs, lr=0.1, momentum=0.9, nesterov=nesterov,
+                    weight_decay=wd, maximize=maximize, first_step=step == 0)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_tensors_take_the_scalar_path(dtype):
+    """A param that is a slice at an odd offset: its pointer is not 16-byte
+    aligned, so the kernel must not use vector loads for it."""
+    storage = kc.make_tensors([(1 + 4097 + 1 + 1025,)], dtype, DEV)[0]
+    p1, p2 = storage[1:4098], storage[4099:]  # offsets 1 and 4099 elements
+    gstore = kc.make_tensors([(3 + 4097 + 1025,)], dtype, DEV, seed=5)[0]
+    g1, g2 = gstore[3:4100], gstore[4100:]
+    assert p1.data_ptr() % 16 and g1.data_ptr() % 16
+    ref = [p1.clone(), p2.clone()]
+    bufs = [torch.zeros_like(p1), torch.zeros_like(p2)]
+    ref_b = [b.clone() for b in bufs]
+    before = storage.clone()
+    kw = dict(lr=0.1, momentum=0.9, first_step=True)
+    ck.sgd_step([p1, p2], [g1, g2], bufs, **kw)
+    reference.sgd_step(ref, [g1, g2], ref_b, **kw)
+    kc.assert_all_close([p1, p2], ref, dtype, "param")
+    # The elements around the slices are untouched.
+    assert torch.equal(storage[0], before[0]) and torch.equal(storage[4098], before[4098])
+    entries = [e for e in ck._cache.values() if e.n_tensors == 2]
+    assert entries, "table not cached"
+    decoded, _ = _decode(entries[-1].host.cpu(), 2)
+    assert not decoded[0]["vec"]
+
+
+# =============================================================================
+# GPU: launches, CUDA graphs, large tensors
+# =============================================================================
+def _kernel_launches(fn) -> list:
+    from torch.profiler import ProfilerActivity, profile
+    fn()  # warm-up: builds and caches the tensor table
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+
+
+@gpu
+def test_one_launch_per_sgd_step_for_many_tensors():
+    shapes = [(37,), (1000, 3)] * 150 + [(1 << 20,)]
+    params = kc.make_tensors(shapes, torch.float32, DEV)
+    grads = kc.make_tensors(shapes, torch.float32, DEV, seed=1)
+    bufs = [torch.zeros_like(p) for p in params]
+    launches = _kernel_launches(lambda: ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9, nesterov=True))
+    assert len(launches) == 1 and "sgd_kernel" in launches[0], launches
+
+
+@gpu
+def test_at_most_three_launches_for_lars_and_lamb():
+    shapes = [(37,), (1000, 3)] * 150
+    params = kc.make_tensors(shapes, torch.float32, DEV)
+    grads = kc.make_tensors(shapes, torch.float32, DEV, seed=1)
+    bufs = [torch.zeros_like(p) for p in params]
+    lars = _kernel_launches(lambda: ck.lars_step(params, grads, bufs, lr=0.1, weight_decay=1e-4))
+    assert len(lars) <= 3, lars
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), device=DEV) for _ in params]
+    lamb = _kernel_launches(lambda: ck.lamb_step(params, grads, m, v, steps, lr=0.1, weight_decay=0.01))
+    assert len(lamb) <= 3, lamb
+
+
+@gpu
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_cuda_graph_capture_and_replay_with_changing_lr(op):
+    shapes = [(7,), (1025,), (33, 17)]
+    params = kc.make_tensors(shapes, torch.float32, DEV)
+    ref_p = [p.clone() for p in params]
+    grads = kc.make_tensors(shapes, torch.float32, DEV, seed=3)
+    st = [torch.zeros_like(p) for p in params]
+    ref_st = [s.clone() for s in st]
+    st2 = [torch.zeros_like(p) for p in params]
+    ref_st2 = [s.clone() for s in st2]
+    steps = [torch.zeros((), device=DEV) for _ in params]
+    ref_steps = [s.clone() for s in steps]
+    lr = torch.tensor(0.1, device=DEV)
+    scale = torch.tensor(4.0, device=DEV)
+    found = torch.zeros((), device=DEV)
+
+    def run(kern, p, s, s2, stp, lr_value, first):
+        if op == "sgd":
+            kern.sgd_step(p, grads, s, lr=lr_value, momentum=0.9, nesterov=True, first_step=first,
+                          grad_scale=scale, found_inf=found)
+        elif op == "lars":
+            kern.lars_step(p, grads, s, lr=lr_value, momentum=0.9, weight_decay=1e-4, first_step=first,
+                           grad_scale=scale, found_inf=found)
+        else:
+            kern.lamb_step(p, grads, s, s2, stp, lr=lr_value, weight_decay=0.01, grad_scale=scale,
+                           found_inf=found)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up steps: create the state, cache the table
+        run(ck, params, st, st2, steps, lr, True)
+        run(ck, params, st, st2, steps, lr, False)
+    torch.cuda.current_stream().wait_stream(side)
+    run(reference, ref_p, ref_st, ref_st2, ref_steps, 0.1, True)
+    run(reference, ref_p, ref_st, ref_st2, ref_steps, 0.1, False)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(ck, params, st, st2, steps, lr, False)
+    for value in (0.05, 0.2, 0.01):
+        lr.fill_(value)
+        graph.replay()
+        run(reference, ref_p, ref_st, ref_st2, ref_steps, value, False)
+    torch.cuda.synchronize()
+    kc.assert_all_close(params, ref_p, torch.float32, "param")
+    kc.assert_all_close(st, ref_st, torch.float32, "state0")
+    if op == "lamb":
+        assert [float(s) for s in steps] == [float(s) for s in ref_steps] == [5.0] * len(steps)
+    found.fill_(1.0)  # a replay with found_inf set changes nothing
+    before = [p.clone() for p in params]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@gpu
+def test_table_built_during_capture_survives_replays():
+    """Gradients allocated inside the capture (as in whole-network capture)
+    have new addresses, so the table is built and uploaded during capture."""
+    shapes = [(5,), (4097,)]
+    params = kc.make_tensors(shapes, torch.float32, DEV)
+    ref_p = [p.clone() for p in params]
+    src = kc.make_tensors(shapes, torch.float32, DEV, seed=9)
+    bufs = [torch.zeros_like(p) for p in params]
+    ref_b = [b.clone() for b in bufs]
+    lr = torch.tensor(0.1, device=DEV)
+    ck.sgd_step(params, src, bufs, lr=lr, momentum=0.9, first_step=True)
+    reference.sgd_step(ref_p, src, ref_b, lr=0.1, momentum=0.9, first_step=True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = [s * 1.0 for s in src]  # new tensors in the graph's pool
+        ck.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=False)
+    for value in (0.05, 0.2):
+        lr.fill_(value)
+        graph.replay()
+        reference.sgd_step(ref_p, src, ref_b, lr=value, momentum=0.9, first_step=False)
+    torch.cuda.synchronize()
+    kc.assert_all_close(params, ref_p, torch.float32, "param")
+
+
+@gpu
+def test_tensor_over_2_to_31_elements():
+    n = (1 << 31) + 1029  # odd size: vector body, scalar tail, chunk indices past 2^31 elements
+    need = 2 * n * 2 + (1 << 30)
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory")
+    p = torch.zeros(n, dtype=torch.float16, device=DEV)
+    g = torch.ones(n, dtype=torch.float16, device=DEV)
+    g[-1] = 2.0
+    ck.sgd_step([p], [g], None, lr=0.5)
+    torch.cuda.synchronize()
+    assert p[-1].item() == -1.0 and p[-2].item() == -0.5 and p[0].item() == -0.5
+    assert torch.count_nonzero(p != -0.5).item() == 1
+    del p, g
+    torch.cuda.empty_cache()
+
+
+@gpu
+def test_optimizer_classes_run_on_cuda_backend():
+    from fastsgd.optim import LAMB, LARS, SGD
+    for cls, kw in ((SGD, dict(lr=0.1, momentum=0.9, nesterov=True)), (LARS, dict(lr=0.1, weight_decay=1e-4)),
+                    (LAMB, dict(lr=0.01))):
+        model = torch.nn.Sequential(torch.nn.Linear(17, 33), torch.nn.ReLU(), torch.nn.Linear(33, 3)).to(DEV)
+        opt = cls(model.parameters(), backend="cuda", **kw)
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(8, 17, device=DEV)).square().mean().backward()
+            opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
