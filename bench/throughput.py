@@ -68,6 +68,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_arg(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}: write cpu, cuda or cuda:N") from None
+
+
 def optimizer_spec(text: str) -> str:
     try:
         parse_optimizer_spec(text)
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (does not change the time; default 0.01)")
     p.add_argument("--ghost-bn", type=positive_int, metavar="SIZE",
                    help="convert the model's batch norms to ghost batch norm with this ghost batch size")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--batch-sizes", type=parse_batch_sizes, metavar="LO..HI|LIST",
                    help="powers of two LO..HI or a list (default: 1..512 on cpu, 1..8192 on cuda; the sweep "
                         "stops at the largest that fits in memory)")
@@ -213,7 +220,7 @@ def header_text(args: argparse.Namespace, workload, device: torch.device, sizes:
         "fastsgd throughput: time per training step against batch size",
         f"  model      {workload.name}: {workload.info.get('description', '')}",
         f"  optimizer  {args.optimizer}" + (f", ghost batch norm of {args.ghost_bn}" if args.ghost_bn else ""),
-        f"  device     {device}: {device_name(device)}, {torch.get_num_threads()} torch threads",
+        f"  device     {device}: {device_name(device)}, torch threads: {torch.get_num_threads()}",
         f"  plan       batch sizes {listed}; each: {warmup} warm-up steps, then at least {steps} timed "
         f"steps{budget_text}",
         f"  output     {out_dir}/",
@@ -257,7 +264,7 @@ TABLE_LEGEND = ("step ms: median time of one training step (forward, backward, o
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     defaults = DEFAULTS.get(device.type, DEFAULTS["cpu"])
     sizes = args.batch_sizes or parse_batch_sizes(defaults["batch_sizes"])
     steps = args.steps or defaults["steps"]
@@ -294,7 +301,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                     f"({sweep.settings['implementation']}) on {env['device']}",
                               subtitle=f"torch {env['torch']}, fastsgd {env['fastsgd']}, {env['date']}")
 
-    print()
+    if not args.quiet:
+        print()
     print(table_text(sweep) if sweep.records else "No batch size ran.")
     if not args.quiet and sweep.records:
         print(TABLE_LEGEND)

@@ -17,6 +17,7 @@ else happens: energy is optional.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -125,10 +126,13 @@ class EnergyMeter:
         pynvml.nvmlInit()
         self._nvml = pynvml
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        if uuid is not None:  # robust to CUDA_VISIBLE_DEVICES renumbering
+        try:  # by UUID: robust to CUDA_VISIBLE_DEVICES renumbering
+            uuid = torch.cuda.get_device_properties(index).uuid
             self._handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
-        else:
+        except Exception as exc:  # torch without .uuid, or a UUID format NVML does not take
+            if os.environ.get("CUDA_VISIBLE_DEVICES"):  # indices differ between torch and NVML: do not guess
+                raise RuntimeError(f"cannot match cuda:{index} to an NVML device by UUID ({exc}) while "
+                                   "CUDA_VISIBLE_DEVICES renumbers the GPUs") from None
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         self._read()  # fail here, not in the sampling thread
 

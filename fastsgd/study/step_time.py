@@ -13,7 +13,7 @@ microseconds on a GPU and nothing on a CPU).
 
 Memory and stopping early:
 - GPU: peak memory is ``torch.cuda.max_memory_allocated`` (tensors only),
-  reset per batch size; ``torch.OutOfMemoryError`` ends the sweep cleanly.
+  reset per batch size; ``torch.cuda.OutOfMemoryError`` ends the sweep cleanly.
 - CPU: peak memory is the process's peak resident set size (VmHWM), reset per
   batch size through ``/proc/self/clear_refs`` (Linux; elsewhere the lifetime
   peak ``ru_maxrss``, which cannot be reset). It counts the whole process
@@ -25,7 +25,7 @@ Memory and stopping early:
   the memory limit, so the machine never swaps. The CPU default limit is the
   process's memory at the start plus 80 % of the memory the system reports
   available; ``memory_limit_gb`` sets it. A step that still runs out of memory
-  (``torch.OutOfMemoryError``, or a CPU allocator failure) also ends the sweep.
+  (``torch.cuda.OutOfMemoryError``, or a CPU allocator failure) also ends the sweep.
 ``StepTimeSweep.stopped`` says why and where it stopped, ``largest_fit`` is
 the largest batch size that ran.
 
@@ -64,7 +64,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -99,8 +99,8 @@ class StepTimeSweep:
     settings: Dict[str, Any]
     workload: Dict[str, Any]
     environment: Dict[str, Any]
-    stopped: Optional[Dict[str, Any]] = None
-    fit: HardwareFit = field(default=None)
+    stopped: Optional[Dict[str, Any]]   # None: every batch size ran
+    fit: HardwareFit
 
     @property
     def largest_fit(self) -> Optional[int]:
@@ -200,7 +200,7 @@ def _estimate_peak(measured: List[tuple], start_bytes: int, batch_size: int) -> 
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):  # torch.cuda.* also exists in torch 2.4
         return True
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
 
