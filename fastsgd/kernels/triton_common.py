@@ -3,9 +3,10 @@ sizes, and small device functions (hyperparameters read on the device, the
 AMP skip, stochastic rounding to bfloat16).
 
 Whether the kernels run compiled (CUDA) or through the Triton interpreter
-(CPU tensors) is Triton's choice at import time: ``TRITON_INTERPRET=1`` must
-be set before these modules are imported. ``kernels_interpreted()`` says
-which way they were built.
+(CPU tensors) is Triton's choice when a kernel is defined, for Triton's own
+library functions (tl.sum, tl.philox) as much as for ours:
+``TRITON_INTERPRET=1`` must be set before triton is first imported.
+``kernel_mode()`` says which way they were built.
 """
 from __future__ import annotations
 
@@ -45,10 +46,21 @@ GPU_CONFIG = LaunchConfig(block=2048, chunk=16384, reduce_block=256, num_warps=8
 INTERPRETER_CONFIG = LaunchConfig(block=64, chunk=128, reduce_block=4, num_warps=1)
 
 
+def kernel_mode() -> str:
+    """"compiled", "interpreted", or "mixed" when our kernels and Triton's
+    library functions were defined in different modes (TRITON_INTERPRET was
+    set between importing triton and importing these modules); mixed kernels
+    cannot run."""
+    from triton.runtime.interpreter import InterpretedFunction
+    ours, triton_lib = (isinstance(f, InterpretedFunction) for f in (load_hparam, tl.sum))
+    if ours != triton_lib:
+        return "mixed"
+    return "interpreted" if ours else "compiled"
+
+
 def kernels_interpreted() -> bool:
     """True when the Triton kernels of this process run in the interpreter."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(load_hparam, InterpretedFunction)
+    return kernel_mode() == "interpreted"
 
 
 def interpret_requested() -> bool:

@@ -2,7 +2,8 @@
 
 Same signatures and semantics as fastsgd/kernels/reference.py. CUDA tensors;
 CPU tensors too when the kernels run in the Triton interpreter
-(``TRITON_INTERPRET=1`` set before import), which is how CI tests them.
+(``TRITON_INTERPRET=1`` set before triton is first imported), which is how CI
+tests them.
 
 How many tensors per launch: all of them. A device-side table of addresses
 (tensor_table.py) lists every param/grad/state tensor of the call, and one
@@ -72,12 +73,16 @@ _RNG: Dict[torch.device, Tensor] = {}
 def unavailable_reason() -> Optional[str]:
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
-    if common.kernels_interpreted() or torch.cuda.is_available():
+    mode = common.kernel_mode()
+    if mode == "mixed":
+        return ("triton was imported without TRITON_INTERPRET=1 but fastsgd's kernels with it (or the other way "
+                "round); set TRITON_INTERPRET=1 before triton is first imported")
+    if mode == "interpreted" or torch.cuda.is_available():
         return None
     if common.interpret_requested():
-        return ("TRITON_INTERPRET=1 was set after fastsgd's Triton kernels were imported; set it before "
-                "importing fastsgd.kernels.triton_optim")
-    return "no CUDA device (set TRITON_INTERPRET=1 before import to run the Triton kernels on CPU tensors)"
+        return ("TRITON_INTERPRET=1 was set after triton was imported; set it before the first import of triton "
+                "to run the Triton kernels on CPU tensors")
+    return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU tensors)"
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
@@ -85,7 +90,7 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     device = torch.device(device)
     if device.type == "cuda":
-        return not common.kernels_interpreted()
+        return common.kernel_mode() == "compiled"
     return device.type == "cpu" and common.kernels_interpreted()
 
 
