@@ -237,8 +237,17 @@ def _rounding_flag(op: str, stochastic_rounding: bool, bufs: Optional[Sequence[T
     return True
 
 
+def _outside_compiled_graphs(fn):
+    """torch.compile does not trace into the step (raw addresses, cached
+    tables and Triton launches are host-side work that a graph cannot hold):
+    a compiled training step breaks the graph here and runs the launches
+    eagerly, which is what the step costs anyway (1-3 launches)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 # ---- SGD family and LARS -----------------------------------------------------
 
+@_outside_compiled_graphs
 @torch.no_grad()
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
              lr: Scalar, momentum: Scalar = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
@@ -253,6 +262,7 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
                    stochastic_rounding=stochastic_rounding, lars=None)
 
 
+@_outside_compiled_graphs
 @torch.no_grad()
 def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[Sequence[Optional[Tensor]]], *,
               lr: Scalar, momentum: Scalar = 0.9, dampening: float = 0.0, weight_decay: float = 0.0,
@@ -349,6 +359,7 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
+@_outside_compiled_graphs
 @torch.no_grad()
 def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
               exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
