@@ -15,6 +15,7 @@ throughput.csv and throughput.png (schema: fastsgd/study/step_time.py).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from fastsgd.backends import BackendUnavailable
 from fastsgd.measure import device_name, format_table
 from fastsgd.study.optimizer_factory import OPTIMIZERS, parse_optimizer_spec
 from fastsgd.study.step_time import StepTimeSweep, measure_step_times, write_results
@@ -198,15 +200,16 @@ def table_text(sweep: StepTimeSweep) -> str:
 
 def fit_text(sweep: StepTimeSweep) -> List[str]:
     fit = sweep.fit
-    lines = []
+    head = "Fit  t(B) = t0 + B/X:  "
     if fit.ok:
-        lines.append(f"Fit  t(B) = t0 + B/X:  t0 = {fit.t0_s * 1e3:.3g} ms fixed cost per step, "
-                     f"X = {fit.throughput:,.4g} examples/s  (weighted R^2 {fit.r2:.3f}, "
-                     f"largest residual {fit.max_abs_rel_residual:.0%})")
-        lines.append(f"Hardware knee  B_hw = t0*X = {fit.knee_batch_size:.3g}: below it a larger batch costs little "
-                     "extra time per step; above it step time grows in proportion to B.")
+        lines = [head + f"t0 = {fit.t0_s * 1e3:.3g} ms fixed cost per step, X = {fit.throughput:,.4g} examples/s  "
+                 f"(weighted R^2 {fit.r2:.3f}, largest residual {fit.max_abs_rel_residual:.0%})",
+                 f"Hardware knee  B_hw = t0*X = {fit.knee_batch_size:.3g}: below it a larger batch costs little "
+                 "extra time per step; above it step time grows in proportion to B."]
     elif fit.t0_s is not None:
-        lines.append(f"Fit  t(B) ~ {fit.t0_s * 1e3:.3g} ms, flat over the measured batch sizes.")
+        lines = [head + f"t0 ~ {fit.t0_s * 1e3:.3g} ms, X not determined (step time flat in B)"]
+    else:
+        lines = [head + "not determined"]
     if fit.message:
         lines.append(f"Note: {fit.message}.")
     return lines
@@ -289,12 +292,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         finally:
             bar.close()
         elapsed = time.perf_counter() - started
-    except ValueError as exc:
+    except (ValueError, BackendUnavailable) as exc:
         parser.error(str(exc))
 
     paths = write_results(sweep, out_dir)
     png = None
-    if sweep.records:
+    plot_note = None
+    if importlib.util.find_spec("matplotlib") is None:
+        plot_note = "plot skipped: matplotlib is not installed (pip install matplotlib)"
+    elif sweep.records:
         env = sweep.environment
         png = plot_throughput(sweep.records, sweep.fit, os.path.join(out_dir, "throughput.png"),
                               title=f"{sweep.workload['name']}, {sweep.settings['optimizer']} "
@@ -314,6 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.quiet:
         print()
         print("\n".join(summary_text(sweep, elapsed)))
+    if plot_note:
+        print(plot_note)
     written = [p for p in (png, paths["json"], paths["csv"]) if p]
     print(f"Wrote {written[0]}" + (f" (and {', '.join(os.path.basename(p) for p in written[1:])})"
                                    if len(written) > 1 else ""))

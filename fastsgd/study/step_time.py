@@ -283,7 +283,10 @@ def measure_step_times(workload: Workload, batch_sizes: Sequence[int], *,
         opt = make_optimizer(optimizer, params, lr=lr, weight_decay=weight_decay)
     else:
         opt = optimizer(params)
-    impl = implementation(opt)  # an unavailable backend fails here, before any timing
+    try:  # a backend that cannot run here fails now, before any timing
+        impl = implementation(opt)
+    except TypeError as exc:  # the backend exists but not for this device/dtype: a bad request
+        raise ValueError(str(exc)) from None
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     memory = _CudaMemory(device) if device.type == "cuda" else _ProcessMemory()
