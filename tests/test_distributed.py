@@ -497,3 +497,19 @@ def test_backward_without_forward_through_the_wrapper_is_an_error(world1):
     F.mse_loss(net(shard(x, 0)), shard(y, 0)).backward()
     with pytest.raises(RuntimeError, match="no forward through the wrapper prepared"):
         F.mse_loss(model(shard(x, 0)), shard(y, 0)).backward()
+
+
+def test_bf16_model_sends_statistics_in_their_own_float64_all_reduce(world1):
+    """bf16 buckets cannot carry the statistics exactly; they take the separate path."""
+    model = make_model("mlp").to(torch.bfloat16)
+    net = BucketedDataParallel(model)
+    assert not net._reducer._stats_in_bucket
+    x, y = global_batch("mlp", 0, 0, 1)
+    x, y = shard(x, 0).to(torch.bfloat16), shard(y, 0).to(torch.bfloat16)
+    F.mse_loss(net(x), y).backward()
+    direct = sum(float(p.grad.double().square().sum()) for p in model.parameters())
+    n = net.last_grad_sq_norms
+    assert n["global"].item() == pytest.approx(direct, rel=1e-3)
+    assert n["local"].item() == pytest.approx(direct, rel=1e-3)
+    assert n["local_mean"].item() == pytest.approx(direct, rel=1e-3)
+    assert n["global_batch_size"] == LOCAL_BATCH and n["local_batch_size"] == LOCAL_BATCH

@@ -60,20 +60,28 @@ def grad_view(flat: Tensor, offset: int, p: Tensor) -> Tensor:
 
 @dataclass
 class Bucket:
-    """One flat gradient buffer and the parameters whose grads live in it."""
+    """One flat gradient buffer and the parameters whose grads live in it.
+    ``flat`` may end in a few extra elements after the gradients (the reducer
+    sends its per-step statistics along with the last bucket)."""
     index: int
     members: List[int]            # indices into the reducer's parameter list
     params: List[Tensor]
     flat: Tensor
+    numel: int                    # gradient elements at the start of ``flat``
     views: List[Tensor] = field(default_factory=list)
 
     @property
-    def nbytes(self) -> int:
-        return self.flat.numel() * self.flat.element_size()
+    def grads(self) -> Tensor:
+        return self.flat[:self.numel]
+
+    @property
+    def tail(self) -> Tensor:
+        return self.flat[self.numel:]
 
 
-def make_buckets(params: Sequence[Tensor], assignment: List[List[int]]) -> List[Bucket]:
-    """Allocate zeroed flat buffers and the per-parameter grad views."""
+def make_buckets(params: Sequence[Tensor], assignment: List[List[int]], last_tail: int = 0) -> List[Bucket]:
+    """Allocate zeroed flat buffers and the per-parameter grad views; the last
+    bucket gets ``last_tail`` extra elements."""
     buckets = []
     for b, members in enumerate(assignment):
         ps = [params[i] for i in members]
@@ -81,10 +89,12 @@ def make_buckets(params: Sequence[Tensor], assignment: List[List[int]]) -> List[
             if not is_dense(p):
                 raise ValueError(f"BucketedDataParallel: parameter {i} has shape {tuple(p.shape)} and strides "
                                  f"{p.stride()}, which overlap or leave gaps; make it contiguous first")
-        flat = torch.zeros(sum(p.numel() for p in ps), dtype=ps[0].dtype, device=ps[0].device)
+        numel = sum(p.numel() for p in ps)
+        tail = last_tail if b == len(assignment) - 1 else 0
+        flat = torch.zeros(numel + tail, dtype=ps[0].dtype, device=ps[0].device)
         views, offset = [], 0
         for p in ps:
             views.append(grad_view(flat, offset, p))
             offset += p.numel()
-        buckets.append(Bucket(b, list(members), ps, flat, views))
+        buckets.append(Bucket(b, list(members), ps, flat, numel, views))
     return buckets

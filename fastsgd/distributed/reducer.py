@@ -13,7 +13,9 @@ Life of one synchronised iteration:
    order, because collectives must be issued in the same order on every rank
    even if gradients become ready in a different order.
    Launching a bucket takes its local squared norm, divides by the world size
-   (``gradient_predivide``) and starts an async all_reduce. Every hook also
+   (``gradient_predivide``) and starts an async all_reduce. The last bucket
+   carries a few extra elements, the step's statistics (see ``_write_stats``),
+   so they cost no collective of their own. Every hook also
    polls the buckets in flight; a finished one gets its global squared norm
    and, with an optimizer attached, its fused update right away, while the
    rest of the backward pass still runs.
@@ -55,6 +57,10 @@ class Reducer:
         self.predivide = gradient_predivide
         self.find_unused = find_unused_parameters
         self.track_norms = track_grad_norms
+        # Statistics reduced with the last bucket: mean local squared norm,
+        # sample count, and with find_unused_parameters one used-flag per param.
+        self._n_stats = (2 + (len(self.params) if find_unused_parameters else 0)
+                         if track_grad_norms or find_unused_parameters else 0)
         # Set by the optimizer overlap: called with a finished bucket's params.
         self.step_bucket: Optional[StepFn] = None
         # Indices of the params stepped in this iteration (read by the overlap's step()).
@@ -72,12 +78,18 @@ class Reducer:
         self._samples: Optional[int] = 0      # local samples since the last synchronised step
         self._micro_batches = 0
         self.last_stats: Optional[Dict[str, object]] = None
+        self._stats: Optional[Tensor] = None
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
         self._reset_iteration()
 
     # ---- buckets --------------------------------------------------------------
     def _install(self, assignment: List[List[int]]) -> None:
-        self.buckets: List[Bucket] = make_buckets(self.params, assignment)
+        # The statistics ride in the last bucket when its dtype holds them
+        # exactly enough; otherwise (fp16/bf16) they get their own float64 all-reduce.
+        last_dtype = self.params[assignment[-1][0]].dtype
+        self._stats_in_bucket = self._n_stats > 0 and last_dtype in (torch.float32, torch.float64)
+        self.buckets: List[Bucket] = make_buckets(self.params, assignment,
+                                                  self._n_stats if self._stats_in_bucket else 0)
         self.bucket_of = [0] * len(self.params)
         self.slot_of = [0] * len(self.params)
         for b in self.buckets:
@@ -119,6 +131,8 @@ class Reducer:
         self._next_launch = 0
         self._inflight: List[int] = []
         self._defer_step: set = set()
+        self._locally_unused: List[int] = []
+        self._stats = None
         self._started = False
 
     def prepare(self, sync: bool, samples: Optional[int]) -> None:
@@ -154,7 +168,7 @@ class Reducer:
                 if g is None:
                     v.zero_()
                     p.grad = v
-                elif g.data_ptr() != v.data_ptr() or g.stride() != v.stride():
+                elif g is not v:
                     v.copy_(g)
                     p.grad = v
 
@@ -191,19 +205,21 @@ class Reducer:
             self._launch_ready()
         self._poll()
 
-    @torch.no_grad()
     def _keep_view(self, i: int, p: Tensor) -> None:
         """Autograd accumulates in place into an existing ``.grad``, so the
-        view normally survives; it is replaced when the grad was set to None
-        after forward or with ``create_graph=True``. Put it back."""
+        view normally survives (same object: the fast path); it is replaced
+        when the grad was set to None after forward or with
+        ``create_graph=True``. Put it back."""
         g = p.grad
         v = self.buckets[self.bucket_of[i]].views[self.slot_of[i]]
+        if g is v:
+            return
         if g.is_sparse:
             self._fail(f"parameter '{self.names[i]}' got a sparse gradient; BucketedDataParallel reduces dense "
                        "gradients only (use nn.Embedding(sparse=False))")
-        if g.data_ptr() != v.data_ptr() or g.stride() != v.stride():
+        with torch.no_grad():
             v.copy_(g)
-            p.grad = v
+        p.grad = v
 
     # ---- collectives ----------------------------------------------------------
     def _launch_ready(self) -> None:
@@ -211,12 +227,15 @@ class Reducer:
             self._launch(self.buckets[self._next_launch])
             self._next_launch += 1
 
-    @torch.no_grad()
+    # Backward runs with grad mode off, and the flat buffers never require
+    # grad, so the collective path needs no torch.no_grad() (which costs time).
     def _launch(self, b: Bucket) -> None:
         if self.track_norms:  # before the all-reduce overwrites the local gradient
-            self._local_sq[b.index] = torch.linalg.vector_norm(b.flat, dtype=torch.float32).square()
+            self._local_sq[b.index] = torch.linalg.vector_norm(b.grads, dtype=torch.float32).square()
         if self.predivide:
             b.flat.div_(self.world_size)
+        if b.tail.numel():
+            self._write_stats(b.tail, divided_after=not self.predivide)
         self._works[b.index] = dist.all_reduce(b.flat, group=self.group, async_op=True)
         self._inflight.append(b.index)
 
@@ -224,7 +243,6 @@ class Reducer:
         for b in [b for b in self._inflight if self._works[b].is_completed()]:
             self._complete(b)
 
-    @torch.no_grad()
     def _complete(self, index: int) -> None:
         self._wait(self._works[index], f"the all-reduce of gradient bucket {index} "
                                        f"({len(self.buckets[index].members)} parameters)")
@@ -233,7 +251,9 @@ class Reducer:
         if not self.predivide:
             b.flat.div_(self.world_size)
         if self.track_norms:
-            self._global_sq[index] = torch.linalg.vector_norm(b.flat, dtype=torch.float32).square()
+            self._global_sq[index] = torch.linalg.vector_norm(b.grads, dtype=torch.float32).square()
+        if b.tail.numel():
+            self._stats = b.tail.to(torch.float64, copy=True)
         if index not in self._defer_step:
             self._step(b.members)
 
@@ -270,51 +290,55 @@ class Reducer:
             self._fail(f"{len(unused)} parameter(s) got no gradient in this backward pass on rank {self.rank}: "
                        f"{names}. Every parameter that requires grad must contribute to the loss on every rank; "
                        "freeze unused ones with requires_grad_(False) or pass find_unused_parameters=True")
-        used_flags = [0.0 if not r else 1.0 for r in self._ready]
+        self._locally_unused = unused
         for i in unused:  # reduced as zeros: their views hold no new gradient
             self._ready[i] = True
             self._pending[self.bucket_of[i]] -= 1
             self._defer_step.add(self.bucket_of[i])
         self._launch_ready()
-        stats_work, stats = self._launch_stats(used_flags)
+        stats_work = None
+        if self._n_stats and not self._stats_in_bucket:
+            self._stats = torch.empty(self._n_stats, dtype=torch.float64, device=self._local_sq.device)
+            self._write_stats(self._stats, divided_after=False)
+            stats_work = dist.all_reduce(self._stats, group=self.group, async_op=True)
         for b in list(self._inflight):
             self._complete(b)
         if stats_work is not None:
             self._wait(stats_work, "the all-reduce of the gradient statistics")
         if self.find_unused:
-            self._drop_globally_unused(stats[2:])
+            self._drop_globally_unused(self._stats[2:])
         for b in sorted(self._defer_step):
             self._step(self.buckets[b].members)
-        self._store_stats(stats)
+        self._store_stats()
         self._samples, self._micro_batches = 0, 0
 
-    def _launch_stats(self, used_flags: List[float]):
-        """One small float64 all-reduce after the buckets: the mean over ranks of
-        the local squared norms, the global sample count and (with
-        find_unused_parameters) which params were used on any rank."""
-        if not (self.track_norms or self.find_unused):
-            return None, None
-        device = self._local_sq.device
+    def _write_stats(self, out: Tensor, divided_after: bool) -> None:
+        """Fill ``out`` so that, summed over ranks (and divided by the world
+        size afterwards when not predividing, like the gradients it travels
+        with), it holds [mean local squared norm, total samples, per-param
+        "used on some rank" (> 0) flags]. Called when every bucket has been
+        launched, so every local norm is known."""
+        scale = float(self.world_size) if divided_after else 1.0
         samples = float("nan") if self._samples is None else float(self._samples)
-        head = torch.stack([self._local_sq.sum() / self.world_size,
-                            torch.tensor(samples, dtype=torch.float64, device=device)])
-        tail = torch.tensor(used_flags if self.find_unused else [], dtype=torch.float64, device=device)
-        stats = torch.cat([head, tail])
-        return dist.all_reduce(stats, group=self.group, async_op=True), stats
+        out[0] = self._local_sq.sum() * (scale / self.world_size)
+        out[1] = samples * scale
+        if self.find_unused:
+            out[2:].fill_(1.0)
+            if self._locally_unused:
+                out[2:][torch.tensor(self._locally_unused, device=out.device)] = 0.0
 
-    @torch.no_grad()
     def _drop_globally_unused(self, used: Tensor) -> None:
         """A parameter no rank used keeps no gradient (like DDP), so the
         optimizer leaves it alone as it would in single-process training."""
         for i in torch.nonzero(used == 0).flatten().tolist():
             self.params[i].grad = None
 
-    def _store_stats(self, stats: Optional[Tensor]) -> None:
+    def _store_stats(self) -> None:
         self.last_stats = None if not self.track_norms else {
             "local": self._local_sq.sum(),
-            "local_mean": stats[0],
+            "local_mean": self._stats[0],
             "global": self._global_sq.sum(),
-            "samples": stats[1],
+            "samples": self._stats[1],
             "local_samples": self._samples,
             "accumulation_steps": self._micro_batches,
         }
