@@ -186,11 +186,20 @@ class GradientNoiseScale:
 class NoiseScaleAccumulator:
     """Noise scale from gradient accumulation in one process.
 
-    Registers a hook on every parameter's incoming gradient: during each micro-batch's
-    backward pass it adds that micro-batch's own squared gradient norm (one reduction per
-    parameter, no extra memory). :meth:`finish` reads the accumulated gradient's squared
-    norm and updates ``noise`` with (mean micro-batch norm, harmonic-mean micro size) vs
-    (accumulated norm, total size). Needs at least two micro-batches per step.
+    Two ways to get the small-batch norm, both at the parameters of the current step:
+
+    * ``mode="each"`` (default): a hook on every parameter's incoming gradient adds each
+      micro-batch's own squared norm during its backward pass (one small reduction per
+      parameter per micro-batch, no extra memory). All k micro-batches are samples of
+      ``|G_b|^2``, so the estimate converges fastest per step.
+    * ``mode="first"``: one ``_foreach_norm`` of the accumulated ``.grad`` right after the
+      first micro-batch, which is then that micro-batch's gradient. Cheapest (two fused
+      norms per step whatever k is; no hooks), one small-batch sample per step. Needs the
+      gradients zeroed (or None) before each step's first micro-batch.
+
+    :meth:`finish` reads the accumulated gradient's squared norm and updates ``noise`` with
+    (mean micro-batch norm, harmonic-mean micro size) vs (accumulated norm, total size).
+    Needs at least two micro-batches per step.
 
     Usage::
 
@@ -209,55 +218,73 @@ class NoiseScaleAccumulator:
     AMP ``GradScaler`` multiply by ``scaler.get_scale()``.
     """
 
-    def __init__(self, model: Union[nn.Module, Iterable[Tensor]], noise: GradientNoiseScale):
+    MODES = ("each", "first")
+
+    def __init__(self, model: Union[nn.Module, Iterable[Tensor]], noise: GradientNoiseScale, mode: str = "each"):
         if not isinstance(noise, GradientNoiseScale):
             raise TypeError(f"noise must be a GradientNoiseScale, got {type(noise).__name__}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         params = list(model.parameters()) if isinstance(model, nn.Module) else list(model)
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("NoiseScaleAccumulator needs at least one parameter with requires_grad=True")
         self.noise = noise
+        self.mode = mode
         self.params: List[Tensor] = params
-        self._current: Optional[Tensor] = None     # sum of squared grads of the running micro-batch
-        self._micro_sq: List[Tensor] = []           # one per finished micro-batch
+        self._current: Optional[Tensor] = None     # "each": sum of squared grads of the running micro-batch
+        self._micro_sq: List[Tensor] = []           # "each": one per finished micro-batch; "first": one
         self._micro_sizes: List[int] = []
-        self._handles = [p.register_hook(self._hook) for p in params]
+        self._handles = [p.register_hook(self._hook) for p in params] if mode == "each" else []
 
     def _hook(self, grad: Tensor) -> None:
-        sq = grad.detach().float().pow(2).sum()
+        g = grad.detach()
+        if g.dtype in (torch.float16, torch.bfloat16):   # square in float32: half overflows/underflows
+            g = g.float()
+        sq = g.pow(2).sum()
         self._current = sq if self._current is None else self._current + sq
+
+    def _grads(self) -> List[Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
 
     def micro_step(self, batch_size: int) -> None:
         """Mark the end of one micro-batch's backward pass of ``batch_size`` examples."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"micro-batch size must be a positive integer, got {batch_size!r}")
-        if self._current is None:
-            raise RuntimeError("micro_step() called but no gradient reached the parameters since the last "
-                               "micro-batch: call it after loss.backward()")
-        self._micro_sq.append(self._current)
+        if self.mode == "each":
+            if self._current is None:
+                raise RuntimeError("micro_step() called but no gradient reached the parameters since the last "
+                                   "micro-batch: call it after loss.backward()")
+            self._micro_sq.append(self._current)
+            self._current = None
+        elif not self._micro_sizes:
+            grads = self._grads()
+            if not grads:
+                raise RuntimeError("micro_step() called but the parameters have no gradient: call it after "
+                                   "loss.backward()")
+            self._micro_sq.append(torch.stack(torch._foreach_norm(grads)).double().pow(2).sum())
         self._micro_sizes.append(batch_size)
-        self._current = None
 
     def finish(self, grad_scale: Number = 1.0) -> Dict[str, object]:
         """End of an accumulation step: update the noise scale and return its dict."""
         if self._current is not None:
             raise RuntimeError("a backward pass ran after the last micro_step(): call micro_step(size) after "
                                "every micro-batch's backward")
-        k = len(self._micro_sq)
         sizes, micro_sq = self._micro_sizes, self._micro_sq
         self._micro_sq, self._micro_sizes = [], []
-        if k < 2:
-            raise ValueError(f"the noise scale needs at least 2 micro-batches per step, got {k}")
-        grads = [p.grad for p in self.params if p.grad is not None]
+        if len(sizes) < 2:
+            raise ValueError(f"the noise scale needs at least 2 micro-batches per step, got {len(sizes)}")
+        grads = self._grads()
         if not grads:
             raise RuntimeError("no accumulated gradients found (was zero_grad() called before finish()?)")
         total = sum(sizes)
         big_sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() / (grad_scale ** 2)
+        used = sizes if self.mode == "each" else sizes[:1]
         # micro-batch i's gradient is seen as grad_scale * (b_i / B) * G_{b_i}
-        scales = torch.tensor([(total / b) ** 2 for b in sizes], dtype=torch.float64, device=big_sq.device)
-        small_sq = (torch.stack(micro_sq).double() * scales).mean() / (grad_scale ** 2)
+        scales = torch.tensor([(total / b) ** 2 for b in used], dtype=torch.float64, device=big_sq.device)
+        small_sq = (torch.stack(micro_sq).to(big_sq.device) * scales).mean() / (grad_scale ** 2)
         # E[mean_i |G_{b_i}|^2] = |G|^2 + tr(Sigma) * mean(1/b_i): the harmonic mean is the effective size
-        small = k / sum(1.0 / b for b in sizes)
+        small = len(used) / sum(1.0 / b for b in used)
         return self.noise.update(small_sq, small, big_sq, total)
 
     def discard(self) -> None:
