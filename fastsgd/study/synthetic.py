@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,7 @@ from torch import Tensor, nn
 from fastsgd.study import models
 from fastsgd.study.workload import Workload
 
-# name -> (one-line description, model constructor, fixed constructor kwargs, input shape of one example or
-# None for the language model, number of classes)
+# name -> (one-line description, model constructor, fixed constructor kwargs, shape of one example)
 _IMAGE_MODELS: Dict[str, Tuple[str, Callable[..., nn.Module], Dict[str, Any], Tuple[int, ...]]] = {
     "simple-cnn": ("Shallue et al. Simple CNN (2 conv + 2 FC), 28x28x1", models.SimpleCNN, {}, (1, 28, 28)),
     "mlp": ("MLP 784-512-512-10", models.MLP, {}, (784,)),
@@ -66,16 +65,19 @@ def synthetic_workload(name: str, **options: Any) -> Workload:
     description, constructor, fixed, shape = _IMAGE_MODELS[name]
     _check_options(name, constructor, options, fixed=fixed)
     kwargs = {**fixed, **options}
+    num_classes = kwargs.get("num_classes", inspect.signature(constructor).parameters["num_classes"].default)
     if name == "mlp":
         shape = (kwargs.get("in_features", 784),)
-    num_classes = kwargs.get("num_classes", inspect.signature(constructor).parameters["num_classes"].default)
+        description = "MLP " + "-".join(map(str, (*shape, *kwargs.get("hidden", (512, 512)), num_classes)))
+    else:
+        description = _describe(description, options)
     return classification_workload(name, lambda: constructor(**kwargs), shape, num_classes,
                                    description=description, options=options)
 
 
 def classification_workload(name: str, make_model: Callable[[], nn.Module], example_shape: Sequence[int],
-                            num_classes: int, *, description: str = "", options: Dict[str, Any] = None
-                            ) -> Workload:
+                            num_classes: int, *, description: str = "",
+                            options: Optional[Dict[str, Any]] = None) -> Workload:
     """A workload whose examples are random normal tensors of ``example_shape``
     with uniformly random labels in [0, num_classes), scored by cross-entropy."""
     example_shape = tuple(example_shape)
@@ -105,8 +107,8 @@ def _language_model_workload(**options: Any) -> Workload:
 
     return Workload(name="transformer", make_model=lambda: models.GPTLanguageModel(**options),
                     sample_batch=sample_batch, loss=loss,
-                    info={"description": WORKLOADS["transformer"] if not options else
-                          f"GPT-style Transformer LM {options}", "example_shape": [seq_len],
+                    info={"description": _describe("GPT-style Transformer LM", options) if options else
+                          WORKLOADS["transformer"], "example_shape": [seq_len],
                           "vocab_size": vocab_size, "example": f"sequence of {seq_len} tokens",
                           "options": dict(options)})
 
@@ -140,7 +142,14 @@ def _external_workload(package: str, model_name: str, *, image_size: int = 224, 
                                    options={"image_size": image_size, "num_classes": num_classes})
 
 
-def _check_options(name: str, constructor: Callable, options: Dict[str, Any], fixed: Dict[str, Any] = None) -> None:
+def _describe(description: str, options: Dict[str, Any]) -> str:
+    if not options:
+        return description
+    return f"{description} ({', '.join(f'{k}={v}' for k, v in options.items())})"
+
+
+def _check_options(name: str, constructor: Callable, options: Dict[str, Any],
+                   fixed: Optional[Dict[str, Any]] = None) -> None:
     valid = [p for p in inspect.signature(constructor).parameters if p not in (fixed or {})]
     unknown = sorted(set(options) - set(valid))
     if unknown:
