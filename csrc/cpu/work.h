@@ -23,6 +23,11 @@ namespace cpu {
 // small enough that both cores get work from a single mid-sized tensor.
 constexpr int64_t kChunk = int64_t(1) << 16;
 
+// Elements each extra thread must get before it is worth waking: below this a
+// parallel region costs more than it saves (and on a busy machine a barrier
+// can wait a whole scheduler time slice for a descheduled thread).
+constexpr int64_t kMinPerThread = 4 * kChunk;
+
 struct Segment {
   int64_t entry;
   int64_t begin;
@@ -33,6 +38,7 @@ struct Plan {
   std::vector<Segment> segments;
   std::vector<int64_t> item_start;   // item k holds segments [item_start[k], item_start[k + 1])
   std::vector<int64_t> entry_start;  // entry e holds segments [entry_start[e], entry_start[e + 1])
+  int64_t total = 0;                 // elements over all entries
 
   int64_t num_items() const { return int64_t(item_start.size()) - 1; }
 };
@@ -48,6 +54,7 @@ inline Plan make_plan(const std::vector<int64_t>& numel) {
       const int64_t end = b + kChunk < numel[e] ? b + kChunk : numel[e];
       plan.segments.push_back({int64_t(e), b, end});
       in_item += end - b;
+      plan.total += end - b;
       if (in_item >= kChunk) {
         plan.item_start.push_back(int64_t(plan.segments.size()));
         in_item = 0;
@@ -59,10 +66,13 @@ inline Plan make_plan(const std::vector<int64_t>& numel) {
   return plan;
 }
 
-// Runs f(segment_index) for every segment, items spread over `threads` threads.
+// Runs f(segment_index) for every segment, items spread over up to `threads`
+// threads (fewer when there is too little work to share).
 template <class F>
 void for_each_segment(const Plan& plan, int threads, F&& f) {
   const int64_t items = plan.num_items();
+  const int64_t useful = plan.total / kMinPerThread;
+  if (useful < threads) threads = useful > 1 ? int(useful) : 1;
 #if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (items > 1 && threads > 1)
 #endif

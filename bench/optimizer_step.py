@@ -1,0 +1,294 @@
+"""Time one optimizer step, as a user calls it (``opt.step()``), for parameter
+layouts that mirror real models, against the real alternatives.
+
+    python bench/optimizer_step.py                       # all layouts, nesterov/lars/lamb, CPU
+    python bench/optimizer_step.py --quick               # tiny sizes: a smoke test
+    python bench/optimizer_step.py --layouts resnet50 --optimizers nesterov,lars --out results.json
+    python bench/optimizer_step.py --device cuda --launches
+
+Providers (``--providers`` picks some; unavailable ones are listed with why):
+  torch-foreach, torch-fused   torch.optim.SGD(nesterov=True, foreach=True / fused=True)   [nesterov]
+  fastsgd-<backend>            fastsgd.Nesterov / LARS / LAMB with backend= each backend for the device
+  timm                         timm.optim.Lars / Lamb (the installed timm package; when ``import timm``
+                               fails, e.g. without torchvision, its optim/lars.py and lamb.py files are
+                               loaded directly -- still timm's code, and the row says so)      [lars, lamb]
+  apex                         apex.optimizers.FusedSGD / FusedLAMB (CUDA only)
+
+Per row: median and q20/q80 of the step time; "min MB", the bytes every
+implementation must move per step (reads + writes of params, grads and
+buffers/moments, once each); "kernel MB", the bytes fastsgd's CPU kernels
+really move (LARS and LAMB make a second pass for their per-tensor norms);
+GB/s from kernel MB where known, else from min MB; that as a percentage of the
+copy bandwidth measured at the start of the run; and the speedup against
+torch fused SGD (nesterov) or timm (lars, lamb).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import layouts  # noqa: E402
+
+import fastsgd  # noqa: E402
+from fastsgd import backends  # noqa: E402
+from fastsgd.measure import copy_bandwidth, environment, format_table, time_fn, write_rows  # noqa: E402
+
+OPTIMIZERS = ("nesterov", "lars", "lamb")
+
+# Typical settings; weight decay on every tensor so LARS/LAMB adapt every tensor.
+HPARAMS = {
+    "nesterov": dict(lr=0.1, momentum=0.9, weight_decay=1e-4),
+    "lars": dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coeff=0.001),
+    "lamb": dict(lr=1e-3, weight_decay=0.01),
+}
+
+# Tensors of one element-size streamed per element: reads + writes, once each.
+MIN_STREAMS = {"nesterov": 5, "lars": 5, "lamb": 7}  # p,g,b read, p,b written / p,g,m,v read, p,m,v written
+# What fastsgd's CPU kernels move (csrc/cpu): LARS pass 1 reads p, g for the
+# norms; LAMB (float32 moments) pass 1 reads p,g,m,v and writes m,v, pass 2
+# reads p,m,v and writes p.
+CPU_KERNEL_STREAMS = {"nesterov": 5, "lars": 7, "lamb": 10}
+
+BASELINE = {"nesterov": "torch-fused", "lars": "timm", "lamb": "timm"}
+
+
+@dataclass
+class Provider:
+    name: str
+    make: Optional[Callable[[List[torch.Tensor]], torch.optim.Optimizer]]
+    skip_reason: Optional[str] = None
+    note: str = ""
+    kernel_streams: Optional[int] = None
+
+
+# ---- third-party optimizers ---------------------------------------------------------
+def load_timm():
+    """(Lars, Lamb, how): timm's classes, imported normally or, when ``import
+    timm`` fails (it needs torchvision), loaded from the installed package's
+    timm/optim/lars.py and lamb.py under a private package name."""
+    try:
+        from timm.optim import Lamb, Lars
+        return Lars, Lamb, "timm.optim"
+    except Exception as exc:  # ImportError, or torchvision failing inside timm
+        first_error = exc
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"timm is not installed (pip install --no-deps timm): {first_error}")
+    optim_dir = os.path.join(list(spec.submodule_search_locations)[0], "optim")
+    pkg = types.ModuleType("_timm_optim_files")
+    pkg.__path__ = [optim_dir]
+    sys.modules.setdefault(pkg.__name__, pkg)
+    lars = importlib.import_module(f"{pkg.__name__}.lars")
+    lamb = importlib.import_module(f"{pkg.__name__}.lamb")
+    return lars.Lars, lamb.Lamb, f"timm files from {optim_dir} (import timm failed: {type(first_error).__name__})"
+
+
+def _timm_provider(kind: str) -> Provider:
+    try:
+        Lars, Lamb, how = load_timm()
+    except Exception as exc:
+        return Provider("timm", None, f"timm unavailable: {exc}")
+    hp = HPARAMS[kind]
+    if kind == "lars":
+        return Provider("timm", lambda ps: Lars(ps, lr=hp["lr"], momentum=hp["momentum"],
+                                                weight_decay=hp["weight_decay"], trust_coeff=hp["trust_coeff"]),
+                        note=f"Lars via {how}")
+    return Provider("timm", lambda ps: Lamb(ps, lr=hp["lr"], weight_decay=hp["weight_decay"], max_grad_norm=None),
+                    note=f"Lamb via {how} (max_grad_norm=None, as fastsgd's default)")
+
+
+def _apex_provider(kind: str, device: torch.device) -> Provider:
+    if device.type != "cuda":
+        return Provider("apex", None, "apex fused optimizers run on CUDA only")
+    try:
+        from apex.optimizers import FusedLAMB, FusedSGD
+    except Exception as exc:
+        return Provider("apex", None, f"apex unavailable: {exc}")
+    hp = HPARAMS[kind]
+    if kind == "nesterov":
+        return Provider("apex", lambda ps: FusedSGD(ps, lr=hp["lr"], momentum=hp["momentum"],
+                                                    weight_decay=hp["weight_decay"], nesterov=True),
+                        note="apex FusedSGD")
+    if kind == "lamb":
+        return Provider("apex", lambda ps: FusedLAMB(ps, lr=hp["lr"], weight_decay=hp["weight_decay"],
+                                                     max_grad_norm=0.0), note="apex FusedLAMB (no clipping)")
+    return Provider("apex", None, "apex has no LARS optimizer")
+
+
+# ---- providers -----------------------------------------------------------------
+def _fastsgd_provider(kind: str, backend: str, device: torch.device, dtype: torch.dtype) -> Provider:
+    name = f"fastsgd-{backend}"
+    try:
+        backends.get_backend(backend, device, {dtype})
+    except (backends.BackendUnavailable, TypeError) as exc:
+        return Provider(name, None, str(exc))
+    hp = HPARAMS[kind]
+    if kind == "nesterov":
+        make = lambda ps: fastsgd.Nesterov(ps, lr=hp["lr"], momentum=hp["momentum"],  # noqa: E731
+                                           weight_decay=hp["weight_decay"], backend=backend)
+    elif kind == "lars":
+        make = lambda ps: fastsgd.LARS(ps, lr=hp["lr"], momentum=hp["momentum"],  # noqa: E731
+                                       weight_decay=hp["weight_decay"], trust_coeff=hp["trust_coeff"],
+                                       backend=backend)
+    else:
+        make = lambda ps: fastsgd.LAMB(ps, lr=hp["lr"], weight_decay=hp["weight_decay"],  # noqa: E731
+                                       backend=backend)
+    streams = CPU_KERNEL_STREAMS[kind] if backend == "cpu" else None
+    return Provider(name, make, kernel_streams=streams)
+
+
+def providers_for(kind: str, device: torch.device, dtype: torch.dtype) -> List[Provider]:
+    out: List[Provider] = []
+    if kind == "nesterov":
+        hp = HPARAMS[kind]
+        for flag in ("foreach", "fused"):
+            out.append(Provider(f"torch-{flag}", lambda ps, flag=flag: torch.optim.SGD(
+                ps, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], nesterov=True,
+                **{flag: True}), note=f"torch.optim.SGD({flag}=True)"))
+    else:
+        out.append(_timm_provider(kind))
+    out.append(_apex_provider(kind, device))
+    for backend in backends.BACKENDS:
+        out.append(_fastsgd_provider(kind, backend, device, dtype))
+    return out
+
+
+# ---- measuring -----------------------------------------------------------------
+def make_params(shapes: Sequence[tuple], device: torch.device, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype))
+        p.grad = (torch.randn(s, generator=gen) * 1e-2).to(device=device, dtype=dtype)
+        params.append(p)
+    return params
+
+
+def count_launches(step: Callable[[], None]) -> int:
+    """CUDA kernels (and memcpy/memset) run by one call of ``step``, via torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def measure(layout: str, kind: str, provider: Provider, shapes, device, dtype, reps: int, bandwidth: float,
+            launches: bool) -> Dict:
+    params = make_params(shapes, device, dtype)
+    opt = provider.make(params)
+    t = time_fn(opt.step, device=device, warmup=2, reps=reps)
+    n = layouts.numel(shapes)
+    elem = torch.empty((), dtype=dtype).element_size()
+    min_bytes = MIN_STREAMS[kind] * n * elem
+    kernel_bytes = provider.kernel_streams * n * elem if provider.kernel_streams else None
+    moved = kernel_bytes or min_bytes
+    gbs = moved / t["median"] / 1e9
+    row = dict(layout=layout, optimizer=kind, provider=provider.name, tensors=len(shapes), params_M=n / 1e6,
+               median_ms=t["median"] * 1e3, q20_ms=t["q20"] * 1e3, q80_ms=t["q80"] * 1e3, reps=t["n"],
+               min_MB=min_bytes / 1e6, kernel_MB=None if kernel_bytes is None else kernel_bytes / 1e6,
+               GBps=gbs, pct_bw=100.0 * gbs / bandwidth, note=provider.note)
+    if launches and device.type == "cuda":
+        row["launches"] = count_launches(opt.step)
+    del opt, params
+    return row
+
+
+def add_speedups(rows: List[Dict]) -> None:
+    """speedup = baseline median / this median, within each (layout, optimizer)."""
+    for r in rows:
+        base = next((b for b in rows if b["layout"] == r["layout"] and b["optimizer"] == r["optimizer"]
+                     and b["provider"] == BASELINE[r["optimizer"]]), None)
+        r["vs_" + BASELINE[r["optimizer"]]] = None if base is None else base["median_ms"] / r["median_ms"]
+        r["speedup"] = r["vs_" + BASELINE[r["optimizer"]]]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", default=",".join(layouts.LAYOUTS), help="comma list of " +
+                    ", ".join(layouts.LAYOUTS))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma list of " + ", ".join(OPTIMIZERS))
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--providers", default="", help="comma list of provider names (default: all), e.g. "
+                    "torch-fused,fastsgd-cpu,timm")
+    ap.add_argument("--reps", type=int, default=20, help="timed steps per row (after 2 warm-up steps)")
+    ap.add_argument("--quick", action="store_true", help="tiny layouts and 3 reps: checks the script end to end")
+    ap.add_argument("--launches", action="store_true", help="count CUDA kernel launches per step (--device cuda)")
+    ap.add_argument("--out", help="write rows to FILE (.json or .csv)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    dtype = torch.float32
+    names = [x for x in args.layouts.split(",") if x]
+    kinds = [x for x in args.optimizers.split(",") if x]
+    for x in names:
+        if x not in layouts.LAYOUTS:
+            ap.error(f"unknown layout {x!r}; choose from {', '.join(layouts.LAYOUTS)}")
+    for x in kinds:
+        if x not in OPTIMIZERS:
+            ap.error(f"unknown optimizer {x!r}; choose from {', '.join(OPTIMIZERS)}")
+    wanted = {x for x in args.providers.split(",") if x}
+    reps = 3 if args.quick else args.reps
+
+    env = environment(device)
+    bandwidth = copy_bandwidth(device, nbytes=(16 if args.quick else 256) * 2**20)
+    print(f"# {env['device']} | torch {env['torch']} | fastsgd {env['fastsgd']} | threads {env['threads']} | "
+          f"commit {env['commit']} | {env['date']}")
+    print(f"# measured copy bandwidth (read + write): {bandwidth:.1f} GB/s")
+
+    rows: List[Dict] = []
+    skipped: List[Dict] = []
+    for name in names:
+        shapes = layouts.LAYOUTS[name](layouts.QUICK_DIV[name] if args.quick else 1)
+        for kind in kinds:
+            for prov in providers_for(kind, device, dtype):
+                if wanted and prov.name not in wanted:
+                    continue
+                if prov.make is None:
+                    skipped.append(dict(layout=name, optimizer=kind, provider=prov.name, skipped=prov.skip_reason))
+                    continue
+                rows.append(measure(name, kind, prov, shapes, device, dtype, reps, bandwidth, args.launches))
+                r = rows[-1]
+                print(f"  {name:>9} {kind:>8} {prov.name:>17}: {r['median_ms']:9.2f} ms", flush=True)
+    add_speedups(rows)
+
+    cols = ["layout", "optimizer", "provider", "tensors", "params_M", "median_ms", "q20_ms", "q80_ms", "min_MB",
+            "kernel_MB", "GBps", "pct_bw", "speedup"]
+    if args.launches:
+        cols.append("launches")
+    print()
+    print(format_table(rows, cols))
+    print("\nspeedup: median of the baseline / median of the row; baseline torch-fused for nesterov, timm for "
+          "lars and lamb.\nGBps and pct_bw count kernel_MB where given, else min_MB.")
+    notes = sorted({(r["provider"], r["note"]) for r in rows if r["note"]})
+    for prov, note in notes:
+        print(f"  {prov}: {note}")
+    if skipped:
+        print("\nskipped:")
+        seen = set()
+        for s in skipped:
+            key = (s["provider"], s["skipped"])
+            if key not in seen:
+                seen.add(key)
+                print(f"  {s['provider']}: {s['skipped']}")
+    if args.out:
+        meta = dict(env, copy_bandwidth_GBps=bandwidth, quick=args.quick, benchmark="optimizer_step")
+        write_rows(args.out, rows + skipped, meta)
+        print(f"\nwrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
