@@ -1,0 +1,328 @@
+"""GPU backends (triton, and cuda when built) on a real GPU; skipped without CUDA.
+
+Except ``test_triton_kernels_compile_for_gpu``, which runs everywhere: it
+compiles every Triton kernel variant to a cubin for sm_80 and sm_90 with
+Triton's bundled ptxas (no GPU needed), in a fresh process where triton is
+imported without TRITON_INTERPRET.
+
+Nothing here imports triton at module level, so the interpreter tests in
+test_triton_backend.py can still import it in interpreter mode.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastsgd
+from fastsgd.backends import BackendUnavailable, get_backend
+from fastsgd.kernels import reference
+
+sys.path.insert(0, os.path.dirname(__file__))
+import kernel_cases as K  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _id(hp):
+    return ",".join(f"{k}={v}" for k, v in hp.items())
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernels(request):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    try:
+        return get_backend(request.param, CUDA, {torch.float32})
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+# ---- against the reference ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hp", K.SGD_HPARAMS, ids=_id)
+def test_sgd_matches_reference(kernels, dtype, hp):
+    K.check_sgd(kernels, CUDA, K.AWKWARD_SHAPES, dtype, hp)
+    K.check_sgd(kernels, CUDA, K.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=512.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hp", K.LARS_HPARAMS, ids=_id)
+def test_lars_matches_reference(kernels, dtype, hp):
+    K.check_lars(kernels, CUDA, K.AWKWARD_SHAPES, dtype, hp)
+    K.check_lars(kernels, CUDA, K.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=512.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hp", K.LAMB_HPARAMS, ids=_id)
+def test_lamb_matches_reference(kernels, dtype, hp):
+    K.check_lamb(kernels, CUDA, K.AWKWARD_SHAPES, dtype, hp)
+    K.check_lamb(kernels, CUDA, K.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=512.0,
+                 clip_divisor=torch.tensor(1.5, device=CUDA))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_found_inf_changes_nothing(kernels, dtype):
+    K.check_skip_changes_nothing(kernels, CUDA, dtype)
+
+
+# ---- against torch.optim.SGD(fused=True) --------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hp", [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.9, dampening=0.1, weight_decay=1e-2),
+                                dict(momentum=0.9, nesterov=True, weight_decay=5e-4, maximize=True)], ids=_id)
+def test_matches_torch_fused_sgd(kernels, dtype, hp):
+    shapes = [(64, 3, 7, 7), (64,), (1000, 2048), (1000,), (1,), (4097,)]
+    ours = K.make_tensors(shapes, dtype, CUDA)
+    theirs = [p.clone() for p in ours]
+    ps = [torch.nn.Parameter(p) for p in ours]
+    ts = [torch.nn.Parameter(p) for p in theirs]
+    opt = fastsgd.SGD(ps, lr=0.05, backend=kernels.NAME, **hp)
+    torch_opt = torch.optim.SGD(ts, lr=0.05, fused=True, **hp)
+    for step in range(5):
+        for p, t, g in zip(ps, ts, K.make_tensors(shapes, dtype, CUDA, seed=100 + step)):
+            p.grad, t.grad = g.clone(), g.clone()
+        opt.step()
+        torch_opt.step()
+    K.assert_all_close([p.detach() for p in ps], [t.detach() for t in ts], dtype, "param vs torch fused")
+
+
+# ---- CUDA graphs: capture once, replay with a changing lr -----------------------
+
+GRAPH_OPTIMIZERS = {
+    "Momentum": lambda ps, lr, b: fastsgd.Momentum(ps, lr=lr, weight_decay=1e-4, backend=b),
+    "Nesterov": lambda ps, lr, b: fastsgd.Nesterov(ps, lr=lr, backend=b),
+    "LARS": lambda ps, lr, b: fastsgd.LARS(ps, lr=lr, weight_decay=1e-4, trust_clip=True, backend=b),
+    "LAMB": lambda ps, lr, b: fastsgd.LAMB(ps, lr=lr, weight_decay=0.01, backend=b),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPH_OPTIMIZERS))
+def test_cuda_graph_capture_and_replay_with_changing_lr(kernels, name):
+    shapes = [(257, 129), (1,), (4097,), (0,), (33, 3, 3)]
+    init = K.make_tensors(shapes, torch.float32, CUDA)
+    ps = [torch.nn.Parameter(t.clone()) for t in init]
+    refs = [torch.nn.Parameter(t.clone()) for t in init]
+    lr = torch.tensor(0.1, device=CUDA)
+    opt = GRAPH_OPTIMIZERS[name](ps, lr, kernels.NAME)
+    ref_opt = GRAPH_OPTIMIZERS[name](refs, lr, "reference")
+
+    def set_grads(seed):
+        for p, r, g in zip(ps, refs, K.make_tensors(shapes, torch.float32, CUDA, seed=seed)):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(g)  # in place: the graph reads the grads' addresses
+            r.grad = g.clone()
+
+    set_grads(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up creates state and the tensor tables
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    ref_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step, value in enumerate([0.05, 0.2, 0.01]):
+        lr.fill_(value)
+        set_grads(step + 1)
+        graph.replay()
+        ref_opt.step()
+    torch.cuda.synchronize()
+    K.assert_all_close([p.detach() for p in ps], [r.detach() for r in refs], torch.float32, f"{name} replayed")
+
+
+def test_capture_without_warm_up_raises():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    p = torch.nn.Parameter(torch.randn(100, device=CUDA))
+    p.grad = torch.randn(100, device=CUDA)
+    opt = fastsgd.Momentum([p], lr=torch.tensor(0.1, device=CUDA), backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
+# ---- a tensor past 2^31 elements ----------------------------------------------
+
+def _need_free_bytes(n):
+    free, _ = torch.cuda.mem_get_info()
+    if free < n:
+        pytest.skip(f"needs {n / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+
+
+def test_tensor_over_2_31_elements(kernels):
+    n = 2 ** 31 + 4099
+    _need_free_bytes(3 * 2 * n + 2 ** 30)
+    p = torch.ones(n, dtype=torch.bfloat16, device=CUDA)
+    g = torch.ones(n, dtype=torch.bfloat16, device=CUDA)
+    g[-3:] = 2.0  # past 2^31: only a correct 64-bit offset reaches these
+    b = torch.zeros_like(p)
+    kernels.sgd_step([p], [g], [b], lr=0.25, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False, lr_in_momentum=False, first_step=[True])
+    assert p[0].item() == 0.75 and p[2 ** 31 - 1].item() == 0.75 and p[2 ** 31 + 7].item() == 0.75
+    assert p[-3:].tolist() == [0.5, 0.5, 0.5] and b[-1].item() == 2.0
+    assert int((p == 0.75).sum()) == n - 3  # every element once, none twice
+    # LARS: the trust ratio needs the norm over all n elements.
+    p.fill_(1.0)
+    g.fill_(1.0)
+    kernels.lars_step([p], [g], None, lr=1.0, momentum=0.0, weight_decay=0.5, trust_coeff=0.02, first_step=True)
+    ratio = 0.02 / 1.5  # ||p|| = ||g|| = sqrt(n): r = tc / (1 + wd)
+    expected = torch.tensor(1.0 - 1.5 * ratio, dtype=torch.bfloat16).item()
+    assert p[0].item() == expected and p[-1].item() == expected
+
+
+# ---- torch.compile -------------------------------------------------------------
+
+def test_torch_compile_of_a_training_step(kernels):
+    def train(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(CUDA)
+        opt = fastsgd.Nesterov(model.parameters(), lr=0.1, weight_decay=1e-4, backend=kernels.NAME)
+
+        def step(x, y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        if compiled:
+            step = torch.compile(step)
+        gen = torch.Generator(device=CUDA).manual_seed(1)
+        for _ in range(4):
+            step(torch.randn(32, 64, device=CUDA, generator=gen), torch.randint(0, 10, (32,), device=CUDA,
+                                                                                generator=gen))
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    for a, e in zip(train(True), train(False)):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+
+
+# ---- launches per step ----------------------------------------------------------
+
+def _kernels_launched(fn):
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+
+
+@pytest.mark.parametrize("name,limit", [("Nesterov", 1), ("LARS", 3), ("LAMB", 3)])
+def test_launches_per_step(name, limit):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    shapes = [(i % 7 + 1, 97 * (i % 5) + 3) for i in range(300)] + [(2048, 1024)]
+    ps = [torch.nn.Parameter(t) for t in K.make_tensors(shapes, torch.float32, CUDA)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    lr = torch.tensor(0.1, device=CUDA)
+    opt = GRAPH_OPTIMIZERS[name](ps, lr, "triton")
+    opt.step()  # creates state and the table
+    launched = _kernels_launched(opt.step)
+    assert 1 <= len(launched) <= limit, launched
+
+
+# ---- stochastic rounding on the GPU --------------------------------------------
+
+def test_stochastic_rounding_is_unbiased_on_the_gpu():
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    from fastsgd.kernels import triton_optim as T
+    x = 1.0 + 0.3 * 2 ** -7
+    n = 1 << 20
+    T.manual_seed(7, CUDA)
+    p, g = torch.zeros(n, device=CUDA), torch.full((n,), x, device=CUDA)
+    b = torch.zeros(n, dtype=torch.bfloat16, device=CUDA)
+    T.sgd_step([p], [g], [b], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
+    first = b.float().clone()
+    T.sgd_step([p], [g], [b], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
+    sigma = 2 ** -7 * (0.21 / n) ** 0.5
+    assert abs(first.mean().item() - x) < 5 * sigma
+    assert not torch.equal(first, b.float())  # fresh bits each call
+    T.manual_seed(7, CUDA)
+    T.sgd_step([p], [g], [b], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
+    assert torch.equal(first, b.float())  # same seed, same bits
+
+
+# ---- compile-only check, no GPU needed ------------------------------------------
+
+def _compile_variants(arch: int) -> int:
+    """Compile every kernel with representative constexpr combinations for
+    sm_<arch>; returns the number compiled. Run without TRITON_INTERPRET."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastsgd.kernels.triton_lamb import lamb_kernel
+    from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
+    from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
+
+    def build(kernel, types, constexprs):
+        sig = {n: ("constexpr" if n in constexprs else types.get(n, "*fp32")) for n in kernel.arg_names}
+        cx = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": 8})
+
+    table = {"tensors_ptr": "*i64", "programs_ptr": "*i64", "rng_ptr": "*i64"}
+    floats = {n: "fp32" for n in ("lr_value", "momentum", "one_minus_dampening", "weight_decay", "clip_value",
+                                  "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "log_beta1",
+                                  "log_beta2", "eps", "trust_coeff")}
+    types = dict(table, **floats, first_all="i32")
+    size = dict(BLOCK=2048, CHUNK=16384)
+    off = dict(NESTEROV=False, MAXIMIZE=False, LR_IN_MOMENTUM=False, HAS_WEIGHT_DECAY=False, HAS_RATIO=False,
+               LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, STOCHASTIC_ROUNDING=False)
+    sgd = [
+        dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.float32, HAS_MOMENTUM=False),
+        dict(off, PARAM_DTYPE=tl.bfloat16, BUF_DTYPE=tl.float32, HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True,
+             HAS_WEIGHT_DECAY=True, LR_IS_TENSOR=True, HAS_SCALE=True, HAS_FOUND_INF=True),
+        dict(off, PARAM_DTYPE=tl.float16, BUF_DTYPE=tl.float16, HAS_MOMENTUM=True, LR_IN_MOMENTUM=True,
+             HAS_RATIO=True),
+        dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.bfloat16, HAS_MOMENTUM=True, STOCHASTIC_ROUNDING=True),
+    ]
+    lamb_off = dict(LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, CLIP_IS_TENSOR=False,
+                    HAS_WEIGHT_DECAY=False, BIAS_CORRECTION=False)
+    lamb = [
+        dict(lamb_off, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, NORMS_ONLY=True, HAS_CLIP=True,
+             CLIP_IS_TENSOR=True, HAS_WEIGHT_DECAY=True, BIAS_CORRECTION=True, HAS_SCALE=True, HAS_FOUND_INF=True),
+        dict(lamb_off, PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16, NORMS_ONLY=False, LR_IS_TENSOR=True,
+             BIAS_CORRECTION=True, HAS_CLIP=True),
+        dict(lamb_off, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32, NORMS_ONLY=False),
+    ]
+    ratio_off = dict(TRUST_CLIP=False, LR_IS_TENSOR=False, HAS_FOUND_INF=False, BLOCK=256)
+    ratios = [dict(ratio_off, LAMB=False, ADAPT=True, TRUST_CLIP=True, LR_IS_TENSOR=True, HAS_FOUND_INF=True),
+              dict(ratio_off, LAMB=True, ADAPT=True, TRUST_CLIP=True),
+              dict(ratio_off, LAMB=True, ADAPT=False)]
+    partials = [dict(PARAM_DTYPE=tl.float32, HAS_SCALE=False, HAS_FOUND_INF=False, **size),
+                dict(PARAM_DTYPE=tl.bfloat16, HAS_SCALE=True, HAS_FOUND_INF=True, **size)]
+    jobs = ([(momentum_sgd_kernel, dict(c, **size)) for c in sgd] + [(lamb_kernel, dict(c, **size)) for c in lamb]
+            + [(trust_ratio_kernel, c) for c in ratios] + [(lars_partials_kernel, c) for c in partials])
+    for kernel, constexprs in jobs:
+        build(kernel, types, constexprs)
+    return len(jobs)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpu(arch):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"import test_gpu_optim as t; print(t._compile_variants({arch}))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-10000:]
+    assert int(proc.stdout.split()[-1]) == 12
