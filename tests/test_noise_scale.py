@@ -114,10 +114,15 @@ def test_bad_inputs_have_clear_errors():
 
 
 def test_update_from_ddp_reads_last_grad_sq_norms():
-    class FakeDDP:
-        last_grad_sq_norms = {"local": torch.tensor(2.0 + 100 / 16), "global": torch.tensor(2.0 + 100 / 64),
-                              "world_size": 4}
-    out = GradientNoiseScale().update_from_ddp(FakeDDP(), local_batch=16)
+    class FakeDDP:   # the documented fields of BucketedDataParallel.last_grad_sq_norms
+        last_grad_sq_norms = {"local": torch.tensor(99.0), "local_mean": torch.tensor(2.0 + 100 / 16),
+                              "global": torch.tensor(2.0 + 100 / 64), "world_size": 4, "local_batch_size": 16}
+    out = GradientNoiseScale().update_from_ddp(FakeDDP())
+    assert float(out["g2"]) == pytest.approx(2.0) and float(out["trace"]) == pytest.approx(100.0)
+    # summed (not averaged) micro-batch losses: gradients 3x the mean
+    FakeDDP.last_grad_sq_norms = {k: (v * 9 if isinstance(v, torch.Tensor) else v)
+                                  for k, v in FakeDDP.last_grad_sq_norms.items()}
+    out = GradientNoiseScale().update_from_ddp(FakeDDP(), grad_scale=3)
     assert float(out["g2"]) == pytest.approx(2.0) and float(out["trace"]) == pytest.approx(100.0)
 
 
@@ -200,9 +205,20 @@ def _gloo_worker(rank, world_size, init_file, result_file):
             global_sq = grad.pow(2).sum()
             dist.all_reduce(local_sq)               # average the local estimate over ranks (lower variance)
             ns.update_from_distributed(local_sq / world_size, global_sq, local_batch, world_size)
+        result = {"estimate": ns.read(), "truth": p.b_simple(model.weight),
+                  "g2_truth": p.grad_sq_norm(model.weight)}
+        # the same through BucketedDataParallel's own norms (no optimizer: parameters stay fixed)
+        from fastsgd.distributed import BucketedDataParallel
+        ddp = BucketedDataParallel(model)
+        ns_ddp = GradientNoiseScale(decay=None)
+        for _ in range(500):
+            x, y = wl.sample_batch(local_batch, gen, torch.device("cpu"))
+            model.zero_grad()
+            wl.loss(ddp(x), y).backward()
+            ns_ddp.update_from_ddp(ddp)
+        result["estimate_ddp"] = ns_ddp.read()
         if rank == 0:
-            torch.save({"estimate": ns.read(), "truth": p.b_simple(model.weight),
-                        "g2_truth": p.grad_sq_norm(model.weight)}, result_file)
+            torch.save(result, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -215,3 +231,4 @@ def test_two_process_gloo_estimate_within_10_percent_of_closed_form():
         r = torch.load(result_file)
     assert _rel(r["estimate"]["b_simple"], r["truth"]) < 0.10, r
     assert _rel(r["estimate"]["g2"], r["g2_truth"]) < 0.10, r
+    assert _rel(r["estimate_ddp"]["b_simple"], r["truth"]) < 0.10, r

@@ -164,6 +164,15 @@ def test_whatif_bad_inputs_and_comm_json(tmp_path):
     comm = load_comm_model(str(p), grad_bytes=1e6)
     assert (comm.bandwidth, comm.latency, comm.overlap) == (2.5e9, 3e-5, 0.6)
     assert load_comm_model(str(p), 1e6, bandwidth=1e9).bandwidth == 1e9
+    # bench/allreduce.py's layout: one all-reduce at world size 2 of 4 bytes / the largest message
+    p.write_text(json.dumps({"meta": {"world_size": 2, "allreduce_latency_s": 1e-4, "allreduce_bandwidth_GBps": 3.0},
+                             "rows": [{"provider": "bdp", "hidden_comm": 0.1},
+                                      {"provider": "bdp+fused_step", "hidden_comm": 0.5},
+                                      {"provider": "bdp+fused_step", "hidden_comm": 0.7}]}))
+    comm = load_comm_model(str(p), grad_bytes=1e6)
+    assert comm.latency == pytest.approx(0.5e-4) and comm.bandwidth == pytest.approx(3e9)
+    assert comm.overlap == pytest.approx(0.6)
+    assert comm.allreduce_time(2) == pytest.approx(1e-4 + 1e6 / 3e9)   # reproduces the measurement at W = 2
     p.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="found none"):
         load_comm_model(str(p), grad_bytes=1e6)

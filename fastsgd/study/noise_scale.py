@@ -123,18 +123,37 @@ class GradientNoiseScale:
             raise ValueError(f"local_batch must be a positive integer, got {local_batch!r}")
         return self.update(local_sq_norm, local_batch, global_sq_norm, local_batch * world_size)
 
-    def update_from_ddp(self, ddp, local_batch: int) -> Dict[str, object]:
-        """Read ``ddp.last_grad_sq_norms`` (``{"local": tensor, "global": tensor,
-        "world_size": n}``, as exposed by ``fastsgd.distributed.BucketedDataParallel``
-        after a backward pass) and update with them."""
+    def update_from_ddp(self, ddp, local_batch: Optional[int] = None, *, grad_scale: Number = 1.0,
+                        use_local_mean: bool = True) -> Dict[str, object]:
+        """Update from ``ddp.last_grad_sq_norms`` as exposed by
+        ``fastsgd.distributed.BucketedDataParallel(track_grad_norms=True)`` after a
+        synchronised backward: ``{"local", "local_mean", "global", "world_size",
+        "local_batch_size", ...}``.
+
+        local_batch:     examples per rank in the step; default: the wrapper's
+                         ``local_batch_size`` (reading it synchronises with the device)
+        grad_scale:      the accumulated gradient divided by the mean gradient over
+                         ``local_batch`` examples: 1 for the ``loss / k`` accumulation
+                         convention (or no accumulation), k for summed micro-batch means
+        use_local_mean:  use the local norm averaged over ranks (``local_mean``, lower
+                         variance, same on every rank) when the wrapper provides it
+        """
         norms = getattr(ddp, "last_grad_sq_norms", None)
         if norms is None:
             raise ValueError(f"{type(ddp).__name__} exposes no last_grad_sq_norms (run a synchronised backward "
-                             "pass first; fastsgd.distributed.BucketedDataParallel records them)")
+                             "pass first, with track_grad_norms=True for BucketedDataParallel)")
         missing = {"local", "global", "world_size"} - set(norms)
         if missing:
             raise ValueError(f"last_grad_sq_norms lacks {sorted(missing)}; got keys {sorted(norms)}")
-        return self.update_from_distributed(norms["local"], norms["global"], local_batch, int(norms["world_size"]))
+        if local_batch is None:
+            local_batch = norms.get("local_batch_size")
+            if local_batch is None:
+                raise ValueError("the wrapper does not know its local batch size: pass local_batch=")
+            local_batch = int(local_batch)
+        local = norms["local_mean"] if use_local_mean and norms.get("local_mean") is not None else norms["local"]
+        scale2 = grad_scale * grad_scale
+        return self.update_from_distributed(local / scale2, norms["global"] / scale2, local_batch,
+                                            int(norms["world_size"]))
 
     # ---- reading ------------------------------------------------------------------------------
     def _require(self) -> None:

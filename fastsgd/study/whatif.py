@@ -173,22 +173,29 @@ def what_if(steps: StepsCurve, hardware: StepTimeCurve, comm: CommModel, *, max_
 def load_comm_model(path: Optional[str], grad_bytes: float, *, bandwidth: Optional[float] = None,
                     latency: Optional[float] = None, overlap: Optional[float] = None) -> CommModel:
     """A :class:`CommModel` from explicit values, filling the missing ones from an all-reduce
-    benchmark JSON (``bench/allreduce.py``'s output) when ``path`` is given.
+    benchmark JSON when ``path`` is given. Explicit arguments win.
 
-    Recognised keys, searched in ``meta`` and top level: ``bandwidth_bytes_per_s`` (or
-    ``bandwidth_gbps`` in GB/s), ``latency_s``, ``overlap_fraction`` (the fraction of
-    communication hidden behind backward). Explicit arguments win. Missing values: infinite
-    bandwidth / zero latency / no overlap, i.e. a lower bound on communication cost.
+    ``bench/allreduce.py`` output (``meta.allreduce_latency_s``: one all-reduce of a 4-byte
+    message; ``meta.allreduce_bandwidth_GBps``: "algorithm bandwidth" bytes/(time - latency)
+    of the largest message; ``meta.world_size`` W; rows with ``provider`` and
+    ``hidden_comm``) is converted to the ring model's per-link terms: a ring all-reduce at
+    W devices takes ``2(W-1)`` latency steps and moves ``2(W-1)/W`` x bytes per link, so
+    ``alpha = latency / (2(W-1))`` and ``link bandwidth = algbw x 2(W-1)/W``. The overlap is
+    the median ``hidden_comm`` of the ``bdp+fused_step`` provider (else of all rows).
+    Generic JSON with ``bandwidth_bytes_per_s`` / ``bandwidth_gbps``, ``latency_s``,
+    ``overlap_fraction`` (anywhere in the file) is read as per-link values directly.
+    Missing values: infinite bandwidth / zero latency / no overlap, i.e. a lower bound on
+    communication cost.
     """
     found: Dict[str, Any] = {}
     if path:
         with open(path) as f:
             d = json.load(f)
-        found = _search_keys(d, ("bandwidth_bytes_per_s", "bandwidth_gbps", "latency_s", "overlap_fraction",
-                                 "hidden_fraction"))
+        found = _from_allreduce_bench(d) or _search_keys(
+            d, ("bandwidth_bytes_per_s", "bandwidth_gbps", "latency_s", "overlap_fraction"))
         if not found:
-            raise ValueError(f"{path}: found none of bandwidth_bytes_per_s / bandwidth_gbps / latency_s / "
-                             "overlap_fraction in the all-reduce results; give --bandwidth/--latency/--overlap")
+            raise ValueError(f"{path}: found none of allreduce_bandwidth_GBps / allreduce_latency_s / "
+                             "bandwidth_bytes_per_s / latency_s / overlap_fraction; give bandwidth/latency/overlap")
     if bandwidth is None:
         if "bandwidth_bytes_per_s" in found:
             bandwidth = float(found["bandwidth_bytes_per_s"])
@@ -199,9 +206,24 @@ def load_comm_model(path: Optional[str], grad_bytes: float, *, bandwidth: Option
     if latency is None:
         latency = float(found.get("latency_s", 0.0))
     if overlap is None:
-        overlap = float(found.get("overlap_fraction", found.get("hidden_fraction", 0.0)))
-        overlap = min(max(overlap, 0.0), 1.0)
+        overlap = min(max(float(found.get("overlap_fraction", 0.0)), 0.0), 1.0)
     return CommModel(grad_bytes=grad_bytes, bandwidth=bandwidth, latency=latency, overlap=overlap)
+
+
+def _from_allreduce_bench(d: Any) -> Dict[str, Any]:
+    """Per-link ring parameters from ``bench/allreduce.py``'s JSON, or {} if it is not one."""
+    meta = d.get("meta") if isinstance(d, dict) else None
+    if not isinstance(meta, dict) or "allreduce_latency_s" not in meta:
+        return {}
+    w = int(meta.get("world_size") or 2)
+    out: Dict[str, Any] = {"latency_s": float(meta["allreduce_latency_s"]) / (2 * (w - 1))}
+    if meta.get("allreduce_bandwidth_GBps"):
+        out["bandwidth_bytes_per_s"] = float(meta["allreduce_bandwidth_GBps"]) * 1e9 * 2 * (w - 1) / w
+    rows = [r for r in d.get("rows", []) if isinstance(r, dict) and r.get("hidden_comm") is not None]
+    fused = [r["hidden_comm"] for r in rows if r.get("provider") == "bdp+fused_step"] or [r["hidden_comm"] for r in rows]
+    if fused:
+        out["overlap_fraction"] = float(np.median(fused))
+    return out
 
 
 def _search_keys(d: Any, keys: Sequence[str]) -> Dict[str, Any]:
