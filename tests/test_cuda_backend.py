@@ -140,6 +140,283 @@ def test_table_of_no_tensors_is_empty():
 
 
 # =============================================================================
+# CPU: the Python side against an emulation of the native contract
+# =============================================================================
+# FakeNative implements, in plain torch on CPU memory, what csrc/cuda/*.cu do
+# with the arguments fastsgd.kernels.cuda passes: it decodes the table from
+# its raw address, reads tensors and device scalars through raw pointers, and
+# applies the documented per-element rules block by block (norm partials per
+# block, reduced per tensor). It checks the Python glue -- table contents,
+# dtype kinds, first-step flags, scalar tuples, caching -- without a GPU. It
+# does NOT test the CUDA code itself; the GPU tests below do.
+import ctypes  # noqa: E402
+
+_EMU_KINDS = {0: (torch.float32, torch.float32), 1: (torch.float32, torch.bfloat16),
+              2: (torch.float32, torch.float16), 3: (torch.float16, torch.float16),
+              4: (torch.float16, torch.float32), 5: (torch.bfloat16, torch.bfloat16),
+              6: (torch.bfloat16, torch.float32), 7: (torch.float64, torch.float64)}
+_EMU_CODES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
+
+
+def _raw(ptr: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over n elements of raw CPU memory at ptr (writes go through)."""
+    if n == 0:
+        return torch.empty(0, dtype=dtype)
+    size = n * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_char * size).from_address(ptr), dtype=dtype, count=n)
+
+
+class FakeNative:
+    has_cuda = True
+
+    def __init__(self):
+        self.calls = []
+
+    # ---- helpers mirroring common.cuh ----
+    @staticmethod
+    def _scalar(s, idx, row_len, acc):
+        value, ptr, code, per_row = s
+        if not ptr:
+            return torch.full(idx.shape, value, dtype=acc)
+        if per_row:
+            n_rows = int(idx.max()) // row_len + 1 if idx.numel() else 1
+            vals = _raw(ptr, n_rows, _EMU_CODES[code]).to(acc)
+            return vals[idx // row_len]
+        return _raw(ptr, 1, _EMU_CODES[code]).to(acc)[0].expand(idx.shape)
+
+    @staticmethod
+    def _scalar0(s):
+        value, ptr, code, _ = s
+        return float(_raw(ptr, 1, _EMU_CODES[code])[0]) if ptr else float(value)
+
+    def _blocks(self, table, n_tensors, n_blocks, chunk_size):
+        entries, blocks = _decode(_raw(table, n_tensors * 8 + n_blocks, torch.int64), n_tensors)
+        for b, (t, c) in enumerate(blocks):
+            e = entries[t]
+            begin = c * chunk_size
+            end = min(begin + chunk_size, e["numel"])
+            P, S = _EMU_KINDS[e["kind"]]
+            acc = torch.float64 if P == torch.float64 else torch.float32
+            yield b, t, e, begin, end, P, S, acc
+
+    def _skipped(self, found_inf):
+        return bool(found_inf[1]) and self._scalar0(found_inf) != 0
+
+    # ---- the three entry points ----
+    def cuda_sgd_step(self, *, table, n_tensors, n_blocks, chunk_size, lr, momentum, dampening, weight_decay,
+                      nesterov, maximize, lr_in_momentum, has_buf, grad_scale, found_inf, stochastic_rounding,
+                      seed, stream, device, ratio=None):
+        self.calls.append("sgd")
+        if self._skipped(found_inf):
+            return
+        for b, t, e, begin, end, P, S, acc in self._blocks(table, n_tensors, n_blocks, chunk_size):
+            idx = torch.arange(begin, end)
+            p_all = _raw(e["ptrs"][0], e["numel"], P)
+            p = p_all[begin:end].to(acc)
+            g = _raw(e["ptrs"][1], e["numel"], P)[begin:end].to(acc)
+            g = g * (1.0 / self._scalar0(grad_scale))
+            if maximize:
+                g = -g
+            if weight_decay != 0:
+                g = g + weight_decay * p
+            if ratio is not None:
+                g = g * ratio[t]
+            lr_v = self._scalar(lr, idx, e["row_len"], acc)
+            if has_buf:
+                buf_all = _raw(e["ptrs"][2], e["numel"], S)
+                mu = self._scalar(momentum, idx, e["row_len"], acc)
+                step_in = lr_v * g if lr_in_momentum else g
+                bnew = step_in if e["first"] else mu * buf_all[begin:end].to(acc) + (1 - dampening) * step_in
+                buf_all[begin:end] = bnew.to(S)
+                d = step_in + mu * bnew if nesterov else bnew
+                p_all[begin:end] = (p - d if lr_in_momentum else p - lr_v * d).to(P)
+            else:
+                p_all[begin:end] = (p - lr_v * g).to(P)
+
+    def cuda_lars_step(self, *, trust_coeff, eps, trust_clip, adapt, partials, ratio, **kw):
+        self.calls.append("lars")
+        if self._skipped(kw["found_inf"]):
+            return
+        ratios = None
+        if adapt:
+            n_t = kw["n_tensors"]
+            sums = torch.zeros(n_t, 2, dtype=torch.float64)
+            for b, t, e, begin, end, P, S, acc in self._blocks(kw["table"], n_t, kw["n_blocks"], kw["chunk_size"]):
+                p = _raw(e["ptrs"][0], e["numel"], P)[begin:end].to(acc)
+                g = _raw(e["ptrs"][1], e["numel"], P)[begin:end].to(acc) * (1.0 / self._scalar0(kw["grad_scale"]))
+                sums[t, 0] += float((p * p).sum())
+                sums[t, 1] += float((g * g).sum())
+            w, gn = sums[:, 0].sqrt(), sums[:, 1].sqrt()
+            r = trust_coeff * w / (gn + kw["weight_decay"] * w + eps)
+            r = torch.where((w > 0) & (gn > 0), r, torch.ones_like(r))
+            if trust_clip:
+                r = torch.clamp(r / self._scalar0(kw["lr"]), max=1.0)
+            ratios = r.tolist()
+        self.cuda_sgd_step(maximize=False, ratio=ratios, **kw)
+        self.calls.pop()
+
+    def cuda_lamb_step(self, *, table, n_tensors, n_blocks, chunk_size, lr, beta1, beta2, eps, weight_decay,
+                       bias_correction, trust_clip, adapt, clip_divisor, has_clip_divisor, grad_scale, found_inf,
+                       partials, per_tensor, stream, device):
+        self.calls.append("lamb")
+        if self._skipped(found_inf):
+            return
+        entries, _ = _decode(_raw(table, n_tensors * 8 + n_blocks, torch.int64), n_tensors)
+        bcs = []
+        for e in entries:
+            t = float(_raw(e["ptrs"][4], 1, torch.float32)[0]) + 1.0
+            bcs.append((1 - beta1 ** t, (1 - beta2 ** t) ** 0.5) if bias_correction else (1.0, 1.0))
+
+        def direction(e, t, begin, end, P, S, acc):
+            idx = torch.arange(begin, end)
+            p = _raw(e["ptrs"][0], e["numel"], P)[begin:end].to(acc)
+            g = _raw(e["ptrs"][1], e["numel"], P)[begin:end].to(acc) * (1.0 / self._scalar0(grad_scale))
+            if has_clip_divisor:
+                g = g / self._scalar(clip_divisor, idx, e["row_len"], acc)
+            m = beta1 * _raw(e["ptrs"][2], e["numel"], S)[begin:end].to(acc) + (1 - beta1) * g
+            v = beta2 * _raw(e["ptrs"][3], e["numel"], S)[begin:end].to(acc) + (1 - beta2) * g * g
+            bc1, sbc2 = bcs[t]
+            u = (m / bc1) / (v.sqrt() / sbc2 + eps)
+            if weight_decay != 0:
+                u = u + weight_decay * p
+            return idx, p, m, v, u
+
+        sums = torch.zeros(n_tensors, 2, dtype=torch.float64)
+        if adapt:
+            for b, t, e, begin, end, P, S, acc in self._blocks(table, n_tensors, n_blocks, chunk_size):
+                _, p, _, _, u = direction(e, t, begin, end, P, S, acc)
+                sums[t, 0] += float((p * p).sum())
+                sums[t, 1] += float((u * u).sum())
+        ratios = []
+        for t, e in enumerate(entries):
+            w, un = float(sums[t, 0]) ** 0.5, float(sums[t, 1]) ** 0.5
+            r = w / un if adapt and w > 0 and un > 0 else 1.0
+            ratios.append(min(r, 1.0) if adapt and trust_clip else r)
+        for b, t, e, begin, end, P, S, acc in self._blocks(table, n_tensors, n_blocks, chunk_size):
+            idx, p, m, v, u = direction(e, t, begin, end, P, S, acc)
+            _raw(e["ptrs"][0], e["numel"], P)[begin:end] = (p - self._scalar(lr, idx, e["row_len"], acc)
+                                                             * ratios[t] * u).to(P)
+            _raw(e["ptrs"][2], e["numel"], S)[begin:end] = m.to(S)
+            _raw(e["ptrs"][3], e["numel"], S)[begin:end] = v.to(S)
+        for e in entries:  # the step increments after every block used the old value
+            _raw(e["ptrs"][4], 1, torch.float32)[0] += 1.0
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """fastsgd.kernels.cuda running on CPU tensors through FakeNative."""
+    fake = FakeNative()
+    monkeypatch.setattr(ck, "_native", lambda: fake)
+    monkeypatch.setattr(ck, "_require_cuda", lambda op, device: None)
+    monkeypatch.setattr(ck, "_capturing", lambda: False)
+    monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
+    monkeypatch.setattr(ck, "_stream", lambda device: 0)
+    monkeypatch.setattr(ck, "CHUNK_SIZE", 1024)  # several blocks per tensor even for small shapes
+    ck.clear_cache()
+    yield fake
+    ck.clear_cache()
+
+
+# Fewer, smaller shapes than the GPU tests: the emulation is slow, and
+# CHUNK_SIZE=1024 still gives multi-block tensors and scalar tails.
+EMU_SHAPES = [(0,), (1,), (7,), (13, 17), (1025,), (2, 3, 5, 7), (4097,)]
+EMU_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def _lr_tensor_ok(dtype):
+    # kernel_cases gives the backend a float32 lr tensor but the reference the
+    # Python float, a ~1e-8 relative difference: beyond the float64 tolerance.
+    return dtype != torch.float64
+
+
+@pytest.mark.parametrize("dtype,hp", kc.sgd_cases(EMU_DTYPES))
+def test_emulated_sgd_glue(emulated, dtype, hp):
+    kc.check_sgd(ck, "cpu", EMU_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=1024.0)
+    assert emulated.calls == ["sgd"] * 3
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("hp", kc.LARS_HPARAMS)
+def test_emulated_lars_glue(emulated, dtype, hp):
+    kc.check_lars(ck, "cpu", EMU_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=512.0)
+    assert emulated.calls == ["lars"] * 3
+
+
+@pytest.mark.parametrize("dtype", EMU_DTYPES)
+@pytest.mark.parametrize("hp", kc.LAMB_HPARAMS)
+def test_emulated_lamb_glue(emulated, dtype, hp):
+    kc.check_lamb(ck, "cpu", EMU_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=256.0,
+                  clip_divisor=torch.tensor(2.5, dtype=torch.float64))
+    assert emulated.calls == ["lamb"] * 3
+
+
+def test_emulated_skip_changes_nothing(emulated):
+    kc.check_skip_changes_nothing(ck, "cpu")
+
+
+def test_emulated_stacked_trials_and_mixed_kinds(emulated):
+    T = 3
+    shapes = [(T, 5), (T, 1023), (T, 2, 700)]
+    lr = torch.tensor([0.1, 0.05, 0.0])
+    mu = torch.tensor([0.9, 0.0, 0.5], dtype=torch.float64)
+    params = [kc.make_tensors([s], dt, "cpu", seed=i)[0]
+              for i, (s, dt) in enumerate(zip(shapes, [torch.float32, torch.bfloat16, torch.float16]))]
+    bufs = [torch.zeros_like(p, dtype=torch.float32) for p in params]  # fp32 buffers for 16-bit params
+    ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        kw = dict(lr=lr, momentum=mu, first_step=[step == 0, step < 2, False])
+        ck.sgd_step(params, grads, bufs, **kw)
+        reference.sgd_step(ref_p, grads, ref_b, **kw)
+    for a, e in zip(params + bufs, ref_p + ref_b):
+        kc.assert_all_close([a], [e], a.dtype, "tensor")
+
+
+def test_emulated_table_is_cached_and_rebuilt_on_change(emulated):
+    params = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu")
+    grads = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu", seed=1)
+    bufs = [torch.zeros_like(p) for p in params]
+    for first in (True, False, False):
+        ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9, first_step=first)
+    assert len(ck._cache) == 2  # first-step flags are part of the table
+    new_grads = [g.clone() for g in grads]
+    ck.sgd_step(params, new_grads, bufs, lr=0.1, momentum=0.9)
+    assert len(ck._cache) == 3
+    entry = next(reversed(ck._cache.values()))  # the most recently used table
+    decoded, blocks = _decode(entry.host, 2)
+    assert [d["ptrs"][1] for d in decoded] == [g.data_ptr() for g in new_grads]
+    assert blocks == [(0, 0), (1, 0), (1, 1), (1, 2)]  # CHUNK_SIZE 1024 in the emulation
+
+
+def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):
+    p = torch.randn(4, 6, 5, 7).to(memory_format=torch.channels_last)
+    g = torch.randn(4, 6, 5, 7)  # contiguous: another layout than p
+    buf = torch.zeros_like(p)
+    ref_p, ref_b = p.clone(), buf.clone()
+    ck.sgd_step([p], [g], [buf], lr=0.1, momentum=0.9, first_step=True)
+    reference.sgd_step([ref_p], [g], [ref_b], lr=0.1, momentum=0.9, first_step=True)
+    kc.assert_all_close([p, buf], [ref_p, ref_b], torch.float32, "channels_last")
+    assert len(ck._cache) == 0
+
+
+def test_errors_name_the_problem(emulated):
+    p = [torch.zeros(3)]
+    with pytest.raises(TypeError, match="float32 with state dtype torch.float64 is not supported"):
+        ck.sgd_step(p, [torch.zeros(3)], [torch.zeros(3, dtype=torch.float64)], lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="grad 0 is torch.float16"):
+        ck.sgd_step(p, [torch.zeros(3, dtype=torch.float16)], None, lr=0.1)
+    with pytest.raises(RuntimeError, match="grad 0 has shape"):
+        ck.sgd_step(p, [torch.zeros(4)], None, lr=0.1)
+    with pytest.raises(TypeError, match="not dense"):
+        ck.sgd_step([torch.zeros(3, 4)[:, :2]], [torch.zeros(3, 2)], None, lr=0.1)
+    with pytest.raises(NotImplementedError, match="trust_clip with a per-trial"):
+        ck.lars_step([torch.zeros(2, 3)], [torch.zeros(2, 3)], None, lr=torch.tensor([0.1, 0.2]),
+                     momentum=0.0, trust_clip=True, weight_decay=1e-4)
+    with pytest.raises(ValueError, match="first dimension to be 2"):
+        ck.sgd_step([torch.zeros(3, 3)], [torch.zeros(3, 3)], None, lr=torch.tensor([0.1, 0.2]))
+
+
+# =============================================================================
 # GPU: correctness against the reference
 # =============================================================================
 DEV = "cuda"
@@ -152,9 +429,9 @@ def test_sgd_matches_reference(dtype, hp):
 
 
 @gpu
-@pytest.mark.parametrize("dtype,hp", kc.sgd_cases(DTYPES))
+@pytest.mark.parametrize("dtype,hp", kc.sgd_cases(DTYPES + [torch.float64]))
 def test_sgd_lr_tensor_and_grad_scale(dtype, hp):
-    kc.check_sgd(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=1024.0)
+    kc.check_sgd(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=1024.0)
 
 
 @gpu
@@ -162,7 +439,7 @@ def test_sgd_lr_tensor_and_grad_scale(dtype, hp):
 @pytest.mark.parametrize("hp", kc.LARS_HPARAMS)
 def test_lars_matches_reference(dtype, hp):
     kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
-    kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=512.0)
+    kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=512.0)
 
 
 @gpu
@@ -170,7 +447,7 @@ def test_lars_matches_reference(dtype, hp):
 @pytest.mark.parametrize("hp", kc.LAMB_HPARAMS)
 def test_lamb_matches_reference(dtype, hp):
     kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
-    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=True, grad_scale=256.0)
+    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=256.0)
 
 
 @gpu

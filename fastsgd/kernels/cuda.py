@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from operator import attrgetter
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -62,7 +63,9 @@ _ENTRY_WORDS = 8
 
 _CACHE_SIZE = 32
 _cache: "OrderedDict[tuple, _Table]" = OrderedDict()
+_graph_owned: list = []  # uncached tables read by captured CUDA graphs
 _seed_counter = itertools.count()
+_NONE = (0.0, 0, 0, False)  # an absent device scalar (found_inf)
 
 
 # ---- availability -------------------------------------------------------------
@@ -98,14 +101,10 @@ def _is_dense(t: Tensor) -> bool:
 
 
 def _check(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
-           states: Sequence[Optional[Sequence[Tensor]]]) -> Tuple[torch.device, List[Tensor]]:
-    """Validates everything the kernels cannot; returns the device and the grads,
-    copied into their param's layout where it differs (grads are only read)."""
-    if len(grads) != len(params) or any(s is not None and len(s) != len(params) for s in states):
-        raise ValueError(f"fastsgd cuda {op}: params, grads and state lists must have the same length")
+           states: Sequence[Optional[Sequence[Tensor]]]) -> List[Tensor]:
+    """Validates everything the kernels cannot; returns the grads, copied into
+    their param's layout where it differs (grads are only read)."""
     device = params[0].device
-    if device.type != "cuda":
-        raise TypeError(f"fastsgd cuda {op}: tensors must be on a CUDA device, got {device}")
     out_grads = []
     for i, (p, g) in enumerate(zip(params, grads)):
         for what, t in (("param", p), ("grad", g)) + tuple((f"state{k}", s[i]) for k, s in enumerate(states)
@@ -127,7 +126,7 @@ def _check(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
         if g.stride() != p.stride() and p.numel() > 1:
             g = torch.empty_like(p).copy_(g)
         out_grads.append(g)
-    return device, out_grads
+    return out_grads
 
 
 def _kind(op: str, p: Tensor, state: Optional[Tensor]) -> int:
@@ -163,14 +162,18 @@ def _scalar(op: str, name: str, x, device: torch.device, keep: list, *,
     return (0.0, x.data_ptr(), _DTYPE_CODES[x.dtype], x.ndim == 1)
 
 
-def _row_lens(op: str, params: Sequence[Tensor], hps) -> List[int]:
-    """Elements per stacked-trial row of each param (1 when no hyperparameter is per-row)."""
+def _n_trials(op: str, hps) -> Optional[int]:
+    """T when some hyperparameter is a 1-D per-trial tensor (stacked trials), else None."""
     trials = {int(h.shape[0]) for h in hps if isinstance(h, Tensor) and h.ndim == 1}
-    if not trials:
-        return [1] * len(params)
     if len(trials) > 1:
         raise ValueError(f"fastsgd cuda {op}: per-trial hyperparameters have different lengths {sorted(trials)}")
-    (n_trials,) = trials
+    return trials.pop() if trials else None
+
+
+def _row_lens(op: str, params: Sequence[Tensor], n_trials: Optional[int]) -> List[int]:
+    """Elements per stacked-trial row of each param (1 when nothing is per-row)."""
+    if n_trials is None:
+        return [1] * len(params)
     out = []
     for i, p in enumerate(params):
         if p.ndim == 0 or p.shape[0] != n_trials:
@@ -185,7 +188,8 @@ class _Table:
     """The device-side tensor table of one set of tensors, plus the scratch
     that LARS/LAMB need (allocated on first use)."""
 
-    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor", "captured")
+    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor", "captured",
+                 "grads")
 
     def __init__(self, dev, host, n_tensors, n_blocks, chunk_size, captured):
         self.dev, self.host = dev, host
@@ -193,6 +197,7 @@ class _Table:
         self.partials: Optional[Tensor] = None
         self.per_tensor: Optional[Tensor] = None
         self.captured = captured
+        self.grads: Optional[List[Tensor]] = None
 
     def scratch(self, device) -> Tuple[int, int]:
         if self.partials is None:
@@ -201,8 +206,13 @@ class _Table:
         return self.partials.data_ptr(), self.per_tensor.data_ptr()
 
 
+_data_ptr = Tensor.data_ptr
+_numel = Tensor.numel
+_dtype = attrgetter("dtype")
+
+
 def _ptrs(ts: Optional[Sequence[Tensor]], n: int) -> Tuple[int, ...]:
-    return tuple(t.data_ptr() for t in ts) if ts is not None else (0,) * n
+    return tuple(map(_data_ptr, ts)) if ts is not None else (0,) * n
 
 
 def build_host_table(ptr_cols: Sequence[Sequence[int]], numels: Sequence[int], kinds: Sequence[int],
@@ -233,39 +243,102 @@ def build_host_table(ptr_cols: Sequence[Sequence[int]], numels: Sequence[int], k
     return torch.cat([words, (tensor_ids << 32) | chunk_ids]), n_blocks
 
 
-def _table(op: str, device: torch.device, params, grads, s0, s1, steps, first: Sequence[bool],
-           row_lens: Sequence[int]) -> _Table:
-    n = len(params)
-    cols = (_ptrs(params, n), _ptrs(grads, n), _ptrs(s0, n), _ptrs(s1, n), _ptrs(steps, n))
-    numels = tuple(p.numel() for p in params)
-    kinds = tuple(_kind(op, p, s0[i] if s0 is not None else None) for i, p in enumerate(params))
-    key = (device.index, CHUNK_SIZE) + cols + (numels, kinds, tuple(first), tuple(row_lens))
-    entry = _cache.get(key)
-    if entry is not None:
-        _cache.move_to_end(key)
-        return entry
+# ---- the only places that touch the CUDA runtime (tests emulate them on CPU) ----
+def _native():
+    return native()
 
-    host, n_blocks = build_host_table(cols, numels, kinds, first, row_lens, CHUNK_SIZE)
-    capturing = torch.cuda.is_current_stream_capturing()
+
+def _require_cuda(op: str, device: torch.device) -> None:
+    if device.type != "cuda":
+        raise TypeError(f"fastsgd cuda {op}: tensors must be on a CUDA device, got {device}")
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _upload(host: Tensor, device: torch.device, capturing: bool) -> Tuple[Tensor, Tensor]:
+    """(host table kept alive, device copy). non_blocking: no host sync; during
+    capture the copy becomes a graph node that rereads `host` at every replay."""
     if not capturing:
         host = host.pin_memory()  # pin_memory() is not allowed during capture
     dev = torch.empty(host.shape, dtype=torch.int64, device=device)
-    # non_blocking: no host sync; during capture this records a copy node that
-    # rereads `host` at every replay, so `host` is kept with the table.
     dev.copy_(host, non_blocking=True)
+    return host, dev
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[List[Tensor]],
+             s1: Optional[List[Tensor]], steps: Optional[List[Tensor]], first: Sequence[bool],
+             hps) -> Tuple[torch.device, _Table]:
+    """The device and the uploaded table for these tensors.
+
+    Fast path (every step of a training loop): the cache key -- device,
+    addresses of every tensor, param numels and dtypes, state dtypes,
+    first-step flags -- is found, and nothing else is looked at. Only on a
+    miss are shapes, devices, layouts and dtype pairs checked (a tensor at
+    the same address with the same size, dtype and a different layout is not
+    detected; the optimizer classes never pass one)."""
+    n = len(params)
+    device = params[0].device
+    _require_cuda(op, device)
+    if len(grads) != n or any(s is not None and len(s) != n for s in (s0, s1, steps)):
+        raise ValueError(f"fastsgd cuda {op}: params, grads and state lists must have the same length")
+    n_trials = _n_trials(op, hps)
+    cols = (_ptrs(params, n), _ptrs(grads, n), _ptrs(s0, n), _ptrs(s1, n), _ptrs(steps, n))
+    numels = tuple(map(_numel, params))
+    key = (device.index, CHUNK_SIZE, n_trials, tuple(first), numels, tuple(map(_dtype, params)),
+           tuple(map(_dtype, s0)) if s0 is not None else None,
+           tuple(map(_dtype, s1)) if s1 is not None else None) + cols
+    entry = _cache.get(key)
+    if entry is not None:
+        _cache.move_to_end(key)
+        if not entry.captured and _capturing():
+            entry.captured = True  # a graph now reads this table: never evict it
+        return device, entry
+
+    checked = _check(op, params, grads, [s0, s1])
+    if steps is not None:
+        for i, st in enumerate(steps):
+            if st.device != device or st.dtype != torch.float32 or st.numel() != 1:
+                raise TypeError(f"fastsgd cuda {op}: step {i} must be a one-element float32 tensor on {device}, "
+                                f"got {st.dtype} shape {tuple(st.shape)} on {st.device}")
+    copied = any(a is not b for a, b in zip(checked, grads))
+    if copied:  # grads in another layout than their params: this call uses temporary copies
+        cols = (cols[0], _ptrs(checked, n)) + cols[2:]
+    kinds = [_kind(op, p, s0[i] if s0 is not None else None) for i, p in enumerate(params)]
+    if s1 is not None:
+        for i, (m, v) in enumerate(zip(s0, s1)):
+            if v.dtype != m.dtype:
+                raise TypeError(f"fastsgd cuda {op}: exp_avg {i} is {m.dtype} but exp_avg_sq {i} is {v.dtype}")
+    host, n_blocks = build_host_table(cols, numels, kinds, first, _row_lens(op, params, n_trials), CHUNK_SIZE)
+    capturing = _capturing()
+    host, dev = _upload(host, device, capturing)
     entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE, capturing)
+    if copied:
+        # Not cached (the copies are temporary); alive until the launch is
+        # queued, or for good when a graph being captured will read them.
+        entry.grads = checked
+        if capturing:
+            _graph_owned.append(entry)
+        return device, entry
     _cache[key] = entry
     while len(_cache) > _CACHE_SIZE:
         old = next((k for k, v in _cache.items() if not v.captured), None)
         if old is None:
             break
         del _cache[old]
-    return entry
+    return device, entry
 
 
 def clear_cache() -> None:
-    """Drops every cached tensor table (tables built during CUDA graph capture included)."""
+    """Drops every cached tensor table, those read by captured CUDA graphs
+    included: call it only when no such graph will be replayed again."""
     _cache.clear()
+    _graph_owned.clear()
 
 
 def _first_flags(first_step, n: int) -> List[bool]:
@@ -282,11 +355,12 @@ def _seed() -> int:
 
 
 def _launch(op: str, fn, params, states, **kw) -> None:
+    """Calls the native launcher; a failure is re-raised with the dtype pairs involved."""
     try:
         fn(**kw)
     except RuntimeError as exc:
-        pairs = sorted({f"{p.dtype}/{s[i].dtype}" if s is not None else str(p.dtype)
-                        for i, p in enumerate(params) for s in (states or [None])})
+        pairs = sorted({f"{p.dtype}/{states[i].dtype}" if states is not None else str(p.dtype)
+                        for i, p in enumerate(params)})
         raise RuntimeError(f"{exc} [param/state dtypes: {', '.join(pairs)}]") from exc
 
 
@@ -333,35 +407,32 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
         bufs = list(bufs)
         if any(b is None for b in bufs):
             raise ValueError(f"fastsgd cuda {op}: bufs must be all tensors or None (got a None entry)")
-    device, grads = _check(op, params, grads, [bufs])
-    keep: list = []
+    device = params[0].device
+    keep: list = []  # converted hyperparameter tensors, alive until the launch is queued
+    found = _scalar(op, "found_inf", found_inf, device, keep)
+    if found[1] == 0 and found[0] != 0:  # found_inf given as a set CPU tensor: skipped step
+        return
     lr_t = _scalar(op, "lr", lr, device, keep, rows_ok=True)
-    mom_t = _scalar(op, "momentum", momentum, device, keep, rows_ok=True)
     if lars is not None and lars["trust_clip"] and lr_t[3]:
         raise NotImplementedError("fastsgd cuda lars_step: trust_clip with a per-trial (1-D) lr is not supported "
                                   "(the trust ratio is per tensor); use backend='reference'")
-    rows = _row_lens(op, params, (lr, momentum))
     flags = _first_flags(first_step, len(params))
-    table = _table(op, device, params, grads, bufs, None, None, flags, rows)
+    device, table = _prepare(op, params, grads, bufs, None, None, flags, (lr, momentum))
     common = dict(table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
-                  chunk_size=table.chunk_size, lr=lr_t, momentum=mom_t, dampening=float(dampening),
-                  weight_decay=float(weight_decay), nesterov=bool(nesterov), lr_in_momentum=bool(lr_in_momentum),
-                  has_buf=bufs is not None,
+                  chunk_size=table.chunk_size, lr=lr_t,
+                  momentum=_scalar(op, "momentum", momentum, device, keep, rows_ok=True),
+                  dampening=float(dampening), weight_decay=float(weight_decay), nesterov=bool(nesterov),
+                  lr_in_momentum=bool(lr_in_momentum), has_buf=bufs is not None,
                   grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
-                  found_inf=_scalar(op, "found_inf", found_inf, device, keep),
+                  found_inf=found if found[1] else _NONE,
                   stochastic_rounding=bool(stochastic_rounding), seed=_seed() if stochastic_rounding else 0,
-                  stream=torch.cuda.current_stream(device).cuda_stream, device=device.index)
-    if common["found_inf"][1] == 0 and common["found_inf"][0] != 0:  # found_inf was a CPU tensor, set
-        return
-    if common["found_inf"][1] == 0:
-        common["found_inf"] = (0.0, 0, 0, False)
-    mod = native()
-    states = [bufs] if bufs is not None else None
+                  stream=_stream(device), device=device.index)
+    mod = _native()
     if lars is None:
-        _launch(op, mod.cuda_sgd_step, params, states, maximize=bool(maximize), **common)
+        _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
     else:
         partials, ratio = table.scratch(device)
-        _launch(op, mod.cuda_lars_step, params, states, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
+        _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
                 trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
 
 
@@ -378,29 +449,22 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     params, grads, exp_avgs, exp_avg_sqs, steps = map(list, (params, grads, exp_avgs, exp_avg_sqs, steps))
     if not params:
         return
-    device, grads = _check(op, params, grads, [exp_avgs, exp_avg_sqs])
-    if len(steps) != len(params):
-        raise ValueError(f"fastsgd cuda {op}: {len(steps)} step tensors for {len(params)} params")
-    for i, (m, v, s) in enumerate(zip(exp_avgs, exp_avg_sqs, steps)):
-        if v.dtype != m.dtype:
-            raise TypeError(f"fastsgd cuda {op}: exp_avg {i} is {m.dtype} but exp_avg_sq {i} is {v.dtype}")
-        if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
-            raise TypeError(f"fastsgd cuda {op}: step {i} must be a one-element float32 tensor on {device}, "
-                            f"got {s.dtype} shape {tuple(s.shape)} on {s.device}")
+    device = params[0].device
     keep: list = []
-    lr_t = _scalar(op, "lr", lr, device, keep, rows_ok=True)
-    clip_t = _scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0)
     found = _scalar(op, "found_inf", found_inf, device, keep)
-    if found[1] == 0 and found[0] != 0:  # a set CPU found_inf: skipped step
+    if found[1] == 0 and found[0] != 0:  # found_inf given as a set CPU tensor: skipped step
         return
-    rows = _row_lens(op, params, (lr, clip_divisor))
-    table = _table(op, device, params, grads, exp_avgs, exp_avg_sqs, steps, [False] * len(params), rows)
+    device, table = _prepare(op, params, grads, exp_avgs, exp_avg_sqs, steps, (False,) * len(params),
+                             (lr, clip_divisor))
     partials, per_tensor = table.scratch(device)
-    _launch(op, native().cuda_lamb_step, params, [exp_avgs],
+    _launch(op, _native().cuda_lamb_step, params, exp_avgs,
             table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
-            chunk_size=table.chunk_size, lr=lr_t, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-            weight_decay=float(weight_decay), bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
-            adapt=bool(weight_decay != 0 or always_adapt), clip_divisor=clip_t,
-            has_clip_divisor=clip_divisor is not None, grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
-            found_inf=found if found[1] else (0.0, 0, 0, False), partials=partials, per_tensor=per_tensor,
-            stream=torch.cuda.current_stream(device).cuda_stream, device=device.index)
+            chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep, rows_ok=True),
+            beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+            bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
+            adapt=bool(weight_decay != 0 or always_adapt),
+            clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
+            has_clip_divisor=clip_divisor is not None,
+            grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
+            found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
+            stream=_stream(device), device=device.index)
