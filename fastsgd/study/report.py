@@ -1,0 +1,294 @@
+"""One report on batch size: steps to result, step time, their product, the noise-scale
+prediction and the what-if-N-devices plan, as a self-contained HTML page (plots embedded
+as base64 PNG) and a Markdown summary (plots as PNG files next to it).
+
+Inputs are the files the other tools write: a steps-to-result summary
+(``study_summary.json``), a throughput sweep (``throughput.json``), optionally the
+noise-scale run of ``bench/predict_critical_batch.py`` and the all-reduce benchmark of
+``bench/allreduce.py``. :func:`build_report` takes the parsed objects, so tests and other
+code can feed it synthetic data; :func:`write_report` renders and writes everything.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from fastsgd.study.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
+                                          plot_time_to_result, time_to_result_table)
+from fastsgd.study.whatif import CommModel, WhatIf, plot_whatif, what_if, whatif_table
+
+__all__ = ["Report", "build_report", "render_markdown", "render_html", "write_report"]
+
+WHATIF_ASSUMPTIONS = (
+    "The what-if table is a planning model, not a promise: the global batch is split evenly over N identical "
+    "devices; per-device compute follows the single-device fit t(b) = t0 + b/X; gradients are all-reduced by a "
+    "flat ring (2(N-1)/N x bytes / link bandwidth + 2(N-1) x latency); a fraction of that hides behind the "
+    "backward pass; steps to result depend only on the global batch (S(B) from the study fit, tuned at every B). "
+    "Stragglers, topology, contention, input pipelines and memory limits are not modelled.")
+
+
+@dataclass
+class Report:
+    """Everything the report shows: headline numbers, tables and figure files."""
+
+    numbers: Dict[str, Any]
+    ttr: TimeToResult
+    study: StudyData
+    throughput: ThroughputData
+    noise: Optional[Dict[str, Any]] = None
+    whatif: Optional[WhatIf] = None
+    whatif_note: str = ""
+    warnings: List[str] = field(default_factory=list)
+    figures: Dict[str, str] = field(default_factory=dict)   # caption -> PNG path
+
+
+def _num(v: Optional[float], spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return format(v, spec)
+
+
+def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optional[Dict[str, Any]] = None,
+                 comm: Optional[CommModel] = None, max_devices: int = 4096, min_gain: float = 0.10) -> Report:
+    """Combine the inputs into a :class:`Report` (no files written yet).
+
+    noise: the JSON of ``bench/predict_critical_batch.py`` (schema ``fastsgd.noise_scale_run/1``)
+    comm:  the communication model for the what-if table (None: no what-if table)
+    """
+    ttr = combine(study, throughput)
+    warnings: List[str] = []
+    sw, tw = study.meta.get("workload"), throughput.meta.get("workload")
+    if sw and tw and sw != tw:
+        warnings.append(f"the study's workload ({sw}) and the throughput sweep's ({tw}) differ: "
+                        "time to result mixes two models")
+    if study.fit is None:
+        warnings.append("the study has no S(B) fit (fewer than two batch sizes reached the goal)")
+    if throughput.fit is None:
+        warnings.append("the throughput sweep has no t(B) fit")
+    extrapolated = [r["batch_size"] for r in ttr.rows if r["step_time_source"] == "fit (extrapolated)"]
+    if extrapolated:
+        warnings.append(f"step time extrapolated from the t(B) fit (outside the measured range) at batch sizes "
+                        f"{extrapolated}")
+    fit = study.meta.get("fit") or {}
+    numbers: Dict[str, Any] = {
+        "workload": sw or tw, "device": throughput.meta.get("device"),
+        "measured_b_crit": ttr.b_crit, "measured_b_crit_ci": fit.get("B_crit_ci"),
+        "s_min": study.fit.s_min if study.fit else None, "e_min": study.fit.e_min if study.fit else None,
+        "b_hw": ttr.b_hw, "t0_s": throughput.fit.t0 if throughput.fit else None,
+        "throughput_examples_per_s": throughput.fit.throughput if throughput.fit else None,
+        "b_star": ttr.b_star, "t_star_s": ttr.t_star,
+        "best_measured_batch_size": ttr.best_measured["batch_size"] if ttr.best_measured else None,
+        "best_measured_time_s": ttr.best_measured["time_to_result_s"] if ttr.best_measured else None,
+        "predicted_b_crit": None, "ratio_predicted_measured": None,
+    }
+    if noise is not None:
+        pred = noise.get("prediction")
+        if not pred:
+            warnings.append("the noise-scale run did not reach its goal: no prediction")
+        else:
+            numbers.update(predicted_b_crit=pred["B_crit"], predicted_s_min=pred["S_min"],
+                           predicted_e_min=pred["E_min"], noise_run_batch_size=noise.get("batch_size"),
+                           noise_run_steps=noise.get("steps"), b_simple_mean=pred.get("b_simple_mean"),
+                           b_simple_final=pred.get("b_simple_final"))
+            if ttr.b_crit:
+                numbers["ratio_predicted_measured"] = pred["B_crit"] / ttr.b_crit
+            if noise.get("workload") and sw and noise["workload"] != sw:
+                warnings.append(f"the noise-scale run's workload ({noise['workload']}) differs from the study's ({sw})")
+    wi, note = None, ""
+    if comm is None:
+        note = "no communication model given (gradient bytes unknown): no what-if table"
+    elif study.fit is None or throughput.fit is None:
+        note = "the what-if table needs both fits"
+    else:
+        wi = what_if(study.fit, throughput.fit, comm, max_devices=max_devices, min_gain=min_gain)
+        numbers.update(whatif_stops_paying_off=wi.stops_paying_off, whatif_fastest_n=wi.fastest_n,
+                       comm={"grad_bytes": comm.grad_bytes, "bandwidth_bytes_per_s": comm.bandwidth,
+                             "latency_s": comm.latency, "overlap": comm.overlap})
+    return Report(numbers, ttr, study, throughput, noise, wi, note, warnings)
+
+
+# ---------------------------------------------------------------- figures
+
+def _plot_steps_and_prediction(report: Report, path: str) -> Optional[str]:
+    """Measured steps to result with the fitted and the noise-predicted S(B); and B_simple along the run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pred = (report.noise or {}).get("prediction")
+    if not pred:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    pts = [(b, s) for b, s in zip(report.study.batch_sizes, report.study.steps) if s is not None]
+    bs = [b for b in report.study.batch_sizes] + [report.noise.get("batch_size") or 1]
+    grid = np.geomspace(max(min(bs) / 2, 0.5), max(bs) * 2, 200)
+    if pts:
+        ax.plot(*zip(*pts), "o", label="measured (study)")
+        b0, s0 = pts[0]
+        ax.plot(grid, s0 * b0 / grid, ":", color="0.6", label="perfect scaling")
+    if report.study.fit:
+        ax.plot(grid, report.study.fit.steps(grid), "-", color="0.3",
+                label=f"study fit, B_crit = {report.study.fit.b_crit:.3g}")
+    pcurve = StepsCurve(pred["S_min"], pred["E_min"])
+    ax.plot(grid, pcurve.steps(grid), "--", color="tab:orange", label=f"noise-scale prediction, B_crit = {pred['B_crit']:.3g}")
+    ax.plot([report.noise["batch_size"]], [report.noise["steps"]], "s", color="tab:orange", label="the measured run")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("steps to result")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    traj = report.noise.get("trajectory") or []
+    ax.plot([r["step"] for r in traj], [r["b_simple"] for r in traj], ".-", label="B_simple per window")
+    if report.ttr.b_crit:
+        ax.axhline(report.ttr.b_crit, color="0.3", ls="-", lw=1, label="measured B_crit")
+    ax.axhline(pred["B_crit"], color="tab:orange", ls="--", lw=1, label="predicted B_crit")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"step (batch size {report.noise['batch_size']})")
+    ax.set_ylabel("B_simple")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_figures(report: Report, out_dir: str) -> Dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    figs = {"Steps, step time and time to result against batch size": plot_time_to_result(
+        report.ttr, report.study, report.throughput, os.path.join(out_dir, "time_to_result.png"),
+        title=str(report.numbers.get("workload") or ""))}
+    p = _plot_steps_and_prediction(report, os.path.join(out_dir, "noise_prediction.png"))
+    if p:
+        figs["Steps to result: measured, fitted and predicted from the noise scale"] = p
+    if report.whatif is not None:
+        figs["What if N devices (model)"] = plot_whatif(report.whatif, os.path.join(out_dir, "whatif.png"))
+    report.figures = figs
+    return figs
+
+
+# ---------------------------------------------------------------- text
+
+def _headline(report: Report) -> List[tuple]:
+    n = report.numbers
+    ci = n.get("measured_b_crit_ci")
+    rows = [("Workload", str(n.get("workload"))), ("Device (throughput)", str(n.get("device"))),
+            ("Measured B_crit (study fit E_min/S_min)", _num(n["measured_b_crit"]) +
+             (f" (95% CI {_num(ci[0])}..{_num(ci[1])})" if ci else "")),
+            ("Predicted B_crit (noise scale)", _num(n.get("predicted_b_crit"))),
+            ("Predicted / measured B_crit", _num(n.get("ratio_predicted_measured"))),
+            ("Hardware knee B_hw = t0 X", _num(n["b_hw"])),
+            ("B* = sqrt(B_crit B_hw)", _num(n["b_star"])),
+            ("Fitted T(B*)", _num(n["t_star_s"]) + " s"),
+            ("Best measured batch size (T)", f"{n.get('best_measured_batch_size')} "
+                                              f"({_num(n.get('best_measured_time_s'))} s)")]
+    if report.whatif is not None:
+        rows.append(("More devices stop paying off (doubling gains < "
+                     f"{report.whatif.min_gain:.0%}) from N =", str(report.whatif.stops_paying_off or "never (<= max)")))
+        rows.append(("Fastest N in the what-if sweep", str(report.whatif.fastest_n)))
+    return rows
+
+
+def _noise_text(report: Report) -> str:
+    nz = report.noise or {}
+    pred = nz.get("prediction")
+    if not pred:
+        return ""
+    return (f"Noise scale measured during one run at batch size {nz.get('batch_size')} "
+            f"({nz.get('optimizer')}, lr {_num(nz.get('lr'))}, momentum {_num(nz.get('momentum'))}), "
+            f"goal reached in {nz.get('steps')} steps. B_simple: mean {_num(pred.get('b_simple_mean'))}, "
+            f"at the goal {_num(pred.get('b_simple_final'))}; predicted B_crit = progress-weighted mean = "
+            f"{_num(pred['B_crit'])}, S(B) = {_num(pred['S_min'])} + {_num(pred['E_min'])}/B.")
+
+
+def render_markdown(report: Report, title: str = "Batch size report") -> str:
+    lines = [f"# {title}", "", f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.", "",
+             "| quantity | value |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in _headline(report)]
+    if report.warnings:
+        lines += ["", "Warnings:"] + [f"- {w}" for w in report.warnings]
+    if _noise_text(report):
+        lines += ["", "## Noise-scale prediction", "", _noise_text(report)]
+        cmp_rows = [(b, s, float(StepsCurve(report.numbers["predicted_s_min"], report.numbers["predicted_e_min"]).steps(b)))
+                    for b, s in zip(report.study.batch_sizes, report.study.steps)]
+        lines += ["", "| batch_size | measured steps | predicted steps |", "|---:|---:|---:|"]
+        lines += [f"| {b} | {_num(s)} | {_num(p)} |" for b, s, p in cmp_rows]
+    lines += ["", "## Time to result T(B) = S(B) x t(B)", "", time_to_result_table(report.ttr, markdown=True)]
+    lines += ["", "## What if N devices", ""]
+    if report.whatif is None:
+        lines.append(report.whatif_note)
+    else:
+        c = report.numbers["comm"]
+        lines += [f"Mode: {report.whatif.mode}. Gradient {c['grad_bytes'] / 2**20:.3g} MiB, link bandwidth "
+                  f"{c['bandwidth_bytes_per_s'] / 1e9:.3g} GB/s, latency {c['latency_s'] * 1e6:.3g} us per ring step, "
+                  f"overlap {c['overlap']:.2f}.", "", whatif_table(report.whatif, markdown=True), "",
+                  WHATIF_ASSUMPTIONS]
+    if report.figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{cap}]({os.path.basename(p)})" for cap, p in report.figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(md_table: str) -> str:
+    rows = [r.strip().strip("|").split("|") for r in md_table.splitlines() if r.strip()]
+    head, body = rows[0], rows[2:]
+    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body]
+    return "\n".join(out) + "</tbody></table>"
+
+
+def render_html(report: Report, title: str = "Batch size report") -> str:
+    """A self-contained page: every figure inlined as a base64 PNG."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%}.warn{color:#a40}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             "<table>" + "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                                 for k, v in _headline(report)) + "</table>"]
+    parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in report.warnings]
+    if _noise_text(report):
+        parts += ["<h2>Noise-scale prediction</h2>", f"<p>{html.escape(_noise_text(report))}</p>"]
+    parts += ["<h2>Time to result T(B) = S(B) &times; t(B)</h2>",
+              _html_table(time_to_result_table(report.ttr, markdown=True))]
+    parts.append("<h2>What if N devices</h2>")
+    if report.whatif is None:
+        parts.append(f"<p>{html.escape(report.whatif_note)}</p>")
+    else:
+        parts += [f"<p>{html.escape(report.whatif.mode)}</p>", _html_table(whatif_table(report.whatif, markdown=True)),
+                  f"<p><em>{html.escape(WHATIF_ASSUMPTIONS)}</em></p>"]
+    for cap, path in report.figures.items():
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+        parts.append(f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(report: Report, out_dir: str, title: str = "Batch size report") -> Dict[str, str]:
+    """Write figures, ``report.html``, ``report.md`` and ``report.json`` (the numbers and tables) to ``out_dir``."""
+    make_figures(report, out_dir)
+    paths = {"html": os.path.join(out_dir, "report.html"), "md": os.path.join(out_dir, "report.md"),
+             "json": os.path.join(out_dir, "report.json")}
+    with open(paths["html"], "w") as f:
+        f.write(render_html(report, title))
+    with open(paths["md"], "w") as f:
+        f.write(render_markdown(report, title))
+    with open(paths["json"], "w") as f:
+        json.dump({"numbers": report.numbers, "time_to_result": report.ttr.as_dict(),
+                   "whatif": report.whatif.as_dict() if report.whatif else None, "warnings": report.warnings},
+                  f, indent=2, default=str)
+    paths.update({os.path.basename(p): p for p in report.figures.values()})
+    return paths
