@@ -95,6 +95,8 @@ class TrialRecord:
     max_steps: Optional[int] = None
 
     def curve(self, metric: str) -> Tuple[List[int], List[float]]:
+        if not self.steps:
+            return [], []  # not evaluated yet
         if metric not in self.metrics:
             raise KeyError(f"trial {self.trial_id} (batch size {self.batch_size}) has no metric {metric!r}; "
                            f"it has {sorted(self.metrics)}")
