@@ -513,3 +513,21 @@ def test_bf16_model_sends_statistics_in_their_own_float64_all_reduce(world1):
     assert n["local"].item() == pytest.approx(direct, rel=1e-3)
     assert n["local_mean"].item() == pytest.approx(direct, rel=1e-3)
     assert n["global_batch_size"] == LOCAL_BATCH and n["local_batch_size"] == LOCAL_BATCH
+
+
+def test_grad_scaler_without_per_bucket_step_matches_unwrapped_training(world1):
+    x, y = global_batch("mlp", 0, 0, 1)
+    x, y = shard(x, 0), shard(y, 0)
+    finals = []
+    for wrap in (True, False):
+        model = make_model("mlp")
+        opt = fastsgd.Momentum(model.parameters(), lr=0.1)
+        net = BucketedDataParallel(model) if wrap else model
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            scaler.scale(F.mse_loss(net(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        finals.append(dict(model.named_parameters()))
+    assert_close_dicts(finals[0], finals[1], "GradScaler, wrapped vs unwrapped")

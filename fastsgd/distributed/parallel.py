@@ -182,7 +182,8 @@ class BucketedDataParallel(nn.Module):
           each forward; the global one summed over ranks), None if unknown;
         * ``accumulation_steps``: forwards accumulated into this step
           (``no_sync`` micro-batches + 1). The norms are of the accumulated
-          gradients, which are sums over micro-batches.
+          gradients, which are sums over micro-batches, as reduced (so still
+          multiplied by the loss scale under a ``GradScaler``).
 
         Reading the batch sizes synchronises with the device; the norms do not.
         """
