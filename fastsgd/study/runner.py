@@ -185,20 +185,33 @@ def _scaled_trials(config: StudyConfig, best_hp, base: int, batch_size: int, tra
     return [({}, hp, s) for s in seeds]
 
 
-def run_study(config: StudyConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> Dict[str, object]:
+def open_storage(config: StudyConfig) -> StudyStorage:
+    """The study's storage (``config.storage``, default ``<out>/study.db``); the
+    configuration must match the stored one."""
+    if config.space is None:
+        config.space = search.validate_space(search.default_space(config.optimizer), config.optimizer)
+    return StudyStorage(config.storage or os.path.join(config.out, "study.db"), config.study_name(),
+                        config.stored())
+
+
+def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> Dict[str, object]:
     """Run (or resume) the study and write ``study_summary.json`` and plots into
-    ``config.out``. Returns the summary dict."""
+    ``config.out``. Returns the summary dict.
+
+    ``workload``: your own Workload object (see fastsgd.study.data_workloads for
+    how to write one); ``config.workload`` then only names the study.
+    Default: the bundled workload named ``config.workload``."""
     config.validate()
     start = time.time()
-    workload = get_workload(config.workload)
+    workload = workload if workload is not None else get_workload(config.workload)
     space = search.validate_space(config.space or search.default_space(config.optimizer), config.optimizer)
     config.space = space
     metric = config.goal_metric or workload.goal_metric
     if not (config.train_metrics or metric.startswith("train_")):
         workload = restrict_eval_sets(workload, ["val"])
     os.makedirs(config.out, exist_ok=True)
-    store = StudyStorage(config.storage or os.path.join(config.out, "study.db"), config.study_name(),
-                         config.stored())
+    store = open_storage(config)
     batch_sizes = sorted(config.batch_sizes)
     bar = _Progress(config.trials * len(batch_sizes), progress)
     try:

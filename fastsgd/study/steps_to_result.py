@@ -228,10 +228,11 @@ def fit_scaling(batch_sizes: Sequence[float], steps: Sequence[float], *, n_boot:
         arr = np.array(samples)
         with np.errstate(divide="ignore", invalid="ignore"):
             bcrit = np.where(arr[:, 0] > 0, arr[:, 1] / arr[:, 0], np.inf)
-        q = [(1 - ci_level) / 2 * 100, (1 + ci_level) / 2 * 100]
-        fit.S_min_ci = tuple(float(x) for x in np.percentile(arr[:, 0], q))
-        fit.E_min_ci = tuple(float(x) for x in np.percentile(arr[:, 1], q))
-        fit.B_crit_ci = tuple(float(x) for x in np.percentile(bcrit, q))
+        q = [(1 - ci_level) / 2, (1 + ci_level) / 2]
+        # "nearest": B_crit is inf for resamples with S_min = 0, and interpolating inf - inf is NaN
+        fit.S_min_ci = tuple(float(x) for x in np.quantile(arr[:, 0], q, method="nearest"))
+        fit.E_min_ci = tuple(float(x) for x in np.quantile(arr[:, 1], q, method="nearest"))
+        fit.B_crit_ci = tuple(float(x) for x in np.quantile(bcrit, q, method="nearest"))
         fit.n_boot = len(samples)
     return fit
 
