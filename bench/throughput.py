@@ -179,9 +179,10 @@ def _ms(seconds: float) -> str:
 
 
 def table_text(sweep: StepTimeSweep) -> str:
+    measured_energy = any(r["power_w"] is not None for r in sweep.records)
     rows = []
     for r in sweep.records:
-        rows.append({
+        row = {
             "batch": r["batch_size"],
             "step ms": _ms(r["step_time_s"]),
             "(20-80 %)": f"{_ms(r['step_time_q20_s'])}-{_ms(r['step_time_q80_s'])}",
@@ -192,9 +193,13 @@ def table_text(sweep: StepTimeSweep) -> str:
             "peak MB": f"{r['peak_memory_bytes'] / 2**20:,.0f}",
             "mJ/example": "n/a" if r["energy_per_example_j"] is None else f"{r['energy_per_example_j'] * 1e3:.3g}",
             "steps": r["steps"],
-        })
-    columns = ["batch", "step ms", "(20-80 %)", "fwd+bwd ms", "optim ms", "examples/s", "peak MB", "mJ/example",
-               "steps"]
+        }
+        if measured_energy:
+            row["W"] = "n/a" if r["power_w"] is None else f"{r['power_w']:.0f}"
+            row["util %"] = "n/a" if r["gpu_util_pct"] is None else f"{r['gpu_util_pct']:.0f}"
+        rows.append(row)
+    columns = ["batch", "step ms", "(20-80 %)", "fwd+bwd ms", "optim ms", "examples/s", "peak MB", "mJ/example"]
+    columns += ["W", "util %", "steps"] if measured_energy else ["steps"]
     return format_table(rows, columns)
 
 
