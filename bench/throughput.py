@@ -220,6 +220,10 @@ def fit_text(sweep: StepTimeSweep) -> List[str]:
     return lines
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def header_text(args: argparse.Namespace, workload, device: torch.device, sizes: List[int], warmup: int,
                 steps: int, budget: float, out_dir: str) -> List[str]:
     budget_text = f" and up to {budget:g} s" if budget else ""
@@ -229,8 +233,8 @@ def header_text(args: argparse.Namespace, workload, device: torch.device, sizes:
         f"  model      {workload.name}: {workload.info.get('description', '')}",
         f"  optimizer  {args.optimizer}" + (f", ghost batch norm of {args.ghost_bn}" if args.ghost_bn else ""),
         f"  device     {device}: {device_name(device)}, torch threads: {torch.get_num_threads()}",
-        f"  plan       batch sizes {listed}; each: {warmup} warm-up steps, then at least {steps} timed "
-        f"steps{budget_text}",
+        f"  plan       batch sizes {listed}; each: {_count(warmup, 'warm-up step')}, then at least "
+        f"{_count(steps, 'timed step')}{budget_text}",
         f"  output     {out_dir}/",
     ] + busy_machine_note()
 
