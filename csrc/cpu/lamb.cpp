@@ -55,7 +55,7 @@ void moments_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S*
     const C gi = k.grad * C(Num<P>::load(g[i]));
     const C mi = k.beta1 * C(Num<S>::load(m[i])) + k.one_minus_beta1 * gi;
     const C vi = k.beta2 * C(Num<S>::load(v[i])) + k.one_minus_beta2 * gi * gi;
-    if (kWriteMoments) {
+    if constexpr (kWriteMoments) {
       m[i] = Num<S>::store(mi);
       v[i] = Num<S>::store(vi);
     }
@@ -81,7 +81,7 @@ void apply_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S* _
     const C pi = C(Num<P>::load(p[i]));
     C mi = C(Num<S>::load(m[i]));
     C vi = C(Num<S>::load(v[i]));
-    if (kDeferMoments<S>) {
+    if constexpr (kDeferMoments<S>) {
       const C gi = k.grad * C(Num<P>::load(g[i]));
       mi = k.beta1 * mi + k.one_minus_beta1 * gi;
       vi = k.beta2 * vi + k.one_minus_beta2 * gi * gi;

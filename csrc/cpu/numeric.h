@@ -24,6 +24,13 @@ enum DtypeCode : int64_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 =
 inline uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
+// cond ? a : b written with masks: GCC keeps `?:` chains as branches in the
+// float16 conversions, which stops the element loops from vectorising.
+inline uint32_t select(bool cond, uint32_t a, uint32_t b) {
+  const uint32_t mask = 0u - uint32_t(cond);
+  return (a & mask) | (b & ~mask);
+}
+
 // bfloat16 is the upper half of a float32: widening is a shift. Narrowing adds
 // just under half an ulp plus the lowest kept bit (ties go to even), except for
 // NaN, which is kept a quiet NaN instead of possibly rounding to infinity.
@@ -49,7 +56,7 @@ inline float widen(f16 x) {
   const uint32_t normal = body + (112u << 23);
   const uint32_t inf_nan = normal + (112u << 23);
   const uint32_t subnormal = float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
-  const uint32_t r = exponent == 0x0f800000u ? inf_nan : (exponent == 0 ? subnormal : normal);
+  const uint32_t r = select(exponent == 0x0f800000u, inf_nan, select(exponent == 0, subnormal, normal));
   return bits_float(r | sign);
 }
 
@@ -64,10 +71,10 @@ inline f16 narrow_f16(float f) {
   const uint32_t u = float_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  const uint32_t inf_nan = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  const uint32_t inf_nan = select(a > 0x7f800000u, 0x7e00u, 0x7c00u);
   const uint32_t subnormal = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
   const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // 0xc8000000 = (15 - 127) << 23
-  const uint32_t r = a >= 0x47800000u ? inf_nan : (a < 0x38800000u ? subnormal : normal);
+  const uint32_t r = select(a >= 0x47800000u, inf_nan, select(a < 0x38800000u, subnormal, normal));
   return f16{uint16_t(r | sign)};
 }
 
