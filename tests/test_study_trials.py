@@ -1,0 +1,98 @@
+"""Vmapped trials: the same curves as one-at-a-time training, drop-out without
+disturbing the others, stopping rules and lr schedules."""
+import math
+
+import pytest
+import torch
+
+from fastsgd.study.data_workloads import digits_mlp, restrict_eval_sets
+from fastsgd.study.steps_to_result import BUDGET, GOAL, INFEASIBLE, PRUNED
+from fastsgd.study.trials import RunSettings, TrialSpec, _Schedules, run_trials, train_single
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return restrict_eval_sets(digits_mlp(), ["val"])  # the training subset would double the evaluation time
+
+
+def assert_same_curves(a, b, rtol=1e-4, atol=1e-5):
+    assert a.steps == b.steps, (a.spec, a.steps, b.steps)
+    assert a.outcome == b.outcome and a.steps_to_result == b.steps_to_result
+    for k in b.metrics:
+        torch.testing.assert_close(torch.tensor(a.metrics[k]), torch.tensor(b.metrics[k]), rtol=rtol, atol=atol,
+                                   equal_nan=True, msg=lambda m: f"trial {a.spec.trial_id} metric {k}: {m}")
+
+
+SPECS = [
+    TrialSpec(0, 11, {"lr": 0.05, "momentum": 0.9}),
+    TrialSpec(1, 12, {"lr": 0.2, "momentum": 0.5, "weight_decay": 1e-3}),
+    TrialSpec(2, 13, {"lr": 0.1, "momentum": 0.95, "decay_alpha": 0.1, "decay_fraction": 0.5}),
+    TrialSpec(3, 14, {"lr": 400.0, "momentum": 0.99}),  # diverges within a few steps
+    TrialSpec(4, 15, {"lr": 0.02, "momentum": 0.8, "warmup_steps": 10, "warmup_start_lr": 0.002}),
+]
+
+
+@pytest.mark.parametrize("optimizer", ["nesterov", "sgd"])
+def test_vmapped_equals_one_at_a_time(workload, optimizer):
+    specs = SPECS if optimizer != "sgd" else [TrialSpec(s.trial_id, s.seed, dict(s.hparams, momentum=0.0))
+                                              for s in SPECS]
+    settings = RunSettings(batch_size=24, max_steps=25, optimizer=optimizer, goal=None)
+    stacked = run_trials(workload, specs, settings)
+    for res, spec in zip(stacked, specs):
+        assert_same_curves(res, train_single(workload, spec, settings))
+    assert stacked[3].outcome == INFEASIBLE and stacked[3].end_step < 10
+    assert {r.outcome for i, r in enumerate(stacked) if i != 3} == {BUDGET}
+
+
+def test_dropping_trials_does_not_disturb_others(workload):
+    settings = RunSettings(batch_size=16, max_steps=20, optimizer="momentum", goal=None)
+    alone = run_trials(workload, [SPECS[0], SPECS[2]], settings)
+    with_diverging = run_trials(workload, SPECS[:4], settings)
+    assert_same_curves(with_diverging[0], alone[0])
+    assert_same_curves(with_diverging[2], alone[1])
+
+
+def test_goal_and_pruning(workload):
+    wl = workload
+    assert set(digits_mlp().eval_data) == {"val", "train"} and set(wl.eval_data) == {"val"}
+    settings = RunSettings(batch_size=32, max_steps=300, optimizer="nesterov", goal=0.5, goal_metric="val_error")
+    specs = [TrialSpec(0, 1, {"lr": 0.5, "momentum": 0.9}), TrialSpec(1, 2, {"lr": 0.001, "momentum": 0.0})]
+    fast, slow = run_trials(wl, specs, settings)
+    assert fast.outcome == GOAL and fast.metrics["val_error"][-1] < 0.5
+    assert fast.steps_to_result == fast.steps[-1] and all(v >= 0.5 for v in fast.metrics["val_error"][:-1])
+    assert slow.outcome == PRUNED and slow.end_step == fast.steps_to_result  # can no longer win
+    nopr = run_trials(wl, specs[1:], RunSettings(batch_size=32, max_steps=30, optimizer="nesterov", goal=0.5,
+                                                  prune=False))
+    assert nopr[0].outcome == BUDGET and nopr[0].steps[-1] == 30
+    capped = run_trials(wl, specs[1:], RunSettings(batch_size=32, max_steps=300, optimizer="nesterov", goal=0.5,
+                                                    step_cap=12))
+    assert capped[0].outcome == PRUNED and capped[0].end_step == 12
+
+
+def test_reproducible_from_seed(workload):
+    settings = RunSettings(batch_size=8, max_steps=15, optimizer="nesterov")
+    a = run_trials(workload, [SPECS[0], SPECS[1]], settings)[1]
+    b = run_trials(workload, [SPECS[1]], settings)[0]
+    assert_same_curves(a, b)
+    other_seed = run_trials(workload, [TrialSpec(1, 99, SPECS[1].hparams)], settings)[0]
+    assert other_seed.metrics["val_loss"] != b.metrics["val_loss"]
+
+
+def test_lr_schedules():
+    specs = [TrialSpec(0, 0, {"lr": 1.0}),
+             TrialSpec(1, 0, {"lr": 1.0, "decay_alpha": 0.1, "decay_fraction": 0.5}),
+             TrialSpec(2, 0, {"lr": 1.0, "warmup_steps": 4, "warmup_start_lr": 0.2})]
+    hp = _Schedules(specs, max_steps=100)
+    lr = torch.stack([hp.lr(t) for t in (0, 2, 25, 50, 90)])
+    torch.testing.assert_close(lr[:, 0], torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(lr[:, 1], torch.tensor([1.0, 1 - 0.9 * 2 / 50, 0.55, 0.1, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(lr[:, 2], torch.tensor([0.2, 0.6, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_settings_errors():
+    with pytest.raises(ValueError, match="Invalid optimizer"):
+        RunSettings(batch_size=8, max_steps=10, optimizer="adam")
+    with pytest.raises(ValueError, match="eval_ratio"):
+        RunSettings(batch_size=8, max_steps=10, eval_ratio=1.0)
+    with pytest.raises(ValueError, match="momentum != 0"):
+        run_trials(digits_mlp(), [SPECS[0]], RunSettings(batch_size=8, max_steps=2, optimizer="sgd"))
