@@ -399,6 +399,34 @@ def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):
     assert len(ck._cache) == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="relies on the native call failing for want of a device")
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_real_bindings_accept_the_python_arguments(monkeypatch, op):
+    """The real fastsgd._C functions receive exactly the keyword arguments the
+    Python side builds (names and types); with no device the launch fails in
+    cudaSetDevice, and the error names the op and the dtypes."""
+    mod = native()
+    if mod is None or not mod.has_cuda:
+        pytest.skip("fastsgd._C was built without CUDA kernels")
+    monkeypatch.setattr(ck, "_require_cuda", lambda op, device: None)
+    monkeypatch.setattr(ck, "_capturing", lambda: False)
+    monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
+    monkeypatch.setattr(ck, "_stream", lambda device: 0)
+    ck.clear_cache()
+    p, g = [torch.zeros(5), torch.zeros(3, dtype=torch.bfloat16)], [torch.ones(5), torch.ones(3, dtype=torch.bfloat16)]
+    states = [torch.zeros(5), torch.zeros(3, dtype=torch.bfloat16)]
+    lr = torch.tensor(0.1)
+    with pytest.raises(RuntimeError, match=f"fastsgd cuda {op}_step: cudaSetDevice.*param/state dtypes"):
+        if op == "sgd":
+            ck.sgd_step(p, g, states, lr=lr, momentum=0.9, grad_scale=torch.tensor(2.0), stochastic_rounding=True)
+        elif op == "lars":
+            ck.lars_step(p, g, states, lr=0.1, weight_decay=1e-4, trust_clip=True)
+        else:
+            ck.lamb_step(p, g, states, [s.clone() for s in states], [torch.zeros(()), torch.zeros(())], lr=0.1,
+                         clip_divisor=torch.tensor(2.0))
+    ck.clear_cache()
+
+
 def test_errors_name_the_problem(emulated):
     p = [torch.zeros(3)]
     with pytest.raises(TypeError, match="float32 with state dtype torch.float64 is not supported"):

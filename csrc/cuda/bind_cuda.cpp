@@ -164,7 +164,8 @@ cuda_sgd_step.)doc");
       py::arg("table"), py::arg("n_tensors"), py::arg("n_blocks"), py::arg("chunk_size"), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("bias_correction"),
       py::arg("trust_clip"), py::arg("adapt"), py::arg("clip_divisor"), py::arg("has_clip_divisor"),
-      py::arg("grad_scale"), py::arg("found_inf"), py::arg("partials"), py::arg("per_tensor"), py::arg("stream"), py::arg("device"),
+      py::arg("grad_scale"), py::arg("found_inf"), py::arg("partials"), py::arg("per_tensor"), py::arg("stream"),
+      py::arg("device"),
       R"doc(LAMB (timm rule) over every tensor of the table: at most 3 launches, no host sync.
 
 The table's state slots 0/1 are exp_avg/exp_avg_sq and slot 4 the float32

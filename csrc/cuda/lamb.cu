@@ -41,10 +41,12 @@ __device__ __forceinline__ void lamb_chunk(const LambArgs& a, const Entry& e, Bi
   using P = typename K::param_t;
   using S = typename K::state_t;
   using A = typename K::acc_t;
-  const P* __restrict__ param = reinterpret_cast<const P*>(e.ptr[0]);
-  const P* __restrict__ grad = reinterpret_cast<const P*>(e.ptr[1]);
-  const S* __restrict__ m_in = reinterpret_cast<const S*>(e.ptr[2]);
-  const S* __restrict__ v_in = reinterpret_cast<const S*>(e.ptr[3]);
+  // No __restrict__: the update kernel writes p, m, v through other pointers
+  // (each element is read, then written, by the same thread).
+  const P* param = reinterpret_cast<const P*>(e.ptr[0]);
+  const P* grad = reinterpret_cast<const P*>(e.ptr[1]);
+  const S* m_in = reinterpret_cast<const S*>(e.ptr[2]);
+  const S* v_in = reinterpret_cast<const S*>(e.ptr[3]);
   const A inv_scale = A(1) / read_scalar<A>(a.grad_scale);
   const A clip0 = a.has_clip_divisor ? read_scalar<A>(a.clip_divisor) : A(1);
   const A b1 = static_cast<A>(a.beta1), b2 = static_cast<A>(a.beta2);

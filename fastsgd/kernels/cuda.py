@@ -1,28 +1,32 @@
 """CUDA C++ kernels (fastsgd._C, csrc/cuda/): SGD family, LARS, LAMB.
 
-Same functions and signatures as fastsgd/kernels/reference.py. How a call
-runs:
+Same functions and signatures as fastsgd/kernels/reference.py (sgd_step and
+lars_step also take ``stochastic_rounding`` for bfloat16 momentum buffers).
+How a call runs:
 
-1. Check the tensors (one CUDA device, supported dtype combinations, dense
-   layouts shared by each param and its grad/state) -- everything the native
-   code cannot check, since it only sees raw addresses.
-2. Look up the *tensor table* for this exact set of tensors (keyed on data
-   pointers, sizes, dtypes and first-step flags) or build it once: per tensor
-   its pointers, numel, stacked-trial row length, dtype kind and whether all
-   its pointers are 16-byte aligned (then the kernel uses 16-byte vector
-   loads); then one (tensor, chunk) entry per CUDA block. The table is copied
-   to the device once and reused while the set is unchanged, so a step over
-   any number of tensors is ONE launch (SGD family) or at most three
-   (LARS/LAMB: per-block norm partials, per-tensor reduction, update).
+1. Look up the *tensor table* for this exact set of tensors, keyed on the
+   device, every tensor's address, the params' numels and dtypes, the state
+   dtypes and the first-step flags. A hit (every step of a training loop)
+   costs one pass over the tensors in Python (~1 us per tensor and list on
+   the host) and nothing else is checked.
+2. On a miss: check what the native code cannot (one CUDA device, shapes,
+   dense layouts shared by each param and its state, supported dtype pairs),
+   build the table -- per tensor its pointers, numel, stacked-trial row
+   length, dtype kind, first-step flag and whether all its pointers are
+   16-byte aligned (then the kernel uses 16-byte vector loads); then one
+   (tensor, chunk) entry per CUDA block -- and copy it to the device without
+   a host sync. A step over any number of tensors is then ONE launch (SGD
+   family) or at most three (LARS/LAMB: per-block norm partials, per-tensor
+   reduction, update).
 3. Call fastsgd._C.cuda_*_step with the table address, hyperparameters as
-   (value, device_ptr, dtype_code, per_row) tuples, the current stream.
+   (value, device_ptr, dtype_code, per_row) tuples and the current stream.
 
 lr, grad_scale, found_inf (and LAMB's clip_divisor and step counters) are
 read on the device, so a step never synchronises with the host and can be
-captured in a CUDA graph. A table built during capture (e.g. gradients in the
-graph's memory pool) is copied by a captured host-to-device copy; its host
-buffer and scratch are then kept for the life of the process so that replays
-read valid memory.
+captured in a CUDA graph; with many small tensors, capturing also removes the
+per-tensor host cost of step 1. A table built during capture (e.g. gradients
+in the graph's memory pool) is uploaded by a captured host-to-device copy;
+tables read by a graph are never evicted, so replays read valid memory.
 """
 from __future__ import annotations
 
@@ -426,7 +430,7 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
                   grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
                   found_inf=found if found[1] else _NONE,
                   stochastic_rounding=bool(stochastic_rounding), seed=_seed() if stochastic_rounding else 0,
-                  stream=_stream(device), device=device.index)
+                  stream=_stream(device), device=device.index or 0)
     mod = _native()
     if lars is None:
         _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
@@ -467,4 +471,4 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
             has_clip_divisor=clip_divisor is not None,
             grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
             found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
-            stream=_stream(device), device=device.index)
+            stream=_stream(device), device=device.index or 0)
