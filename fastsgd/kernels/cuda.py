@@ -267,7 +267,14 @@ def _upload(host: Tensor, device: torch.device, capturing: bool) -> Tuple[Tensor
     if not capturing:
         host = host.pin_memory()  # pin_memory() is not allowed during capture
     dev = torch.empty(host.shape, dtype=torch.int64, device=device)
-    dev.copy_(host, non_blocking=True)
+    try:
+        dev.copy_(host, non_blocking=True)
+    except RuntimeError as exc:
+        if not capturing:
+            raise
+        raise RuntimeError("fastsgd cuda: uploading the tensor table during CUDA graph capture failed "
+                           f"({exc}); run one eager step with the same parameter, gradient and state tensors "
+                           "before capturing, so that the table is cached") from exc
     return host, dev
 
 
