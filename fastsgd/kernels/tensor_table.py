@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence
+from typing import Hashable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -66,6 +66,10 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def addresses_of(tensors: Optional[Sequence[Tensor]]) -> Optional[Tuple[int, ...]]:
+    return None if tensors is None else tuple(t.data_ptr() for t in tensors)
+
+
 class TableCache:
     """Least-recently-used cache of TensorTables. ``builds`` counts address
     tables built (tests use it to check that a table is reused)."""
@@ -85,14 +89,14 @@ class TableCache:
         if len(cache) > self.capacity:
             cache.popitem(last=False)
 
-    def get(self, columns: Sequence[Optional[Sequence[Tensor]]], numels: Sequence[int], chunk: int,
+    def get(self, addresses: Sequence[Optional[Tuple[int, ...]]], numels: Tuple[int, ...], chunk: int,
             device: torch.device, flags: Optional[Sequence[bool]] = None) -> TensorTable:
-        """The table for tensors whose i-th row holds ``columns[c][i]`` (a
-        column may be None: address 0), ``numels[i]`` elements each."""
-        if len(columns) > ADDRESS_COLUMNS:
-            raise ValueError(f"at most {ADDRESS_COLUMNS} address columns, got {len(columns)}")
-        addresses = tuple(tuple(t.data_ptr() for t in col) if col is not None else None for col in columns)
-        numels = tuple(numels)
+        """The table for tensors whose i-th row holds the addresses
+        ``addresses[c][i]`` (see ``addresses_of``; a column may be None:
+        address 0) and ``numels[i]`` elements."""
+        if len(addresses) > ADDRESS_COLUMNS:
+            raise ValueError(f"at most {ADDRESS_COLUMNS} address columns, got {len(addresses)}")
+        addresses = tuple(addresses)
         flags = tuple(bool(f) for f in flags) if flags is not None else None
         key = (device, chunk, addresses, numels, flags)
         table = self._tables.get(key)

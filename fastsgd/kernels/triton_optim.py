@@ -31,12 +31,25 @@ buffers stochastically: unbiased, and deterministic given the seed
 counter advances inside the kernel, so replays of a captured step draw fresh
 random bits. fp32 buffers need no rounding; fp16 buffers are refused.
 
+Host work per call is one pass over the tensors to read their addresses,
+sizes and dtypes (the table key); the full per-tensor checks (devices,
+shapes, layouts) run once per distinct tensor set, not on every step.
+
+torch.compile: the step functions are excluded from tracing
+(torch.compiler.disable), so a compiled training step breaks the graph at
+the optimizer call and runs these launches eagerly.
+
+CUDA graphs: pass lr as a 0-dim device tensor to change it between replays;
+a float lr is baked into the captured launch.
+
 Not supported here (clear errors): stacked trials (1-D lr/momentum tensors),
 float64 and complex tensors, strided views (use backend="reference").
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -50,10 +63,12 @@ except ImportError as exc:  # the registry reports this through unavailable_reas
 
 if _IMPORT_ERROR is None:
     from fastsgd.kernels import triton_common as common
-    from fastsgd.kernels.tensor_table import TableCache, TensorTable
+    from fastsgd.kernels.tensor_table import TableCache, TensorTable, addresses_of
     from fastsgd.kernels.triton_lamb import lamb_kernel
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
+
+from fastsgd.optim.base import is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -116,22 +131,65 @@ def _check_device(device: torch.device) -> None:
                            f"TRITON_INTERPRET=1); got tensors on {device}")
 
 
-def _check_tensors(op: str, params: Sequence[Tensor], **others: Optional[Sequence[Tensor]]) -> None:
-    """Aligned lists; one device; supported dtypes; every other tensor laid
-    out exactly like its param (the kernels walk them with one flat index)."""
+@dataclass(frozen=True)
+class _Tensors:
+    """What a call needs from its tensors, read once: with thousands of small
+    tensors the per-tensor Python work is the fixed cost of a step."""
+    addresses: Tuple[Optional[Tuple[int, ...]], ...]  # per column (params first), see tensor_table.addresses_of
+    numels: Tuple[int, ...]
+    dtypes: Tuple[Optional[Tuple[torch.dtype, ...]], ...]  # per column
+
+    def group(self, idx: List[int]) -> Tuple[tuple, Tuple[int, ...]]:
+        """Addresses and sizes of the tensors ``idx`` (a dtype group)."""
+        if len(idx) == len(self.numels):
+            return self.addresses, self.numels
+        return (tuple(tuple(col[i] for i in idx) if col is not None else None for col in self.addresses),
+                tuple(self.numels[i] for i in idx))
+
+
+# Tensor sets (addresses, sizes, dtypes) that passed _check_tensors: the full
+# per-tensor checks run once per set, not on every step.
+_CHECKED: "OrderedDict[tuple, None]" = OrderedDict()
+
+
+def _described(op: str, params: Sequence[Tensor], columns: Dict[str, Optional[Sequence[Tensor]]],
+               extra_check=None, unchecked: Tuple[str, ...] = ()) -> _Tensors:
+    """The call's tensors (params, then ``columns`` in table-column order),
+    checked by _check_tensors (except the ``unchecked`` columns, which
+    ``extra_check`` covers) the first time this exact set is seen."""
     n = len(params)
-    for name, ts in others.items():
+    for name, ts in columns.items():
         if ts is not None and len(ts) != n:
             raise ValueError(f"{op}: {len(ts)} {name} for {n} params")
     device = params[0].device
     _check_device(device)
+    cols = [params, *columns.values()]
+    described = _Tensors(tuple(addresses_of(ts) for ts in cols), tuple(p.numel() for p in params),
+                         tuple(tuple(t.dtype for t in ts) if ts is not None else None for ts in cols))
+    key = (op, device, described)
+    if key in _CHECKED:
+        _CHECKED.move_to_end(key)
+        return described
+    _check_tensors(op, params, **{k: v for k, v in columns.items() if k not in unchecked})
+    if extra_check is not None:
+        extra_check()
+    _CHECKED[key] = None
+    if len(_CHECKED) > 64:
+        _CHECKED.popitem(last=False)
+    return described
+
+
+def _check_tensors(op: str, params: Sequence[Tensor], **others: Optional[Sequence[Tensor]]) -> None:
+    """One device; supported dtypes; every other tensor laid out exactly like
+    its param (the kernels walk them with one flat index)."""
+    device = params[0].device
     for i, p in enumerate(params):
         if p.device != device:
             raise RuntimeError(f"{op}: params[{i}] is on {p.device}, params[0] on {device}; one device per call")
         if p.dtype not in _DTYPES:
             raise TypeError(f"{op}: fastsgd backend 'triton' supports {', '.join(map(str, _DTYPES))} params; "
                             f"params[{i}] is {p.dtype} (use backend='reference')")
-        if p.numel() and not _is_dense(p):
+        if p.numel() and not is_dense(p):
             raise TypeError(f"{op}: params[{i}] is a strided view with gaps; the triton backend needs dense "
                             "tensors (use backend='reference')")
         for name, ts in others.items():
@@ -146,14 +204,6 @@ def _check_tensors(op: str, params: Sequence[Tensor], **others: Optional[Sequenc
             if t.dtype not in _DTYPES:
                 raise TypeError(f"{op}: {name}[{i}] is {t.dtype}; the triton backend supports "
                                 f"{', '.join(map(str, _DTYPES))}")
-
-
-def _is_dense(t: Tensor) -> bool:
-    if t.is_contiguous():
-        return True
-    if any(s == 0 for s in t.stride()):
-        return False
-    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) == t.numel()
 
 
 def _check_scalar(op: str, name: str, value, device: torch.device, *, allow_none: bool = False) -> None:
@@ -207,10 +257,6 @@ def _group_by(keys: Sequence) -> Dict[object, List[int]]:
     return groups
 
 
-def _pick(ts: Optional[Sequence[Tensor]], idx: List[int]) -> Optional[List[Tensor]]:
-    return None if ts is None else [ts[i] for i in idx]
-
-
 def _state_tensor(seed: int, device: torch.device) -> Tensor:
     host = torch.tensor([seed, 0, 0], dtype=torch.int64)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -225,15 +271,14 @@ def _rng_state(device: torch.device) -> Tensor:
     return _RNG[device]
 
 
-def _rounding_flag(op: str, stochastic_rounding: bool, bufs: Optional[Sequence[Tensor]]) -> bool:
+def _rounding_flag(op: str, stochastic_rounding: bool, buf_dtypes: Optional[Sequence[torch.dtype]]) -> bool:
     """Stochastic rounding happens for bf16 buffers; fp32 buffers are stored
     exactly (nothing to round); fp16 buffers are refused."""
-    if not stochastic_rounding or bufs is None:
+    if not stochastic_rounding or buf_dtypes is None:
         return False
-    for i, b in enumerate(bufs):
-        if b.dtype == torch.float16:
-            raise NotImplementedError(f"{op}: stochastic_rounding is implemented for bfloat16 momentum buffers; "
-                                      f"bufs[{i}] is float16")
+    if torch.float16 in buf_dtypes:
+        raise NotImplementedError(f"{op}: stochastic_rounding is implemented for bfloat16 momentum buffers; "
+                                  f"bufs[{list(buf_dtypes).index(torch.float16)}] is float16")
     return True
 
 
@@ -287,7 +332,7 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
         return
     if bufs is not None and any(b is None for b in bufs):
         raise ValueError(f"{op}: bufs must be None (no momentum) or a buffer for every param")
-    _check_tensors(op, params, grads=grads, bufs=bufs)
+    tensors = _described(op, params, dict(grads=grads, bufs=bufs))
     device = params[0].device
     for name, value, optional in (("lr", lr, False), ("grad_scale", grad_scale, True),
                                   ("found_inf", found_inf, True)):
@@ -296,17 +341,16 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
     weight_decay = _host_float(op, "weight_decay", weight_decay)
     one_minus_dampening = 1.0 - _host_float(op, "dampening", dampening)
     flags = _first_flags(op, first_step, len(params))
-    rounding = _rounding_flag(op, stochastic_rounding, bufs)
+    rounding = _rounding_flag(op, stochastic_rounding, tensors.dtypes[2])
     rng = _rng_state(device) if rounding else None
     cfg = common.launch_config(device)
     # ---- checked: from here on tensors change ----
-    keys = [(p.dtype, bufs[i].dtype if bufs is not None else None) for i, p in enumerate(params)]
-    for (p_dtype, b_dtype), idx in _group_by(keys).items():
+    p_dtypes, _, b_dtypes = tensors.dtypes
+    for (p_dtype, b_dtype), idx in _group_by(list(zip(p_dtypes, b_dtypes or [None] * len(p_dtypes)))).items():
         g_flags = [flags[i] for i in idx]
         mixed = len(set(g_flags)) > 1
-        ps, gs, bs = _pick(params, idx), _pick(grads, idx), _pick(bufs, idx)
-        table = TABLES.get([ps, gs, bs], [p.numel() for p in ps], cfg.chunk, device,
-                           flags=g_flags if mixed else None)
+        addresses, numels = tensors.group(idx)
+        table = TABLES.get(addresses, numels, cfg.chunk, device, flags=g_flags if mixed else None)
         dummy = table.tensors
         lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
         ratios = dummy
@@ -323,7 +367,7 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
             lr_value, momentum, one_minus_dampening, weight_decay, int(all(g_flags)),
             PARAM_DTYPE=common.TORCH_TO_TRITON[p_dtype],
             BUF_DTYPE=common.TORCH_TO_TRITON[b_dtype or p_dtype],
-            HAS_MOMENTUM=bs is not None, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+            HAS_MOMENTUM=bufs is not None, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
             LR_IN_MOMENTUM=bool(lr_in_momentum), HAS_WEIGHT_DECAY=weight_decay != 0,
             HAS_RATIO=ratios is not dummy, LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
@@ -371,16 +415,18 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     op = "lamb_step"
     if len(params) == 0:
         return
-    _check_tensors(op, params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
     device = params[0].device
-    if len(steps) != len(params):
-        raise ValueError(f"{op}: {len(steps)} steps for {len(params)} params")
-    for i, (s, m, v) in enumerate(zip(steps, exp_avgs, exp_avg_sqs)):
-        if s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
-            raise TypeError(f"{op}: steps[{i}] must be a 1-element float32 tensor on {device}, got shape "
-                            f"{tuple(s.shape)}, {s.dtype} on {s.device}")
-        if m.dtype != v.dtype:
-            raise TypeError(f"{op}: exp_avgs[{i}] is {m.dtype} but exp_avg_sqs[{i}] is {v.dtype}")
+
+    def check_steps_and_moments():
+        for i, (s, m, v) in enumerate(zip(steps, exp_avgs, exp_avg_sqs)):
+            if s.numel() != 1 or s.dtype != torch.float32 or s.device != device:
+                raise TypeError(f"{op}: steps[{i}] must be a 1-element float32 tensor on {device}, got shape "
+                                f"{tuple(s.shape)}, {s.dtype} on {s.device}")
+            if m.dtype != v.dtype:
+                raise TypeError(f"{op}: exp_avgs[{i}] is {m.dtype} but exp_avg_sqs[{i}] is {v.dtype}")
+
+    tensors = _described(op, params, dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps),
+                         extra_check=check_steps_and_moments, unchecked=("steps",))
     for name, value, optional in (("lr", lr, False), ("clip_divisor", clip_divisor, True),
                                   ("grad_scale", grad_scale, True), ("found_inf", found_inf, True)):
         _check_scalar(op, name, value, device, allow_none=optional)
@@ -389,10 +435,9 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     adapt = weight_decay != 0 or always_adapt
     cfg = common.launch_config(device)
     # ---- checked: from here on tensors change ----
-    for (p_dtype, s_dtype), idx in _group_by([(p.dtype, m.dtype) for p, m in zip(params, exp_avgs)]).items():
-        ps = _pick(params, idx)
-        table = TABLES.get([ps, _pick(grads, idx), _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx),
-                            _pick(steps, idx)], [p.numel() for p in ps], cfg.chunk, device)
+    for (p_dtype, s_dtype), idx in _group_by(list(zip(tensors.dtypes[0], tensors.dtypes[2]))).items():
+        addresses, numels = tensors.group(idx)
+        table = TABLES.get(addresses, numels, cfg.chunk, device)
         dummy = table.tensors
         lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
         clip_ptr, clip_value, clip_is_tensor = _scalar_arg(clip_divisor, dummy)
