@@ -171,12 +171,15 @@ def main(argv=None) -> int:
                    help="evaluate every max(1, step x this) steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--study", default=None, help="steps-to-result study dir / study_summary.json to compare with")
     p.add_argument("--out", default="bench/results/noise_scale.json")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     if args.micro_batches < 2:
         p.error("--micro-batches must be >= 2: the noise scale compares micro-batch and batch gradients")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args)
     import json
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
