@@ -11,7 +11,9 @@ zero_grad) with each provider:
   ddp+torch_sgd_fused  torch DDP + torch.optim.SGD(momentum, fused=True)
   ddp+fastsgd          torch DDP + fastsgd.Momentum
   bdp                  BucketedDataParallel, fastsgd.Momentum stepped after backward
-  bdp+fused_step       BucketedDataParallel(optimizer=...), stepped per bucket during backward
+  bdp+fused_step       BucketedDataParallel(optimizer=...), stepped per bucket while the last
+                       buckets are reduced
+  bdp+fused_step_eager the same with eager_step=True: stepped from the gradient hooks, during backward
 
 Providers are timed in interleaved rounds (so slow drifts of a shared machine
 hit all of them alike); the table shows rank 0's median step time with the
@@ -19,8 +21,10 @@ hit all of them alike); the table shows rank 0's median step time with the
 
 Hidden communication: ``compute_s`` is the same step with no communication
 (every rank trains its own unwrapped copy at the same time, so CPU contention
-is alike) and ``comm_s`` the all-reduce of the gradient buckets alone (DDP's
-25 MiB/1 MiB bucket sizes). The exposed communication is
+is alike) and ``comm_s`` the all-reduce of the gradient buckets alone
+(``--bucket-cap-mb``, default DDP's 25 MiB, first bucket 1 MiB). On a shared
+machine ``step_s - compute_s`` also contains the time ranks wait for each
+other, so the hidden fraction is a lower bound. The exposed communication is
 ``step_s - compute_s``; ``hidden_comm = 1 - exposed / comm_s``, clipped to
 [0, 1].
 
@@ -52,7 +56,7 @@ from fastsgd import measure
 from fastsgd.distributed import BucketedDataParallel
 from fastsgd.distributed.buckets import assign_buckets
 
-PROVIDERS = ("ddp+torch_sgd_fused", "ddp+fastsgd", "bdp", "bdp+fused_step")
+PROVIDERS = ("ddp+torch_sgd_fused", "ddp+fastsgd", "bdp", "bdp+fused_step", "bdp+fused_step_eager")
 BASELINE = "ddp+torch_sgd_fused"
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 
@@ -113,7 +117,7 @@ def workloads(quick: bool) -> Dict[str, Callable]:
 
 
 # ---- providers -------------------------------------------------------------------------
-def make_step(provider: str, make, device) -> Callable[[], None]:
+def make_step(provider: str, make, device, cap_mb: float) -> Callable[[], None]:
     """One training step of ``provider`` as a closure."""
     model, x, y, loss_fn = make(device)
     fast = provider not in (BASELINE, "compute_torch")
@@ -122,11 +126,12 @@ def make_step(provider: str, make, device) -> Callable[[], None]:
                                 fused=True))
     if provider.startswith("ddp"):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True)
+                                                  gradient_as_bucket_view=True, bucket_cap_mb=cap_mb)
     elif provider == "bdp":
-        net = BucketedDataParallel(model)
-    elif provider == "bdp+fused_step":
-        net = BucketedDataParallel(model, optimizer=opt)
+        net = BucketedDataParallel(model, bucket_cap_mb=cap_mb)
+    elif provider.startswith("bdp+fused_step"):
+        net = BucketedDataParallel(model, optimizer=opt, eager_step=provider.endswith("eager"),
+                                   bucket_cap_mb=cap_mb)
     else:  # compute only: no wrapper, no communication
         net = model
 
@@ -137,11 +142,11 @@ def make_step(provider: str, make, device) -> Callable[[], None]:
     return step
 
 
-def make_comm(make, device, group) -> Callable[[], None]:
-    """All-reduce of the model's gradients alone, in DDP-sized buckets."""
+def make_comm(make, device, group, cap_mb: float) -> Callable[[], None]:
+    """All-reduce of the model's gradients alone, in buckets of the providers' sizes."""
     model = make(device)[0]
     params = [p for p in model.parameters() if p.requires_grad]
-    buckets = assign_buckets(params, list(reversed(range(len(params)))), 2**20, 25 * 2**20)
+    buckets = assign_buckets(params, list(reversed(range(len(params)))), 2**20, int(cap_mb * 2**20))
     flats = [torch.zeros(sum(params[i].numel() for i in b), device=device) for b in buckets]
 
     def comm():
@@ -164,10 +169,11 @@ def timed(fn: Callable[[], None], reps: int, device) -> List[float]:
 
 
 def bench_model(name, make, device, args) -> List[dict]:
-    fns = {p: make_step(p, make, device) for p in PROVIDERS}
-    fns["compute_only:torch"] = make_step("compute_torch", make, device)
-    fns["compute_only:fastsgd"] = make_step("compute_fastsgd", make, device)
-    fns["comm_only"] = make_comm(make, device, dist.group.WORLD)
+    cap = args.bucket_cap_mb
+    fns = {p: make_step(p, make, device, cap) for p in PROVIDERS}
+    fns["compute_only:torch"] = make_step("compute_torch", make, device, cap)
+    fns["compute_only:fastsgd"] = make_step("compute_fastsgd", make, device, cap)
+    fns["comm_only"] = make_comm(make, device, dist.group.WORLD, cap)
     for fn in fns.values():  # warm-up (also lets BucketedDataParallel rebuild its buckets)
         timed(fn, args.warmup, device)
     samples: Dict[str, List[float]] = {k: [] for k in fns}
@@ -231,7 +237,7 @@ def worker(rank: int, world: int, init_file: str, args, out_file: str) -> None:
                 "fastsgd_cpu_backend": fastsgd.available_backends().get("cpu") is None,
                 "allreduce_latency_s": latency,
                 "allreduce_bandwidth_GBps": big["bytes"] / max(big["time_s"] - latency, 1e-12) / 1e9,
-                "allreduce_sweep": sweep, "quick": args.quick}
+                "allreduce_sweep": sweep, "quick": args.quick, "bucket_cap_mb": args.bucket_cap_mb}
         with open(out_file, "w") as f:
             json.dump({"rows": rows, "meta": meta}, f, default=str)
     dist.barrier()
@@ -246,6 +252,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per provider per round (default 5, quick 3)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--bucket-cap-mb", type=float, default=25.0, help="bucket size of every provider (MiB)")
     ap.add_argument("--out", default=None, help="write rows and meta to this .json or .csv file")
     args = ap.parse_args(argv)
     if args.world_size < 2:

@@ -107,6 +107,7 @@ SCENARIOS = {
     "plain_momentum": dict(model="mlp", opt="momentum", fused=False, caps="mixed", accum=1),
     "fused_momentum": dict(model="mlp", opt="momentum", fused=True, caps="mixed", accum=1),
     "fused_each_bucket": dict(model="mlp", opt="nesterov", fused=True, caps="each", accum=1),
+    "fused_eager_each_bucket": dict(model="mlp", opt="momentum", fused=True, caps="each", accum=1, eager=True),
     "fused_one_bucket": dict(model="mlp", opt="nesterov", fused=True, caps="one", accum=1),
     "plain_each_bucket_no_predivide": dict(model="mlp", opt="momentum", fused=False, caps="each", accum=1,
                                            predivide=False),
@@ -132,7 +133,7 @@ def train(cfg, rank, world, wrapper):
     if wrapper == "bdp":
         net = BucketedDataParallel(model, optimizer=opt if cfg["fused"] else None, **caps,
                                    gradient_predivide=cfg.get("predivide", True),
-                                   find_unused_parameters=find_unused)
+                                   find_unused_parameters=find_unused, eager_step=cfg.get("eager", False))
     else:
         net = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=caps["bucket_cap_mb"],
                                                   find_unused_parameters=find_unused)

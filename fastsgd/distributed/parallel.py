@@ -46,10 +46,14 @@ class BucketedDataParallel(nn.Module):
       before the sum (no fp16 overflow), otherwise after. The result is the
       mean over ranks, like DDP. When ``loss.backward()`` returns, every
       gradient is reduced.
-    * **Per-bucket optimizer step** (``optimizer=`` a fastsgd optimizer): as
-      soon as a bucket's all-reduce has finished, ``optimizer.step_subset``
-      updates its parameters, while the backward pass goes on. LARS and LAMB
-      are exact this way (their trust ratios are per tensor).
+    * **Per-bucket optimizer step** (``optimizer=`` a fastsgd optimizer): each
+      bucket whose all-reduce has finished is updated by
+      ``optimizer.step_subset`` while the last buckets are still being
+      reduced, so the update hides behind the communication that ends the
+      backward pass (``eager_step=True``: already during backward, as soon
+      as a gradient hook sees the all-reduce finished; see
+      ``fastsgd/distributed/reducer.py`` for why that is not the default).
+      LARS and LAMB are exact this way (their trust ratios are per tensor).
       ``optimizer.step`` is replaced on the instance by a version that steps
       only what the backward did not (so the training loop is unchanged).
       Consequences: anything that changes gradients between ``backward()``
@@ -97,13 +101,15 @@ class BucketedDataParallel(nn.Module):
             instead of raising.
         broadcast_buffers: broadcast rank 0's buffers before each training forward.
         track_grad_norms: compute the local and global squared gradient norms.
+        eager_step: with ``optimizer=``, update finished buckets from the
+            gradient hooks during backward rather than after the last launch.
     """
 
     def __init__(self, module: nn.Module, *, optimizer: Optional[FusedOptimizer] = None,
                  bucket_cap_mb: float = 25, first_bucket_mb: float = 1,
                  process_group: Optional[dist.ProcessGroup] = None, gradient_predivide: bool = True,
                  find_unused_parameters: bool = False, broadcast_buffers: bool = True,
-                 track_grad_norms: bool = True):
+                 track_grad_norms: bool = True, eager_step: bool = False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"BucketedDataParallel wraps an nn.Module, got {type(module).__name__}")
@@ -130,7 +136,7 @@ class BucketedDataParallel(nn.Module):
                                 first_bucket_bytes=int(first_bucket_mb * 2**20),
                                 gradient_predivide=gradient_predivide,
                                 find_unused_parameters=find_unused_parameters,
-                                track_grad_norms=track_grad_norms)
+                                track_grad_norms=track_grad_norms, eager_step=eager_step)
         self._overlap = OptimizerOverlap(optimizer, self._reducer) if optimizer is not None else None
         self._sync = True
 

@@ -15,15 +15,24 @@ Life of one synchronised iteration:
    Launching a bucket takes its local squared norm, divides by the world size
    (``gradient_predivide``) and starts an async all_reduce. The last bucket
    carries a few extra elements, the step's statistics (see ``_write_stats``),
-   so they cost no collective of their own. Every hook also
-   polls the buckets in flight; a finished one gets its global squared norm
-   and, with an optimizer attached, its fused update right away, while the
-   rest of the backward pass still runs.
+   so they cost no collective of their own.
 3. ``_finalize()`` (queued on the autograd engine, runs when backward ends):
    unused parameters raise or are reduced as zeros, the last buckets are
-   launched and waited for, remaining buckets are stepped, the statistics of
-   the step are stored. When ``loss.backward()`` returns, gradients are
-   reduced (and, with an optimizer, parameters are updated).
+   launched; then, until none is left in flight, every bucket whose
+   all-reduce has finished gets its global squared norm and, with an
+   optimizer attached, its fused update, and only when none has finished
+   does it wait for the oldest. The statistics of the step are stored. When
+   ``loss.backward()`` returns, gradients are reduced (and, with an
+   optimizer, parameters are updated).
+
+When to run a finished bucket's update: the backward pass, the update and
+(on CPU) gloo's copies compete for the same cores (on GPU for the same
+compute stream), so an update run in the middle of backward delays the
+launch of the last buckets by as much as it takes. Run after the last launch,
+it fills the time the host would otherwise spend waiting for the last
+buckets' all-reduce: never slower, and faster whenever that wait is exposed.
+``eager_step=True`` instead polls in every gradient hook and updates finished
+buckets at once (kept for measurement; see bench/allreduce.py).
 
 Everything runs on the thread that runs the backward pass: the collectives'
 completion is polled, never handled in a communication thread, so the
@@ -46,7 +55,7 @@ StepFn = Callable[[List[Tensor]], None]
 class Reducer:
     def __init__(self, params: Sequence[Tensor], names: Sequence[str], group: dist.ProcessGroup, *,
                  bucket_cap_bytes: int, first_bucket_bytes: int, gradient_predivide: bool,
-                 find_unused_parameters: bool, track_grad_norms: bool):
+                 find_unused_parameters: bool, track_grad_norms: bool, eager_step: bool = False):
         self.params = list(params)
         self.names = list(names)
         self.group = group
@@ -57,6 +66,7 @@ class Reducer:
         self.predivide = gradient_predivide
         self.find_unused = find_unused_parameters
         self.track_norms = track_grad_norms
+        self.eager_step = eager_step
         # Statistics reduced with the last bucket: mean local squared norm,
         # sample count, and with find_unused_parameters one used-flag per param.
         self._n_stats = (2 + (len(self.params) if find_unused_parameters else 0)
@@ -203,7 +213,9 @@ class Reducer:
         self._pending[b] -= 1
         if self._pending[b] == 0:
             self._launch_ready()
-        self._poll()
+        if self.eager_step:
+            for k in [k for k in self._inflight if self._works[k].is_completed()]:
+                self._complete(k)
 
     def _keep_view(self, i: int, p: Tensor) -> None:
         """Autograd accumulates in place into an existing ``.grad``, so the
@@ -238,10 +250,6 @@ class Reducer:
             self._write_stats(b.tail, divided_after=not self.predivide)
         self._works[b.index] = dist.all_reduce(b.flat, group=self.group, async_op=True)
         self._inflight.append(b.index)
-
-    def _poll(self) -> None:
-        for b in [b for b in self._inflight if self._works[b].is_completed()]:
-            self._complete(b)
 
     def _complete(self, index: int) -> None:
         self._wait(self._works[index], f"the all-reduce of gradient bucket {index} "
@@ -301,8 +309,10 @@ class Reducer:
             self._stats = torch.empty(self._n_stats, dtype=torch.float64, device=self._local_sq.device)
             self._write_stats(self._stats, divided_after=False)
             stats_work = dist.all_reduce(self._stats, group=self.group, async_op=True)
-        for b in list(self._inflight):
-            self._complete(b)
+        while self._inflight:  # finished buckets first; wait only when none has finished
+            done = [b for b in self._inflight if self._works[b].is_completed()]
+            for b in done or self._inflight[:1]:
+                self._complete(b)
         if stats_work is not None:
             self._wait(stats_work, "the all-reduce of the gradient statistics")
         if self.find_unused:
