@@ -295,13 +295,13 @@ def _compile_variants(arch: int) -> int:
     types = dict(table, **floats, first_all="i32")
     size = dict(BLOCK=2048, CHUNK=16384)
     off = dict(NESTEROV=False, MAXIMIZE=False, LR_IN_MOMENTUM=False, HAS_WEIGHT_DECAY=False, HAS_RATIO=False,
-               LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, STOCHASTIC_ROUNDING=False)
+               LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, STOCHASTIC_ROUNDING=False, ALIGNED=True)
     sgd = [
         dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.float32, HAS_MOMENTUM=False),
         dict(off, PARAM_DTYPE=tl.bfloat16, BUF_DTYPE=tl.float32, HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True,
              HAS_WEIGHT_DECAY=True, LR_IS_TENSOR=True, HAS_SCALE=True, HAS_FOUND_INF=True),
         dict(off, PARAM_DTYPE=tl.float16, BUF_DTYPE=tl.float16, HAS_MOMENTUM=True, LR_IN_MOMENTUM=True,
-             HAS_RATIO=True),
+             HAS_RATIO=True, ALIGNED=False),
         dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.bfloat16, HAS_MOMENTUM=True, STOCHASTIC_ROUNDING=True),
     ]
     lamb_off = dict(LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, CLIP_IS_TENSOR=False,

@@ -51,6 +51,7 @@ class TensorTable:
     programs: Tensor  # (max(P, 1), 2) int64 on the tensors' device
     num_tensors: int
     num_programs: int
+    aligned: bool     # every address is a multiple of 16 bytes (kernels may use vector loads)
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -113,7 +114,8 @@ class TableCache:
         rows[:, COL_NUM_PROGRAMS] = counts
         if flags is not None:
             rows[:, COL_FLAG] = torch.tensor(flags, dtype=torch.int64)
-        table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()))
+        aligned = all(a % 16 == 0 for col in addresses if col is not None for a in col)
+        table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()), aligned)
         self.builds += 1
         self._remember(self._tables, key, table)
         return table

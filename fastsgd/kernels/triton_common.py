@@ -91,9 +91,25 @@ def step_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
 
 
 @triton.jit
-def address(row_ptr, column, DTYPE: tl.constexpr):
-    """Column ``column`` of a tensor-table row as a pointer to DTYPE."""
-    return tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
+def address(row_ptr, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """Column ``column`` of a tensor-table row as a pointer to DTYPE. ALIGNED
+    promises a 16-byte aligned address (checked on the host when the table is
+    built), which lets the compiler use 16-byte vector loads and stores."""
+    ptr = tl.load(row_ptr + column).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def load_f32(ptr, offsets, mask, MASKED: tl.constexpr):
+    """Elements ``offsets`` of ``ptr`` as fp32; masked only in a tensor's
+    last, partial block, so full blocks can be vectorised."""
+    if MASKED:
+        x = tl.load(ptr + offsets, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + offsets)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -121,7 +137,7 @@ def store_rounded(ptr, x, mask, offsets, tensor_index, seed, counter, DTYPE: tl.
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (random_bits(offsets, tensor_index, seed, counter) & 0xFFFF)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
-    tl.store(ptr + offsets, x.to(DTYPE), mask=mask)
+    tl.store(ptr + offsets, x.to(DTYPE), mask=mask)  # mask None: a full block
 
 
 @triton.jit

@@ -371,7 +371,7 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
             LR_IN_MOMENTUM=bool(lr_in_momentum), HAS_WEIGHT_DECAY=weight_decay != 0,
             HAS_RATIO=ratios is not dummy, LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
-            STOCHASTIC_ROUNDING=rounding and b_dtype == torch.bfloat16,
+            STOCHASTIC_ROUNDING=rounding and b_dtype == torch.bfloat16, ALIGNED=table.aligned,
             BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
 
 

@@ -15,8 +15,44 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import (COL_FLAG, COL_NUMEL, TABLE_WIDTH, address, advance_rng, load_hparam,
-                                           step_skipped, store_rounded)
+from fastsgd.kernels.triton_common import (COL_FLAG, COL_NUMEL, TABLE_WIDTH, address, advance_rng, load_f32,
+                                           load_hparam, step_skipped, store_rounded)
+
+
+@triton.jit
+def _update_block(p_ptr, g_ptr, b_ptr, offsets, mask, first, lr, scale, ratio, momentum, one_minus_dampening,
+                  weight_decay, tensor, seed, counter,
+                  PARAM_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                  NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
+                  HAS_WEIGHT_DECAY: tl.constexpr, HAS_RATIO: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  STOCHASTIC_ROUNDING: tl.constexpr, MASKED: tl.constexpr):
+    """One block of one tensor; ``mask`` is None (unused) unless MASKED."""
+    p = load_f32(p_ptr, offsets, mask, MASKED)
+    g = load_f32(g_ptr, offsets, mask, MASKED)
+    if HAS_SCALE:
+        g = g / scale
+    if MAXIMIZE:
+        g = -g
+    if HAS_WEIGHT_DECAY:
+        g = g + weight_decay * p
+    if HAS_RATIO:
+        g = g * ratio
+    if HAS_MOMENTUM:
+        # lr_in_momentum: the buffer holds the velocity v = lr * b.
+        step_in = g
+        if LR_IN_MOMENTUM:
+            step_in = lr * g
+        b = load_f32(b_ptr, offsets, mask, MASKED)
+        b = tl.where(first, step_in, momentum * b + one_minus_dampening * step_in)
+        store_rounded(b_ptr, b, mask, offsets, tensor, seed, counter, BUF_DTYPE, STOCHASTIC_ROUNDING)
+        d = b
+        if NESTEROV:
+            d = step_in + momentum * b
+        if not LR_IN_MOMENTUM:
+            d = lr * d
+    else:
+        d = lr * g
+    tl.store(p_ptr + offsets, (p - d).to(PARAM_DTYPE), mask=mask)
 
 
 @triton.jit(do_not_specialize=["first_all"])
@@ -34,24 +70,26 @@ def momentum_sgd_kernel(
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_RATIO: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    STOCHASTIC_ROUNDING: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
     pid = tl.program_id(0)
     tensor = tl.load(programs_ptr + 2 * pid)
-    start = tl.load(programs_ptr + 2 * pid + 1)
+    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
     row = tensors_ptr + tensor * TABLE_WIDTH
-    p_ptr = address(row, 0, PARAM_DTYPE)
-    g_ptr = address(row, 1, PARAM_DTYPE)
+    p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
+    g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
+    b_ptr = p_ptr
+    first = False
+    if HAS_MOMENTUM:
+        b_ptr = address(row, 2, BUF_DTYPE, ALIGNED)
+        first = (first_all != 0) | (tl.load(row + COL_FLAG) != 0)
     numel = tl.load(row + COL_NUMEL)
     lr = load_hparam(lr_ptr, lr_value, LR_IS_TENSOR)
     scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
     ratio = load_hparam(ratios_ptr + tensor, 1.0, HAS_RATIO)
-    if HAS_MOMENTUM:
-        b_ptr = address(row, 2, BUF_DTYPE)
-        first = (first_all != 0) | (tl.load(row + COL_FLAG) != 0)
     seed = 0
     counter = 0
     if STOCHASTIC_ROUNDING:
@@ -60,33 +98,16 @@ def momentum_sgd_kernel(
 
     for i in range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)  # int64: tensors may pass 2^31 elements
-        mask = offsets < numel
-        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g / scale
-        if MAXIMIZE:
-            g = -g
-        if HAS_WEIGHT_DECAY:
-            g = g + weight_decay * p
-        if HAS_RATIO:
-            g = g * ratio
-        if HAS_MOMENTUM:
-            # lr_in_momentum: the buffer holds the velocity v = lr * b.
-            step_in = g
-            if LR_IN_MOMENTUM:
-                step_in = lr * g
-            b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            b = tl.where(first, step_in, momentum * b + one_minus_dampening * step_in)
-            store_rounded(b_ptr, b, mask, offsets, tensor, seed, counter, BUF_DTYPE, STOCHASTIC_ROUNDING)
-            d = b
-            if NESTEROV:
-                d = step_in + momentum * b
-            if not LR_IN_MOMENTUM:
-                d = lr * d
-        else:
-            d = lr * g
-        tl.store(p_ptr + offsets, (p - d).to(PARAM_DTYPE), mask=mask)
+        if start + i + BLOCK <= numel:  # a full block: no mask, vector loads
+            _update_block(p_ptr, g_ptr, b_ptr, offsets, None, first, lr, scale, ratio, momentum,
+                          one_minus_dampening, weight_decay, tensor, seed, counter, PARAM_DTYPE, BUF_DTYPE,
+                          HAS_MOMENTUM, NESTEROV, MAXIMIZE, LR_IN_MOMENTUM, HAS_WEIGHT_DECAY, HAS_RATIO, HAS_SCALE,
+                          STOCHASTIC_ROUNDING, False)
+        elif start + i < numel:  # the tensor's last, partial block
+            _update_block(p_ptr, g_ptr, b_ptr, offsets, offsets < numel, first, lr, scale, ratio, momentum,
+                          one_minus_dampening, weight_decay, tensor, seed, counter, PARAM_DTYPE, BUF_DTYPE,
+                          HAS_MOMENTUM, NESTEROV, MAXIMIZE, LR_IN_MOMENTUM, HAS_WEIGHT_DECAY, HAS_RATIO, HAS_SCALE,
+                          STOCHASTIC_ROUNDING, True)
 
     if STOCHASTIC_ROUNDING:
         advance_rng(rng_ptr, counter)
