@@ -533,14 +533,17 @@ def test_triton_matches_reference(triton_env, case, dtype):
 
 
 def test_triton_many_chunks_no_affine_fp16(triton_env, monkeypatch):
-    """Tiny chunks so every ghost batch spans several programs (the partial
-    sums are combined across chunks), no weight/bias, no running stats."""
+    """Tiny tiles and chunks so every ghost batch spans several programs (the
+    partial sums are combined across chunks) and NCHW planes take several
+    tiles; no weight/bias, no running stats."""
     tg, device = triton_env
-    monkeypatch.setattr(tg, "_TILE", 16)
+    monkeypatch.setattr(tg, "_TILE", 8)
+    monkeypatch.setattr(tg, "_MAX_INNER", 4)
     monkeypatch.setattr(tg, "_VALUES_PER_PROGRAM", 8)
     for case in [((10, 3, 2, 3), 4, None), ((10, 3, 2, 3), 4, torch.channels_last)]:
         x, _, _, _, _, dy = _inputs(case[0], torch.float16, case[2], seed=3)
-        assert tg._launch_config(x.view(10, 3, 6), 4)["chunks"] > 1
+        cfg = tg._launch_config(x.view(10, 3, 6), 4)
+        assert cfg["chunks"] > 1 and (cfg["inner"] == 1 or cfg["inner"] > cfg["block_i"])
         got = _run(ghost_batch_norm, x.to(device), None, None, None, None, dy.to(device), training=True,
                    ghost_batch_size=4, backend="triton")
         want = _run(ghost_batch_norm_reference, x.float(), None, None, None, None, dy.float(), training=True,

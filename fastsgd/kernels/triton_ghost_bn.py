@@ -38,7 +38,8 @@ import triton.language as tl
 from torch import Tensor
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE = 2048               # values per tile
+_TILE = 2048                 # values per tile
+_MAX_INNER = 1024            # widest tile along a plane (NCHW); longer planes loop
 _VALUES_PER_PROGRAM = 32768  # target work per program; sets the chunk count
 
 
@@ -196,7 +197,7 @@ def _launch_config(x3: Tensor, g: int) -> dict:
     n, c, l = x3.shape
     planes = l > 1 and x3.stride(2) == 1
     if planes:
-        block_c, block_i = 1, min(triton.next_power_of_2(l), 1024)
+        block_c, block_i = 1, min(triton.next_power_of_2(l), _MAX_INNER)
         rows_per_sample, row_stride, inner, inner_stride = 1, x3.stride(0), l, 1
     else:
         # channels contiguous; rows (sample, position) are evenly spaced when
