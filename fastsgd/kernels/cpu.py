@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.optim.base import is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -108,19 +109,13 @@ def _dtype_codes(what: str, name: str, ts: Sequence[Tensor]) -> List[int]:
                         "float64, bfloat16 and float16 (use backend='reference' for others)") from None
 
 
-def _is_dense(t: Tensor) -> bool:
-    if any(s == 0 for s in t.stride()):
-        return False
-    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0) == t.numel()
-
-
 def _check_layouts(what: str, params: Sequence[Tensor], others: Sequence[tuple]) -> None:
     """Every tensor dense and strided like its param (so a flat index walks them all)."""
     tensors = list(params) + [t for _, ts in others for t in ts if t is not None]
     if all(map(_is_contiguous, tensors)):
         return
     for i, p in enumerate(params):
-        if p.numel() > 1 and not (p.is_contiguous() or _is_dense(p)):
+        if p.numel() > 1 and not is_dense(p):
             raise ValueError(f"{what}: params[{i}] is a strided view with gaps (strides {p.stride()}); the cpu "
                              "backend needs dense tensors (use backend='reference' for views)")
         for name, ts in others:
