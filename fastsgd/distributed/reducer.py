@@ -53,9 +53,12 @@ StepFn = Callable[[List[Tensor]], None]
 
 
 class Reducer:
+    """Gradient buckets, hooks and collectives of one BucketedDataParallel
+    (see the module docstring for the life of an iteration)."""
+
     def __init__(self, params: Sequence[Tensor], names: Sequence[str], group: dist.ProcessGroup, *,
                  bucket_cap_bytes: int, first_bucket_bytes: int, gradient_predivide: bool,
-                 find_unused_parameters: bool, track_grad_norms: bool, eager_step: bool = False):
+                 find_unused_parameters: bool, track_grad_norms: bool, eager_step: bool):
         self.params = list(params)
         self.names = list(names)
         self.group = group
