@@ -377,19 +377,32 @@ def _ddp_data(rank, step):
     return torch.randn(LOCAL_BATCH, 6, generator=gen) * 2 + 1, torch.randn(LOCAL_BATCH, 1, generator=gen)
 
 
+def _train_wrapped(rank, wrap, make_optimizer):
+    model = _ddp_model()
+    opt = make_optimizer(model.parameters())
+    wrapped = wrap(model, opt)
+    for step in range(STEPS):
+        x, t = _ddp_data(rank, step)
+        nn.functional.mse_loss(wrapped(x), t).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _ddp_worker(rank, world, init_file, out_file):
+    """torch DDP and fastsgd's BucketedDataParallel, in one process group
+    (a spawn costs ~20 s here)."""
     torch.set_num_threads(1)
     try:
+        import fastsgd
+        from fastsgd.distributed import BucketedDataParallel
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
-        model = nn.parallel.DistributedDataParallel(_ddp_model())
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(STEPS):
-            x, t = _ddp_data(rank, step)
-            nn.functional.mse_loss(model(x), t).backward()
-            opt.step()
-            opt.zero_grad()
-        result = {"ok": {k: v.clone() for k, v in model.module.state_dict().items()}}
+        ddp = _train_wrapped(rank, lambda m, opt: nn.parallel.DistributedDataParallel(m),
+                             lambda params: torch.optim.SGD(params, lr=0.1))
+        bdp = _train_wrapped(rank, lambda m, opt: BucketedDataParallel(m, optimizer=opt),
+                             lambda params: fastsgd.SGD(params, lr=0.1))
+        result = {"ok": {"ddp": ddp, "bdp": bdp}}
     except Exception:  # noqa: BLE001
         result = {"crash": traceback.format_exc()}
     torch.save(result, out_file)
@@ -420,7 +433,9 @@ def _ddp_emulated(world):
     return model, finals
 
 
-def test_ddp_two_processes_gloo():
+def test_ddp_and_bucketed_data_parallel_two_processes_gloo():
+    """Each rank normalises its own ghost batches; after three steps every
+    rank's parameters and buffers equal a one-process emulation of that."""
     world = 2
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
@@ -430,7 +445,7 @@ def test_ddp_two_processes_gloo():
         for p in procs:
             p.start()
         for p in procs:
-            p.join(120)
+            p.join(150)
             if p.is_alive():
                 p.kill()
         results = []
@@ -440,12 +455,14 @@ def test_ddp_two_processes_gloo():
             assert "crash" not in res, res.get("crash")
             results.append(res["ok"])
     model, finals = _ddp_emulated(world)
-    for rank, state in enumerate(results):
-        for name, want in model.state_dict().items():
-            if name.startswith("1.") and name.split(".", 1)[1] in finals[rank]:
-                want = finals[rank][name.split(".", 1)[1]]
-            torch.testing.assert_close(state[name], want, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+    for rank, per_wrapper in enumerate(results):
+        for wrapper, state in per_wrapper.items():
+            for name, want in model.state_dict().items():
+                if name.startswith("1.") and name.split(".", 1)[1] in finals[rank]:
+                    want = finals[rank][name.split(".", 1)[1]]
+                torch.testing.assert_close(state[name], want, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, n=name, r=rank, w=wrapper: f"{w} rank {r} {n}: {m}")
+        assert not torch.equal(per_wrapper["ddp"]["1.running_mean"], results[1 - rank]["ddp"]["1.running_mean"])
 
 
 # ----------------------------------------------------------------------------- Triton kernels
