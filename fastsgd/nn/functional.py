@@ -24,13 +24,20 @@ Input x of shape (N, C, *), ghost batch size g. In training:
       running_var  <- (1 - f) * running_var  + f * 1/K * sum_k sigma2_kc * m_k/(m_k - 1)
 
   i.e. the plain (unweighted) mean over ghost batches of the per-batch mean
-  and unbiased variance: a smaller last batch counts as much as a full one,
-  because at inference the model sees the statistics of g-sized batches, and
-  an unweighted mean of per-batch estimates is what those are.
+  and unbiased variance. A smaller last batch counts as much as a full one:
+  each ghost batch is one draw of the ghost-batch statistics the running
+  averages estimate (weighting by m_k would differ only for that last batch).
 * K == 1 (g >= N) is exactly nn.BatchNorm's training step.
+* an empty batch (N == 0) returns an empty output and updates nothing.
 
-Outside training the caller (the modules) runs plain ``F.batch_norm``: no
-grouping at inference.
+Outside training there is no grouping: ``training=False`` is plain
+``F.batch_norm`` with the running statistics. (The modules, like
+nn.BatchNorm, normalise an eval-mode batch with its own whole-batch
+statistics when they track no running statistics.)
+
+Precision: statistics are float32 (float64 for float64 input on the torch
+path; the Triton kernels take float32/bf16/fp16), outputs and input
+gradients are in the input dtype, weight/bias gradients in theirs.
 
 Backends (``backend=``): "torch" (vectorised torch ops, any device; the CPU
 path) and "triton" (fused kernels, CUDA tensors, or CPU tensors under
@@ -58,8 +65,6 @@ def _triton_impl():
 
 
 def _pick_backend(backend: str, x: Tensor):
-    if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return ghost_bn_torch
     if backend == "triton":
@@ -152,6 +157,8 @@ def ghost_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var:
     ``momentum`` is the update factor f (the modules turn momentum=None into
     the cumulative factor 1/num_batches_tracked, as nn.BatchNorm does)."""
     g = check_ghost_batch_size(ghost_batch_size)
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r}; choose one of {', '.join(BACKENDS)}")
     if input.dim() < 2:
         raise ValueError(f"expected input with at least 2 dims (N, C, ...), got {input.dim()}D input")
     _check_channels(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)

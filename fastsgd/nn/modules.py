@@ -9,6 +9,10 @@ owns those tensors and the state-dict versioning) but deliberately not from
 ``_BatchNorm``: code that finds batch norms by ``isinstance(m, _BatchNorm)``,
 such as ``nn.SyncBatchNorm.convert_sync_batchnorm``, would otherwise replace
 them with something that has no ghost batches.
+
+The attribute ``backend`` ("auto", default: Triton kernels for CUDA tensors,
+vectorised torch ops otherwise; or "torch" / "triton") picks the
+implementation; it is not part of the state dict.
 """
 from __future__ import annotations
 
