@@ -3,9 +3,10 @@
 The new module takes over the old one's parameter and buffer tensors
 themselves (not copies), so weights, running statistics, num_batches_tracked,
 device, dtype and any optimizer already holding the parameters stay valid;
-the training flag is carried over. As ``nn.SyncBatchNorm.convert_sync_batchnorm``
-does, the root module is replaced too when it is itself a batch norm, so
-always use the returned module.
+the training flag is carried over. Like
+``nn.SyncBatchNorm.convert_sync_batchnorm`` it works in place (children are
+swapped inside ``module``) and replaces the root too when it is itself a
+batch norm, so always use the returned module.
 
 nn.SyncBatchNorm is refused with a clear error rather than converted or
 skipped: it shares statistics across processes, a ghost batch lives inside
