@@ -139,14 +139,15 @@ def train(cfg, rank, world, wrapper):
                                                   find_unused_parameters=find_unused)
     records = []
     for step in range(STEPS):
+        moved = []
         for micro in range(cfg["accum"]):
             x, y = global_batch(cfg["model"], step, micro, world)
             last = micro == cfg["accum"] - 1
             before = [p.detach().clone() for p in model.parameters()]
             with nullcontext() if last else net.no_sync():
                 rank_loss(net, shard(x, rank), shard(y, rank), cfg["model"], rank).backward()
-            moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-        rec = {"moved_in_backward": moved,
+            moved.append(any(not torch.equal(b, p) for b, p in zip(before, model.parameters())))
+        rec = {"moved_in_backward": moved[-1], "moved_in_no_sync": any(moved[:-1]),
                "grad_is_none": {n: p.grad is None for n, p in model.named_parameters()}}
         if wrapper == "bdp":
             rec["norms"] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in net.last_grad_sq_norms.items()}
@@ -169,7 +170,18 @@ def scenario_worker(rank, world, names):
         except Exception:  # noqa: BLE001 -- reported to pytest with the traceback
             out[name] = {"error": traceback.format_exc()}
     out["unused_error"] = unused_error_message()
+    out["mismatch_error"] = mismatch_error_message(rank)
     return out
+
+
+def mismatch_error_message(rank):
+    """Rank 1 builds a wider first layer: every rank must refuse to wrap."""
+    model = nn.Sequential(nn.Linear(6, 10 + (rank == 1)), nn.ReLU())
+    try:
+        BucketedDataParallel(model)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def unused_error_message():
@@ -343,6 +355,7 @@ def check_scenario(results, name, world):
             assert rec["per_bucket_step"] == per_bucket
             assert rec["moved_in_backward"] == per_bucket, \
                 f"{name} step {step}: params changed in backward: {rec['moved_in_backward']}, expected {per_bucket}"
+            assert not rec["moved_in_no_sync"], f"{name} step {step}: params changed in a no_sync() backward"
             assert rec["grad_is_none"] == ddp["records"][step]["grad_is_none"]
             n = rec["norms"]
             assert n["world_size"] == world and n["accumulation_steps"] == cfg["accum"]
@@ -377,6 +390,11 @@ def test_world2_unused_parameter_error_names_the_parameters(world2):
         assert msg is not None, "a parameter without gradient did not raise"
         assert "'never.weight'" in msg and "'never.bias'" in msg and "find_unused_parameters=True" in msg
         assert "'inp.weight'" not in msg
+
+
+def test_world2_different_models_on_the_ranks_raise_on_every_rank(world2):
+    for res in world2:
+        assert res["mismatch_error"] is not None and "the ranks' models differ" in res["mismatch_error"]
 
 
 def test_world2_find_unused_leaves_globally_unused_grad_none_and_param_unchanged(world2):
