@@ -221,12 +221,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--providers", default="", help="comma list of provider names (default: all), e.g. "
                     "torch-fused,fastsgd-cpu,timm")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads(N) first (fastsgd's CPU kernels use "
+                    "torch.get_num_threads() too); default: torch's default")
     ap.add_argument("--reps", type=int, default=20, help="timed steps per row (after 2 warm-up steps)")
     ap.add_argument("--quick", action="store_true", help="tiny layouts and 3 reps: checks the script end to end")
     ap.add_argument("--launches", action="store_true", help="count CUDA kernel launches per step (--device cuda)")
     ap.add_argument("--out", help="write rows to FILE (.json or .csv)")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
