@@ -272,7 +272,8 @@ def test_stochastic_rounding_is_unbiased_on_the_gpu():
 
 def _compile_variants(arch: int) -> int:
     """Compile every kernel with representative constexpr combinations for
-    sm_<arch>; returns the number compiled. Run without TRITON_INTERPRET."""
+    sm_<arch> (checking that aligned variants use 16-byte vector loads);
+    returns the number compiled. Run without TRITON_INTERPRET."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -285,8 +286,10 @@ def _compile_variants(arch: int) -> int:
     def build(kernel, types, constexprs):
         sig = {n: ("constexpr" if n in constexprs else types.get(n, "*fp32")) for n in kernel.arg_names}
         cx = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": 8})
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+        if constexprs.get("ALIGNED"):  # full blocks of aligned tensors must use 16-byte accesses
+            assert "ld.global.v4" in compiled.asm["ptx"], f"{kernel.__name__} {constexprs}: no vector loads"
 
     table = {"tensors_ptr": "*i64", "programs_ptr": "*i64", "rng_ptr": "*i64"}
     floats = {n: "fp32" for n in ("lr_value", "momentum", "one_minus_dampening", "weight_decay", "clip_value",
@@ -305,20 +308,20 @@ def _compile_variants(arch: int) -> int:
         dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.bfloat16, HAS_MOMENTUM=True, STOCHASTIC_ROUNDING=True),
     ]
     lamb_off = dict(LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, CLIP_IS_TENSOR=False,
-                    HAS_WEIGHT_DECAY=False, BIAS_CORRECTION=False)
+                    HAS_WEIGHT_DECAY=False, BIAS_CORRECTION=False, ALIGNED=True)
     lamb = [
         dict(lamb_off, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, NORMS_ONLY=True, HAS_CLIP=True,
              CLIP_IS_TENSOR=True, HAS_WEIGHT_DECAY=True, BIAS_CORRECTION=True, HAS_SCALE=True, HAS_FOUND_INF=True),
         dict(lamb_off, PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16, NORMS_ONLY=False, LR_IS_TENSOR=True,
              BIAS_CORRECTION=True, HAS_CLIP=True),
-        dict(lamb_off, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32, NORMS_ONLY=False),
+        dict(lamb_off, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32, NORMS_ONLY=False, ALIGNED=False),
     ]
     ratio_off = dict(TRUST_CLIP=False, LR_IS_TENSOR=False, HAS_FOUND_INF=False, BLOCK=256)
     ratios = [dict(ratio_off, LAMB=False, ADAPT=True, TRUST_CLIP=True, LR_IS_TENSOR=True, HAS_FOUND_INF=True),
               dict(ratio_off, LAMB=True, ADAPT=True, TRUST_CLIP=True),
               dict(ratio_off, LAMB=True, ADAPT=False)]
-    partials = [dict(PARAM_DTYPE=tl.float32, HAS_SCALE=False, HAS_FOUND_INF=False, **size),
-                dict(PARAM_DTYPE=tl.bfloat16, HAS_SCALE=True, HAS_FOUND_INF=True, **size)]
+    partials = [dict(PARAM_DTYPE=tl.float32, HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=False, **size),
+                dict(PARAM_DTYPE=tl.bfloat16, HAS_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, **size)]
     jobs = ([(momentum_sgd_kernel, dict(c, **size)) for c in sgd] + [(lamb_kernel, dict(c, **size)) for c in lamb]
             + [(trust_ratio_kernel, c) for c in ratios] + [(lars_partials_kernel, c) for c in partials])
     for kernel, constexprs in jobs:

@@ -198,6 +198,22 @@ def test_channels_last_params():
     K.assert_all_close([p, b], ref_p + ref_b, torch.float32, "channels_last")
 
 
+def test_unaligned_views():
+    """Params, grads and buffers that start 4 bytes into their storage: the
+    table is marked unaligned (no vector-load hints) and results still match."""
+    def views(seed):
+        return [t[1:] for t in K.make_tensors([(8,), (130,), (222,)], torch.float32, CPU, seed=seed)]
+    params, grads, bufs = views(0), views(1), [torch.zeros(n + 1)[1:] for n in (7, 129, 221)]
+    ref_p, ref_b = _sgd_both(params, grads, bufs, lr=0.1, momentum=0.9, first_step=True)
+    K.assert_all_close(params + bufs, ref_p + ref_b, torch.float32, "unaligned")
+    addresses = [tuple(t.data_ptr() for t in ts) for ts in (params, grads, bufs)]
+    numels = tuple(p.numel() for p in params)
+    table = T.TABLES.get(addresses, numels, T.common.INTERPRETER_CONFIG.chunk, CPU)
+    assert not table.aligned
+    assert T.TABLES.get([tuple(t.data_ptr() for t in ts) for ts in (ref_p, ref_b)], numels,
+                        T.common.INTERPRETER_CONFIG.chunk, CPU).aligned
+
+
 # ---- the device-side table ----------------------------------------------------
 
 def test_table_reused_while_tensors_unchanged_and_rebuilt_when_they_change():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import COL_NUMEL, TABLE_WIDTH, address, load_hparam, step_skipped
+from fastsgd.kernels.triton_common import COL_NUMEL, TABLE_WIDTH, address, load_f32, load_hparam, step_skipped
 
 
 @triton.jit
@@ -32,6 +32,36 @@ def bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
         bc1 = (1.0 - tl.exp(t64 * log_beta1)).to(tl.float32)
         sqrt_bc2 = tl.sqrt((1.0 - tl.exp(t64 * log_beta2)).to(tl.float32))
     return bc1, sqrt_bc2
+
+
+@triton.jit
+def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, scale, clip, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, step_size,
+                PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NORMS_ONLY: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
+                MASKED: tl.constexpr):
+    """One block of one tensor: p^2 and u^2 per element (for the norms); in
+    the update pass also stores m, v and p. ``mask`` is None unless MASKED."""
+    p = load_f32(p_ptr, offsets, mask, MASKED)
+    g = load_f32(g_ptr, offsets, mask, MASKED)
+    m = load_f32(m_ptr, offsets, mask, MASKED)
+    v = load_f32(v_ptr, offsets, mask, MASKED)
+    if HAS_SCALE:
+        g = g / scale
+    if HAS_CLIP:
+        g = g / clip
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * g * g
+    u = (m / bc1) / (tl.sqrt(v) / sqrt_bc2 + eps)
+    if HAS_WEIGHT_DECAY:
+        u = u + weight_decay * p
+    if MASKED:
+        u = tl.where(mask, u, 0.0)  # 0/0 in masked lanes when eps == 0
+    if not NORMS_ONLY:
+        tl.store(m_ptr + offsets, m.to(STATE_DTYPE), mask=mask)
+        tl.store(v_ptr + offsets, v.to(STATE_DTYPE), mask=mask)
+        tl.store(p_ptr + offsets, (p - step_size * u).to(PARAM_DTYPE), mask=mask)
+    return p * p, u * u
 
 
 @triton.jit
@@ -49,19 +79,19 @@ def lamb_kernel(
     PARAM_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, NORMS_ONLY: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HAS_CLIP: tl.constexpr, CLIP_IS_TENSOR: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr,
-    BIAS_CORRECTION: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
     pid = tl.program_id(0)
     tensor = tl.load(programs_ptr + 2 * pid)
-    start = tl.load(programs_ptr + 2 * pid + 1)
+    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
     row = tensors_ptr + tensor * TABLE_WIDTH
-    p_ptr = address(row, 0, PARAM_DTYPE)
-    g_ptr = address(row, 1, PARAM_DTYPE)
-    m_ptr = address(row, 2, STATE_DTYPE)
-    v_ptr = address(row, 3, STATE_DTYPE)
+    p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
+    g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
+    m_ptr = address(row, 2, STATE_DTYPE, ALIGNED)
+    v_ptr = address(row, 3, STATE_DTYPE, ALIGNED)
     numel = tl.load(row + COL_NUMEL)
     # The norms pass runs before trust_ratio_kernel advances the step count.
     t = tl.load(address(row, 4, tl.float32))
@@ -72,35 +102,27 @@ def lamb_kernel(
     clip = 1.0
     if HAS_CLIP:
         clip = load_hparam(clip_ptr, clip_value, CLIP_IS_TENSOR)
-    if NORMS_ONLY:
-        p_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        u_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    else:
+    step_size = 0.0
+    if not NORMS_ONLY:
         step_size = load_hparam(lr_ptr, lr_value, LR_IS_TENSOR) * tl.load(ratios_ptr + tensor)
 
+    p_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    u_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)  # int64
-        mask = offsets < numel
-        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g / scale
-        if HAS_CLIP:
-            g = g / clip
-        m = beta1 * m + one_minus_beta1 * g
-        v = beta2 * v + one_minus_beta2 * g * g
-        u = (m / bc1) / (tl.sqrt(v) / sqrt_bc2 + eps)
-        if HAS_WEIGHT_DECAY:
-            u = u + weight_decay * p
-        if NORMS_ONLY:
-            p_acc += p * p
-            u_acc += tl.where(mask, u * u, 0.0)
-        else:
-            tl.store(m_ptr + offsets, m.to(STATE_DTYPE), mask=mask)
-            tl.store(v_ptr + offsets, v.to(STATE_DTYPE), mask=mask)
-            tl.store(p_ptr + offsets, (p - step_size * u).to(PARAM_DTYPE), mask=mask)
+        if start + i + BLOCK <= numel:  # a full block: no mask, vector loads
+            pp, uu = _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, None, scale, clip, beta1, one_minus_beta1,
+                                 beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay, step_size, PARAM_DTYPE,
+                                 STATE_DTYPE, NORMS_ONLY, HAS_SCALE, HAS_CLIP, HAS_WEIGHT_DECAY, False)
+            p_acc += pp
+            u_acc += uu
+        elif start + i < numel:  # the tensor's last, partial block
+            pp, uu = _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < numel, scale, clip, beta1,
+                                 one_minus_beta1, beta2, one_minus_beta2, bc1, sqrt_bc2, eps, weight_decay,
+                                 step_size, PARAM_DTYPE, STATE_DTYPE, NORMS_ONLY, HAS_SCALE, HAS_CLIP,
+                                 HAS_WEIGHT_DECAY, True)
+            p_acc += pp
+            u_acc += uu
 
     if NORMS_ONLY:
         tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))

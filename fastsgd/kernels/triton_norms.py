@@ -18,7 +18,17 @@ import triton
 import triton.language as tl
 
 from fastsgd.kernels.triton_common import (COL_FIRST_PROGRAM, COL_NUM_PROGRAMS, COL_NUMEL, TABLE_WIDTH, address,
-                                           load_hparam, step_skipped)
+                                           load_f32, load_hparam, step_skipped)
+
+
+@triton.jit
+def _squares_block(p_ptr, g_ptr, offsets, mask, scale, HAS_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    """p^2 and (g / grad_scale)^2 of one block; ``mask`` is None unless MASKED."""
+    p = load_f32(p_ptr, offsets, mask, MASKED)
+    g = load_f32(g_ptr, offsets, mask, MASKED)
+    if HAS_SCALE:
+        g = g / scale
+    return p * p, g * g
 
 
 @triton.jit
@@ -28,30 +38,31 @@ def lars_partials_kernel(
     partials_ptr,    # (P, 2) fp32 out: sum of p^2, sum of (g / grad_scale)^2 over the chunk
     scale_ptr,       # () AMP grad scale, read when HAS_SCALE
     found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
-    PARAM_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
     pid = tl.program_id(0)
     tensor = tl.load(programs_ptr + 2 * pid)
-    start = tl.load(programs_ptr + 2 * pid + 1)
+    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
     row = tensors_ptr + tensor * TABLE_WIDTH
-    p_ptr = address(row, 0, PARAM_DTYPE)
-    g_ptr = address(row, 1, PARAM_DTYPE)
+    p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
+    g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
     numel = tl.load(row + COL_NUMEL)
     scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
     p_acc = tl.zeros([BLOCK], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK):
         offsets = start + i + tl.arange(0, BLOCK)  # int64
-        mask = offsets < numel
-        p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g / scale
-        p_acc += p * p
-        g_acc += g * g
+        if start + i + BLOCK <= numel:  # a full block: no mask, vector loads
+            pp, gg = _squares_block(p_ptr, g_ptr, offsets, None, scale, HAS_SCALE, False)
+            p_acc += pp
+            g_acc += gg
+        elif start + i < numel:  # the tensor's last, partial block
+            pp, gg = _squares_block(p_ptr, g_ptr, offsets, offsets < numel, scale, HAS_SCALE, True)
+            p_acc += pp
+            g_acc += gg
     tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))
     tl.store(partials_ptr + 2 * pid + 1, tl.sum(g_acc, axis=0))
 

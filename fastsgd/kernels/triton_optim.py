@@ -387,7 +387,8 @@ def _trust_ratios(table: TensorTable, cfg, *, params_dtype, lr, weight_decay, tr
             table.tensors, table.programs, partials,
             grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
             PARAM_DTYPE=common.TORCH_TO_TRITON[params_dtype], HAS_SCALE=grad_scale is not None,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+            HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned, BLOCK=cfg.block, CHUNK=cfg.chunk,
+            num_warps=cfg.num_warps)
     lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
     trust_ratio_kernel[(table.num_tensors,)](
         table.tensors, partials, ratios, lr_ptr, found_inf if found_inf is not None else dummy,
@@ -447,7 +448,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
             PARAM_DTYPE=common.TORCH_TO_TRITON[p_dtype], STATE_DTYPE=common.TORCH_TO_TRITON[s_dtype],
             LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             HAS_CLIP=clip_divisor is not None, CLIP_IS_TENSOR=clip_is_tensor,
-            HAS_WEIGHT_DECAY=weight_decay != 0, BIAS_CORRECTION=bool(bias_correction),
+            HAS_WEIGHT_DECAY=weight_decay != 0, BIAS_CORRECTION=bool(bias_correction), ALIGNED=table.aligned,
             BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
 
         def launch_lamb(norms_only: bool) -> None:
