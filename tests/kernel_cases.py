@@ -98,8 +98,9 @@ def check_sgd(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False
             scale = torch.tensor(grad_scale, dtype=torch.float32, device=device)
             grads = [(g.double() * grad_scale).to(dtype) for g in grads]
         kw = dict(hp, first_step=[step == 0] * len(shapes), grad_scale=scale)
-        kernels.sgd_step(params, grads, bufs, lr=_lr(LRS[step % 3], lr_as_tensor, device), **kw)
-        reference.sgd_step(ref_params, grads, ref_bufs, lr=LRS[step % 3], **kw)
+        lr = _lr(LRS[step % 3], lr_as_tensor, device)  # the same lr (a float32 tensor too) for both
+        kernels.sgd_step(params, grads, bufs, lr=lr, **kw)
+        reference.sgd_step(ref_params, grads, ref_bufs, lr=lr, **kw)
     assert_all_close(params, ref_params, dtype, "param")
     if has_buf:
         assert_all_close(bufs, ref_bufs, dtype, "momentum_buffer")
@@ -118,8 +119,9 @@ def check_lars(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=Fals
             scale = torch.tensor(grad_scale, dtype=torch.float32, device=device)
             grads = [(g.double() * grad_scale).to(dtype) for g in grads]
         kw = dict(hp, first_step=[step == 0] * len(shapes), grad_scale=scale)
-        kernels.lars_step(params, grads, bufs, lr=_lr(LRS[step % 3], lr_as_tensor, device), **kw)
-        reference.lars_step(ref_params, grads, ref_bufs, lr=LRS[step % 3], **kw)
+        lr = _lr(LRS[step % 3], lr_as_tensor, device)
+        kernels.lars_step(params, grads, bufs, lr=lr, **kw)
+        reference.lars_step(ref_params, grads, ref_bufs, lr=lr, **kw)
     assert_all_close(params, ref_params, dtype, "param")
     if has_buf:
         assert_all_close(bufs, ref_bufs, dtype, "momentum_buffer")
@@ -140,8 +142,9 @@ def check_lamb(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=Fals
             scale = torch.tensor(grad_scale, dtype=torch.float32, device=device)
             grads = [(g.double() * grad_scale).to(dtype) for g in grads]
         kw = dict(hp, grad_scale=scale, clip_divisor=clip_divisor)
-        kernels.lamb_step(params, grads, *state, steps_t, lr=_lr(LRS[step % 3], lr_as_tensor, device), **kw)
-        reference.lamb_step(ref_params, grads, *ref_state, ref_steps, lr=LRS[step % 3], **kw)
+        lr = _lr(LRS[step % 3], lr_as_tensor, device)
+        kernels.lamb_step(params, grads, *state, steps_t, lr=lr, **kw)
+        reference.lamb_step(ref_params, grads, *ref_state, ref_steps, lr=lr, **kw)
     assert_all_close(params, ref_params, dtype, "param")
     assert_all_close(state[0], ref_state[0], dtype, "exp_avg")
     assert_all_close(state[1], ref_state[1], dtype, "exp_avg_sq")
