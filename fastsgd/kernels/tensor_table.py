@@ -19,6 +19,9 @@ tensor on the device once and launches a single grid over all of them:
     the last chunk of a tensor may be short; an empty tensor has no program).
     Element offsets are 64-bit, so a tensor may pass 2^31 elements.
 
+``aligned`` records whether every address is a multiple of 16 bytes, so that
+kernels may promise the compiler aligned (vectorisable) accesses.
+
 Both tables are cached and rebuilt only when what they describe changes: the
 program table is keyed on the element counts (it survives new gradient
 tensors), the address table on the addresses, counts and flags. With
