@@ -1,0 +1,209 @@
+"""Whole studies: a tiny end-to-end run through the CLI, resume after a
+simulated kill (nothing lost, nothing rerun), configuration checks, the Golmant
+protocol, and on least squares a fitted B_crit between the closed-form noise
+scales at the start and at the goal."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+
+from fastsgd.study import runner
+from fastsgd.study.batch_science import import_records
+from fastsgd.study.runner import StudyConfig, open_storage, run_study
+from fastsgd.study.storage import EVAL_PREFIX, StudyStorage
+from fastsgd.study.steps_to_result import FINAL_OUTCOMES, SCHEMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(workload="digits-mlp", optimizer="nesterov", batch_sizes=[32, 128], trials=4, goal=0.1,
+            budget_epochs=2, min_steps=30, max_steps=60, group_size=2)
+CLI_ARGS = ["--workload", "digits-mlp", "--optimizer", "nesterov", "--batch-sizes", "32,128", "--trials", "4",
+            "--goal", "0.1", "--budget-epochs", "2", "--min-steps", "30", "--max-steps", "60", "--group-size", "2",
+            "--no-progress"]
+
+
+def by_key(records):
+    return {(r.batch_size, r.trial_id): r for r in records}
+
+
+def same_records(a, b):
+    a, b = by_key(a), by_key(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        ra, rb = a[k], b[k]
+        assert (ra.seed, ra.hparams, ra.outcome, ra.steps) == (rb.seed, rb.hparams, rb.outcome, rb.steps), k
+        for m in ra.metrics:
+            torch.testing.assert_close(torch.tensor(ra.metrics[m]), torch.tensor(rb.metrics[m]), rtol=1e-5,
+                                       atol=1e-6, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def clean_study(tmp_path_factory):
+    """The tiny study run once without interruption, through the CLI, with an export."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import steps_to_result as cli
+    finally:
+        sys.path.pop(0)
+    out = tmp_path_factory.mktemp("clean")
+    assert cli.main(CLI_ARGS + ["--out", str(out), "--export", str(out / "bs")]) == 0
+    return out, open_storage(StudyConfig(out=str(out), **TINY)).records()
+
+
+def test_end_to_end_summary_plots_export(clean_study):
+    out, records = clean_study
+    summary = json.loads((out / "study_summary.json").read_text())
+    assert summary["schema"] == SCHEMA and summary["goal"]["value"] == 0.1
+    rows = summary["per_batch_size"]
+    assert [r["batch_size"] for r in rows] == [32, 128] and all(r["trials"] == 4 for r in rows)
+    assert all(r["steps"] is not None and r["steps"] <= r["max_steps"] for r in rows)
+    assert rows[0]["steps"] > rows[1]["steps"]
+    assert summary["fit"]["B_crit"] > 0 and set(summary["regions"]) == {"perfect_scaling_max",
+                                                                        "maximal_parallelism_min"}
+    for name in summary["plots"]:
+        assert (out / name).stat().st_size > 1000
+    assert len(records) == 8 and all(r.outcome in FINAL_OUTCOMES for r in records)
+    _, back = import_records(str(out / "bs" / "digits" / "mlp" / "nesterov"))
+    same_records(records, back)
+
+
+class SimulatedKill(RuntimeError):
+    pass
+
+
+def test_resume_after_simulated_kill_loses_nothing_reruns_nothing(clean_study, tmp_path, monkeypatch):
+    _, clean = clean_study
+    config = StudyConfig(out=str(tmp_path), **TINY)
+    real_finish = StudyStorage.finish
+    finished = []
+
+    def dying_finish(self, study, trial, result):
+        if len(finished) == 3:  # the process "dies" while storing the 4th finished trial
+            raise SimulatedKill()
+        real_finish(self, study, trial, result)
+        finished.append((result.spec.trial_id, study.user_attrs["batch_size"]))
+
+    monkeypatch.setattr(StudyStorage, "finish", dying_finish)
+    with pytest.raises(SimulatedKill):
+        run_study(config, progress=False, log=lambda s: None)
+    monkeypatch.setattr(StudyStorage, "finish", real_finish)
+
+    before = {}
+    for bs, study in open_storage(config).batch_studies().items():
+        for t in study.get_trials(deepcopy=False):
+            before[t._trial_id] = {k: v for k, v in t.user_attrs.items() if k.startswith(EVAL_PREFIX)}
+    assert sum(len(v) for v in before.values()) > 0
+
+    trained = []
+    real_run_trials = runner.run_trials
+
+    def spying_run_trials(workload, specs, settings, **kw):
+        trained.extend((s.trial_id, settings.batch_size) for s in specs)
+        return real_run_trials(workload, specs, settings, **kw)
+
+    monkeypatch.setattr(runner, "run_trials", spying_run_trials)
+    run_study(config, progress=False, log=lambda s: None)
+    assert not set(finished) & set(trained), "finished trials were rerun"
+    assert len(trained) == 8 - len(finished)
+
+    store = open_storage(config)
+    after = {t._trial_id: t for study in store.batch_studies().values() for t in study.get_trials(deepcopy=False)}
+    for tid, evals in before.items():  # every evaluation written before the kill is still there
+        assert evals.items() <= after[tid].user_attrs.items()
+    failed = [t for t in after.values() if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all(t.user_attrs["outcome"] == "interrupted" for t in failed)
+    same_records(store.records(), clean)  # the reruns reproduce the uninterrupted study exactly
+
+
+def finished_trials(db):
+    """(batch-size study, trial number) of every finished trial in a SQLite study file."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    out = set()
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        out |= {(summary.study_name, t.number) for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("outcome") in FINAL_OUTCOMES}
+    return out
+
+
+def test_resume_after_sigkill(tmp_path):
+    """A real kill: SIGKILL the CLI once a trial is stored, run the same command again: the trials finished
+    before the kill are kept (same Optuna trial numbers), none is trained twice, the study completes."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "steps_to_result.py")] + CLI_ARGS + ["--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "study.db"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if db.exists():
+                try:
+                    if finished_trials(db):
+                        break
+                except Exception:  # the database is being created: look again
+                    continue
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished_before = finished_trials(db)
+    assert finished_before
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    records = open_storage(StudyConfig(out=str(tmp_path), **TINY)).records()
+    assert len(records) == 8 and all(r.outcome in FINAL_OUTCOMES for r in records)
+    finished_after = finished_trials(db)
+    assert finished_before <= finished_after and len(finished_after) == 8  # none of them trained twice
+
+
+def test_config_mismatch_is_refused(clean_study):
+    out, _ = clean_study
+    with pytest.raises(ValueError, match="different configuration.*trials"):
+        open_storage(StudyConfig(out=str(out), **dict(TINY, trials=5)))
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(batch_sizes=[]), "batch sizes"), (dict(trials=0), "at least one trial"),
+    (dict(goal_rule="median"), "Invalid goal rule"), (dict(protocol="cubic"), "Invalid protocol"),
+    (dict(protocol="linear", goal_rule="golmant"), "needs protocol 'tuned'"),
+    (dict(base_batch_size=64), "not among the batch sizes"),
+])
+def test_bad_config_is_named(tmp_path, change, msg):
+    with pytest.raises(ValueError, match=msg):
+        run_study(StudyConfig(out=str(tmp_path), **dict(TINY, **change)), progress=False)
+
+
+def test_golmant_protocol_scales_the_base_lr(tmp_path):
+    config = StudyConfig(out=str(tmp_path), **dict(TINY, protocol="linear", trials=2, group_size=0))
+    summary = run_study(config, progress=False, log=lambda s: None)
+    recs = open_storage(config).records()
+    base_best = summary["per_batch_size"][0]["best_hparams"]
+    scaled = [r for r in recs if r.batch_size == 128]
+    assert len(scaled) == 2 and len({r.seed for r in scaled}) == 2
+    assert all(r.hparams["lr"] == pytest.approx(4 * base_best["lr"]) for r in scaled)
+    assert all(r.hparams["momentum"] == base_best["momentum"] for r in scaled)
+
+
+def test_least_squares_bcrit_between_noise_scales(tmp_path):
+    from fastsgd.study.least_squares import least_squares_workload
+
+    wl = least_squares_workload(dim=16, alpha=1.0, seed=0, goal_fraction=0.02)
+    problem = wl.info["problem"]
+    # noise scale at the goal, taken on the gradient-flow path e(t) = exp(-H t) e0 where the loss meets the goal
+    e0 = problem.w0 - problem.w_star
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if problem.expected_loss(problem.w_star + torch.exp(-problem.h * mid) * e0) > wl.goal \
+            else (lo, mid)
+    at_goal = problem.b_simple(problem.w_star + torch.exp(-problem.h * hi) * e0)
+    at_start = problem.b_simple(problem.w0)
+    config = StudyConfig(out=str(tmp_path), workload="least-squares", optimizer="sgd",
+                         batch_sizes=[1, 2, 4, 8, 16, 32, 64], trials=8,
+                         space={"lr": {"low": 0.02, "high": 2.5, "scale": "log"}}, min_steps=500, max_steps=500)
+    summary = run_study(config, workload=wl, progress=False, log=lambda s: None)
+    b_crit = summary["fit"]["B_crit"]
+    assert at_start < b_crit < at_goal, (at_start, b_crit, at_goal)
