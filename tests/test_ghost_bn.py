@@ -557,9 +557,9 @@ def test_triton_many_chunks_no_affine_fp16(triton_env, monkeypatch):
     monkeypatch.setattr(tg, "_TILE", 8)
     monkeypatch.setattr(tg, "_MAX_INNER", 4)
     monkeypatch.setattr(tg, "_VALUES_PER_PROGRAM", 8)
-    for case in [((10, 3, 2, 3), 4, None), ((10, 3, 2, 3), 4, torch.channels_last)]:
+    for case in [((7, 2, 2, 3), 4, None), ((7, 2, 2, 3), 4, torch.channels_last)]:  # last batch: 3
         x, _, _, _, _, dy = _inputs(case[0], torch.float16, case[2], seed=3)
-        cfg = tg._launch_config(x.view(10, 3, 6), 4)
+        cfg = tg._launch_config(x.view(7, 2, 6), 4)
         assert cfg["chunks"] > 1 and (cfg["inner"] == 1 or cfg["inner"] > cfg["block_i"])
         got = _run(ghost_batch_norm, x.to(device), None, None, None, None, dy.to(device), training=True,
                    ghost_batch_size=4, backend="triton")
