@@ -140,10 +140,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--ghost", type=int, default=32, help="ghost batch size")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a shared CPU, 1 keeps OpenMP barriers from amplifying the noise)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
     p.add_argument("--out", default=None, help="write rows (.json or .csv) with the environment")
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if args.batch_sizes:
