@@ -114,6 +114,8 @@ def manual_seed(seed: int, device: Union[str, torch.device] = "cuda") -> None:
     Without it the seed is drawn once from torch's default generator, so
     ``torch.manual_seed`` makes runs repeatable too."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # tensors report cuda:<index>
+        device = torch.device("cuda", torch.cuda.current_device())
     _RNG[device] = _state_tensor(seed, device)
 
 
