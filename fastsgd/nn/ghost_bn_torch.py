@@ -71,7 +71,7 @@ def group_counts(n: int, g: int, spatial: int, dtype: torch.dtype, device) -> Te
 
 def _per_sample(t: Tensor, n: int, g: int) -> Tensor:
     """(G, C) -> (N, C): each sample gets its ghost batch's row."""
-    return t.repeat_interleave(g, dim=0)[:n]
+    return t[:, None].expand(t.shape[0], g, *t.shape[1:]).reshape(-1, *t.shape[1:])[:n]
 
 
 def _sum_over_l(t3: Tensor, acc: torch.dtype, square: bool = False, other: Optional[Tensor] = None,
