@@ -29,6 +29,9 @@ import fastsgd
 from fastsgd.distributed import BucketedDataParallel
 from fastsgd.distributed.buckets import assign_buckets
 
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
 STEPS = 3
 LOCAL_BATCH = 4
 PG_TIMEOUT_S = 20        # every collective in the scenario groups fails after this
@@ -124,14 +127,14 @@ WORLD3_SCENARIOS = ["plain_momentum", "fused_momentum", "fused_no_sync", "fused_
 
 
 # ---- the worker side ----------------------------------------------------------------
-def train(cfg, rank, world, wrapper):
+def train(cfg, rank, world, wrapper, group=None):
     """Train STEPS steps; ``wrapper`` is "bdp" or "ddp". Returns final state and per-step records."""
     model = make_model(cfg["model"])
     opt = make_opt(cfg["opt"], model.parameters())
     caps = CAPS[cfg["caps"]]
     find_unused = cfg.get("find_unused", False)
     if wrapper == "bdp":
-        net = BucketedDataParallel(model, optimizer=opt if cfg["fused"] else None, **caps,
+        net = BucketedDataParallel(model, optimizer=opt if cfg["fused"] else None, **caps, process_group=group,
                                    gradient_predivide=cfg.get("predivide", True),
                                    find_unused_parameters=find_unused, eager_step=cfg.get("eager", False))
     else:
@@ -171,6 +174,10 @@ def scenario_worker(rank, world, names):
             out[name] = {"error": traceback.format_exc()}
     out["unused_error"] = unused_error_message()
     out["mismatch_error"] = mismatch_error_message(rank)
+    if world == 3:  # a process group of global ranks 1 and 2: its rank 0 is global rank 1
+        sub = dist.new_group([1, 2])
+        if rank > 0:
+            out["subgroup"] = train(SCENARIOS["fused_momentum"], dist.get_rank(sub), 2, "bdp", group=sub)
     return out
 
 
@@ -409,6 +416,12 @@ def test_world2_find_unused_leaves_globally_unused_grad_none_and_param_unchanged
 @pytest.mark.parametrize("name", WORLD3_SCENARIOS)
 def test_world3_matches_single_process_and_torch_ddp(world3, name):
     check_scenario(world3, name, 3)
+
+
+def test_world3_subgroup_of_ranks_1_and_2_matches_single_process(world3):
+    want, _ = reference(SCENARIOS["fused_momentum"], 2)
+    for rank in (1, 2):
+        assert_close_dicts(world3[rank]["subgroup"]["params"], want, f"process_group=[1, 2], rank {rank}")
 
 
 # ---- a failing rank ------------------------------------------------------------------------

@@ -120,7 +120,7 @@ class Reducer:
         order = self._ready_order + [i for i in reversed(range(len(self.params))) if i not in seen]
         device = self.buckets[0].flat.device if dist.get_backend(self.group) != "gloo" else torch.device("cpu")
         order_t = torch.tensor(order, dtype=torch.int64, device=device)
-        dist.broadcast(order_t, group=self.group, group_src=0)
+        dist.broadcast(order_t, src=dist.get_global_rank(self.group, 0), group=self.group)
         grads = [p.grad for p in self.params]
         self._install(assign_buckets(self.params, order_t.tolist(), self.first_cap, self.cap))
         with torch.no_grad():

@@ -56,7 +56,7 @@ def broadcast_from_rank0(tensors: Sequence[Tensor], group: dist.ProcessGroup) ->
 @torch.no_grad()
 def _broadcast_flat(tensors: List[Tensor], group: dist.ProcessGroup) -> None:
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-    dist.broadcast(flat, group=group, group_src=0)
+    dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
     if dist.get_rank(group) != 0:
         offset = 0
         for t in tensors:
