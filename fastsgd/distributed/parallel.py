@@ -68,6 +68,8 @@ class BucketedDataParallel(nn.Module):
     * ``no_sync()``: gradient accumulation; backward passes of forwards run
       inside it only accumulate locally. The first forward outside it
       reduces the accumulated sum (mean over ranks) and steps per bucket.
+      With ``optimizer=`` every synchronised backward is an optimizer step,
+      so accumulate with ``no_sync()``, not by skipping ``step()``.
     * **Unused parameters**: a parameter that got no gradient raises, at the
       end of backward, an error naming it; with ``find_unused_parameters=True``
       it contributes zeros, and a parameter no rank used ends with
