@@ -3,7 +3,7 @@
 
 The input is an (N, C, L) view (see fastsgd.nn.functional.as_ncl). A ghost
 batch k is samples [k*g, min((k+1)*g, N)). Both kernels run on the grid
-(ghost batch k, chunk s, channel block) and walk the chunk's rows of batch k:
+((ghost batch k, chunk s), channel block) and walk the chunk's rows of batch k:
 
   _partial_sums_kernel   forward:  sum(x - K) and sum((x - K)^2) per (k, s, c),
                                    K = x[k*g, c, 0] (a shift: the one-pass
@@ -86,9 +86,9 @@ def _partial_sums_kernel(
     BACKWARD: tl.constexpr, S: tl.constexpr, CHUNK_R: tl.constexpr, INNER_ITERS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    s = tl.program_id(1)
-    c0 = tl.program_id(2) * BLOCK_C
+    k = tl.program_id(0) // S
+    s = tl.program_id(0) % S
+    c0 = tl.program_id(1) * BLOCK_C
     cs = c0 + tl.arange(0, BLOCK_C)
     cmask = cs < C
     base = k.to(tl.int64) * g * stride_n
@@ -134,9 +134,9 @@ def _apply_kernel(
     S: tl.constexpr, CHUNK_R: tl.constexpr, INNER_ITERS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    s = tl.program_id(1)
-    c0 = tl.program_id(2) * BLOCK_C
+    k = tl.program_id(0) // S
+    s = tl.program_id(0) % S
+    c0 = tl.program_id(1) * BLOCK_C
     cs = c0 + tl.arange(0, BLOCK_C)
     cmask = cs < C
     base = k.to(tl.int64) * g * stride_n
@@ -225,7 +225,8 @@ def _grid_and_args(x3: Tensor, g: int):
     cfg = _launch_config(x3, g)
     n, c, _ = x3.shape
     groups = triton.cdiv(n, g)
-    grid = (groups, cfg["chunks"], triton.cdiv(c, cfg["block_c"]))
+    # (ghost batch, chunk) share grid axis 0, which may exceed 65535 (axes 1, 2 may not).
+    grid = (groups * cfg["chunks"], triton.cdiv(c, cfg["block_c"]))
     sizes = (n, c, g, cfg["inner"], cfg["rows_per_sample"])
     strides = (x3.stride(0), x3.stride(1), cfg["row_stride"], cfg["inner_stride"])
     # Trip counts are compile-time (S, CHUNK_R, INNER_ITERS): one compile per
