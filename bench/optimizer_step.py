@@ -208,8 +208,8 @@ def add_speedups(rows: List[Dict]) -> None:
     for r in rows:
         base = next((b for b in rows if b["layout"] == r["layout"] and b["optimizer"] == r["optimizer"]
                      and b["provider"] == BASELINE[r["optimizer"]]), None)
-        r["vs_" + BASELINE[r["optimizer"]]] = None if base is None else base["median_ms"] / r["median_ms"]
-        r["speedup"] = r["vs_" + BASELINE[r["optimizer"]]]
+        r["baseline"] = BASELINE[r["optimizer"]]
+        r["speedup"] = None if base is None else base["median_ms"] / r["median_ms"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
