@@ -588,3 +588,24 @@ def test_triton_gpu_resnet_shape_and_auto_backend(fmt):
     want = _run(ghost_batch_norm_reference, x.to(dev), w.to(dev), b.to(dev), rm.to(dev), rv.to(dev), dy.to(dev),
                 training=True, ghost_batch_size=32)
     _compare(got, want, dict(rtol=1e-3, atol=1e-3))
+
+
+@pytest.mark.parametrize("layout", ["1d", "nchw", "channels_last"])
+def test_converted_model_with_inplace_relu_trains(layout):
+    """torchvision ResNets follow every BatchNorm with nn.ReLU(inplace=True)."""
+    torch.manual_seed(0)
+    if layout == "1d":
+        body, x = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True)), torch.randn(8, 3)
+    else:
+        body, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True)), torch.randn(8, 3, 6, 6)
+        if layout == "channels_last":
+            body, x = body.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(body)
+    ghost = convert_ghost_batch_norm(body, 4)
+    # the same model with ghost batches emulated by hand (ReLU not in place)
+    y = ghost(x)
+    y.sum().backward()
+    y_ref = torch.cat([torch.relu(reference[1](reference[0](xi))) for xi in x.split(4)])
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ghost[0].weight.grad, reference[0].weight.grad, atol=1e-4, rtol=1e-4)

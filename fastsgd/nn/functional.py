@@ -105,6 +105,11 @@ class GhostBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], g: int, eps: float, impl):
         y3, mean, var = impl.forward(x3, weight, bias, g, eps)
+        if y3._is_view():
+            # Autograd forbids in-place ops (nn.ReLU(inplace=True)) on views made
+            # inside a custom Function; a backend may return a view of a fresh
+            # buffer, and detach() makes it a plain tensor without copying.
+            y3 = y3.detach()
         ctx.save_for_backward(x3, weight, mean, var)
         ctx.g, ctx.eps, ctx.impl = g, eps, impl
         ctx.has_bias = bias is not None
