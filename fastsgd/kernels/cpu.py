@@ -49,6 +49,8 @@ STRIDED = False  # flat kernels: dense tensors only (contiguous, channels_last, 
 _SGD_FIELDS = ("param", "grad", "buf", "numel", "param_dtype", "buf_dtype", "first_step")
 _LAMB_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "param_dtype", "state_dtype",
                 "step_dtype")
+_S = {name: i for i, name in enumerate(_SGD_FIELDS)}  # column of each field in the SGD/LARS table
+_L = {name: i for i, name in enumerate(_LAMB_FIELDS)}  # ... in the LAMB table
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 
@@ -217,8 +219,8 @@ def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials
         elem_size[c] = torch.empty((), dtype=d).element_size()
     out = np.repeat(rows, trials, axis=0)
     row = np.tile(np.arange(trials, dtype=np.int64), len(params))
-    row_numel = out[:, 3] // trials
-    out[:, 3] = row_numel
+    row_numel = out[:, _S["numel"]] // trials
+    out[:, _S["numel"]] = row_numel
     for ptr_field, dtype_field in zip(ptr_fields, dtype_fields):
         elem = elem_size[out[:, dtype_field]]
         nonzero = out[:, ptr_field] != 0
@@ -242,23 +244,23 @@ def _sgd_table(what: str, params, grads, bufs, first_step) -> np.ndarray:
     others = [("grads", grads)]
     table = np.empty((n, len(_SGD_FIELDS)), dtype=np.int64)
     if bufs is None:
-        table[:, 2] = 0
-        table[:, 5] = 0
+        table[:, _S["buf"]] = 0
+        table[:, _S["buf_dtype"]] = 0
     else:
         b_codes = _check_like_params(what, "bufs", bufs, sizes)
         others.append(("bufs", bufs))
         if -1 in b_codes:  # some params without a buffer: plain SGD for them
-            table[:, 2] = [0 if b is None else b.data_ptr() for b in bufs]
-            table[:, 5] = [max(c, 0) for c in b_codes]
+            table[:, _S["buf"]] = [0 if b is None else b.data_ptr() for b in bufs]
+            table[:, _S["buf_dtype"]] = [max(c, 0) for c in b_codes]
         else:
-            table[:, 2] = list(map(_data_ptr, bufs))
-            table[:, 5] = b_codes
+            table[:, _S["buf"]] = list(map(_data_ptr, bufs))
+            table[:, _S["buf_dtype"]] = b_codes
     _check_layouts(what, params, others)
-    table[:, 0] = list(map(_data_ptr, params))
-    table[:, 1] = list(map(_data_ptr, grads))
-    table[:, 3] = [s.numel() for s in sizes]
-    table[:, 4] = p_codes
-    table[:, 6] = firsts
+    table[:, _S["param"]] = list(map(_data_ptr, params))
+    table[:, _S["grad"]] = list(map(_data_ptr, grads))
+    table[:, _S["numel"]] = [s.numel() for s in sizes]
+    table[:, _S["param_dtype"]] = p_codes
+    table[:, _S["first_step"]] = firsts
     return table
 
 
@@ -286,7 +288,8 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
     if lrs is not None or mus is not None:
         trials = len(lrs if lrs is not None else mus)
         table, hparams = _expand_trials(what, table, params, trials, lrs or [lr_f] * trials,
-                                        mus or [mu_f] * trials, ptr_fields=(0, 1, 2), dtype_fields=(4, 4, 5))
+                                        mus or [mu_f] * trials, ptr_fields=(_S["param"], _S["grad"], _S["buf"]),
+                                        dtype_fields=(_S["param_dtype"], _S["param_dtype"], _S["buf_dtype"]))
     if _skipped(what, found_inf):
         return
     mod.cpu_sgd_step(table.ctypes.data, table.shape[0], 0 if hparams is None else hparams.ctypes.data,
@@ -359,15 +362,15 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
                              f"{tuple(s.shape)} {s.dtype}")
     _check_layouts(what, params, [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)])
     table = np.empty((n, len(_LAMB_FIELDS)), dtype=np.int64)
-    table[:, 0] = list(map(_data_ptr, params))
-    table[:, 1] = list(map(_data_ptr, grads))
-    table[:, 2] = list(map(_data_ptr, exp_avgs))
-    table[:, 3] = list(map(_data_ptr, exp_avg_sqs))
-    table[:, 4] = list(map(_data_ptr, steps))
-    table[:, 5] = [s.numel() for s in sizes]
-    table[:, 6] = p_codes
-    table[:, 7] = m_codes
-    table[:, 8] = [_codes[s.dtype] for s in steps]
+    table[:, _L["param"]] = list(map(_data_ptr, params))
+    table[:, _L["grad"]] = list(map(_data_ptr, grads))
+    table[:, _L["exp_avg"]] = list(map(_data_ptr, exp_avgs))
+    table[:, _L["exp_avg_sq"]] = list(map(_data_ptr, exp_avg_sqs))
+    table[:, _L["step"]] = list(map(_data_ptr, steps))
+    table[:, _L["numel"]] = [s.numel() for s in sizes]
+    table[:, _L["param_dtype"]] = p_codes
+    table[:, _L["state_dtype"]] = m_codes
+    table[:, _L["step_dtype"]] = [_codes[s.dtype] for s in steps]
     if _skipped(what, found_inf):
         return
     mod.cpu_lamb_step(table.ctypes.data, n, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay),
