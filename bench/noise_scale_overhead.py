@@ -119,8 +119,11 @@ def main(argv=None) -> int:
                    help="accumulator mode(s) (default: each and first)")
     p.add_argument("--clock", choices=("wall", "process"), default=None,
                    help="default: process CPU time on cpu, wall time on cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="directory for noise_scale_overhead.json")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     clock = args.clock or ("wall" if args.device.startswith("cuda") else "process")
     if args.micro_batches < 2:
         p.error("--micro-batches must be >= 2")

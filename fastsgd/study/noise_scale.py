@@ -258,9 +258,10 @@ class NoiseScaleAccumulator:
 
     def _hook(self, grad: Tensor) -> None:
         g = grad.detach()
-        if g.dtype in (torch.float16, torch.bfloat16):   # square in float32: half overflows/underflows
-            g = g.float()
-        sq = g.pow(2).sum()
+        # one reduction, no temporary the size of the gradient (pow(2).sum() would allocate one);
+        # half precision is reduced in float32 (it would overflow/underflow)
+        acc_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
+        sq = torch.linalg.vector_norm(g, dtype=acc_dtype).square()
         self._current = sq if self._current is None else self._current + sq
 
     def _grads(self) -> List[Tensor]:
