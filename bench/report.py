@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--overlap", type=float, default=None, help="fraction of communication hidden behind backward")
     p.add_argument("--max-devices", type=int, default=4096)
     p.add_argument("--title", default="Batch size report")
+    p.add_argument("--note", action="append", default=[], help="a provenance line for the report (repeatable)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
                                latency=None if args.latency_us is None else args.latency_us * 1e-6,
                                overlap=args.overlap)
     report = build_report(study, throughput, noise=noise, comm=comm, max_devices=args.max_devices)
+    report.notes = list(args.note)
     paths = write_report(report, args.out, args.title)
     n = report.numbers
     for k in ("workload", "measured_b_crit", "predicted_b_crit", "ratio_predicted_measured", "b_hw", "b_star",

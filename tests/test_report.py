@@ -60,7 +60,7 @@ def test_report_cli_renders_html_and_markdown(tmp_path, capsys):
     out = tmp_path / "out"
     rc = _bench_report().main(["--study", str(tmp_path / "study"), "--throughput", str(tmp_path / "thr"),
                                "--noise", str(tmp_path / "noise.json"), "--allreduce", str(tmp_path / "allreduce.json"),
-                               "--max-devices", "64", "--out", str(out)])
+                               "--max-devices", "64", "--note", "synthetic inputs", "--out", str(out)])
     assert rc == 0
     page = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
@@ -76,6 +76,7 @@ def test_report_cli_renders_html_and_markdown(tmp_path, capsys):
     assert "| batch_size | steps | step_time_s |" in md
     assert "| devices | global_batch |" in md
     assert "planning model, not a promise" in md
+    assert "synthetic inputs" in md and "synthetic inputs" in page
     numbers = json.loads((out / "report.json").read_text())["numbers"]
     assert numbers["b_star"] == pytest.approx(64.0) and numbers["ratio_predicted_measured"] == pytest.approx(ratio)
     assert "b_star" in capsys.readouterr().out

@@ -48,6 +48,7 @@ class Report:
     whatif_note: str = ""
     warnings: List[str] = field(default_factory=list)
     figures: Dict[str, str] = field(default_factory=dict)   # caption -> PNG path
+    notes: List[str] = field(default_factory=list)          # provenance lines (commands, machine)
 
 
 def _num(v: Optional[float], spec: str = ".3g") -> str:
@@ -216,6 +217,8 @@ def render_markdown(report: Report, title: str = "Batch size report") -> str:
     lines = [f"# {title}", "", f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.", "",
              "| quantity | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in _headline(report)]
+    if report.notes:
+        lines += ["", "How this was measured:"] + [f"- {n}" for n in report.notes]
     if report.warnings:
         lines += ["", "Warnings:"] + [f"- {w}" for w in report.warnings]
     if _noise_text(report):
@@ -257,6 +260,8 @@ def render_html(report: Report, title: str = "Batch size report") -> str:
              f"<h1>{html.escape(title)}</h1>",
              "<table>" + "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                                  for k, v in _headline(report)) + "</table>"]
+    if report.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in report.warnings]
     if _noise_text(report):
         parts += ["<h2>Noise-scale prediction</h2>", f"<p>{html.escape(_noise_text(report))}</p>"]
