@@ -136,7 +136,8 @@ def train(cfg, rank, world, wrapper, group=None):
     if wrapper == "bdp":
         net = BucketedDataParallel(model, optimizer=opt if cfg["fused"] else None, **caps, process_group=group,
                                    gradient_predivide=cfg.get("predivide", True),
-                                   find_unused_parameters=find_unused, eager_step=cfg.get("eager", False))
+                                   find_unused_parameters=find_unused, eager_step=cfg.get("eager", False),
+                                   track_grad_norms=True)
     else:
         net = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=caps["bucket_cap_mb"],
                                                   find_unused_parameters=find_unused)
@@ -534,7 +535,7 @@ def test_backward_without_forward_through_the_wrapper_is_an_error(world1):
 def test_bf16_model_sends_statistics_in_their_own_float64_all_reduce(world1):
     """bf16 buckets cannot carry the statistics exactly; they take the separate path."""
     model = make_model("mlp").to(torch.bfloat16)
-    net = BucketedDataParallel(model)
+    net = BucketedDataParallel(model, track_grad_norms=True)
     assert not net._reducer._stats_in_bucket
     x, y = global_batch("mlp", 0, 0, 1)
     x, y = shard(x, 0).to(torch.bfloat16), shard(y, 0).to(torch.bfloat16)

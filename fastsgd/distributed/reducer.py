@@ -5,10 +5,10 @@ finalisation and the one-time bucket rebuild.
 Life of one synchronised iteration:
 
 1. ``prepare()`` (from the wrapper's forward): rebuild the buckets once if the
-   first backward has been observed, re-attach grad views that
-   ``zero_grad(set_to_none=True)`` removed, reset the readiness counters.
+   first backward has been observed, reset the readiness counters.
 2. Autograd calls ``_on_grad_ready(i)`` after accumulating param ``i``'s
-   gradient (a post-accumulate-grad hook). When a bucket has all its grads,
+   gradient (a post-accumulate-grad hook), which makes sure the gradient is
+   the bucket view (``_keep_view``). When a bucket has all its grads,
    it and every following complete bucket are launched -- strictly in bucket
    order, because collectives must be issued in the same order on every rank
    even if gradients become ready in a different order.
@@ -157,33 +157,12 @@ class Reducer:
                        "so this rank's collectives are out of step with the other ranks'")
         if self._rebuild_due:
             self._rebuild()
-        self._attach_views()
         self._reset_iteration()
         self.stepped.clear()
         self._armed, self._sync = True, sync
         self._micro_batches += 1
         if self._samples is not None:
             self._samples = None if samples is None else self._samples + samples
-
-    @torch.no_grad()
-    def _attach_views(self) -> None:
-        """Point every param's ``.grad`` at its bucket view. A missing grad
-        (``zero_grad(set_to_none=True)``) starts from zeros; a grad that is some
-        other tensor (assigned by the user) is copied in."""
-        for b in self.buckets:
-            grads = [p.grad for p in b.params]
-            if all(g is None for g in grads):
-                b.flat.zero_()
-                for p, v in zip(b.params, b.views):
-                    p.grad = v
-                continue
-            for p, g, v in zip(b.params, grads, b.views):
-                if g is None:
-                    v.zero_()
-                    p.grad = v
-                elif g is not v:
-                    v.copy_(g)
-                    p.grad = v
 
     # ---- hooks ----------------------------------------------------------------
     def _make_hook(self, i: int):
@@ -221,19 +200,26 @@ class Reducer:
                 self._complete(k)
 
     def _keep_view(self, i: int, p: Tensor) -> None:
-        """Autograd accumulates in place into an existing ``.grad``, so the
-        view normally survives (same object: the fast path); it is replaced
-        when the grad was set to None after forward or with
-        ``create_graph=True``. Put it back."""
+        """Make the bucket view param ``i``'s ``.grad``. Once it is, autograd
+        accumulates into it in place (same object: the fast path). After
+        ``zero_grad(set_to_none=True)`` autograd hands over a fresh gradient
+        (usually the backward op's own output buffer), which is copied in
+        once -- one read and one write, where zeroing the view up front and
+        accumulating into it would cost twice that. A gradient the user
+        assigned, or one ``create_graph=True`` made out of place, is copied
+        in the same way."""
         g = p.grad
         v = self.buckets[self.bucket_of[i]].views[self.slot_of[i]]
         if g is v:
             return
-        if g.is_sparse:
+        if g is None:
+            v.zero_()
+        elif g.is_sparse:
             self._fail(f"parameter '{self.names[i]}' got a sparse gradient; BucketedDataParallel reduces dense "
                        "gradients only (use nn.Embedding(sparse=False))")
-        with torch.no_grad():
-            v.copy_(g)
+        else:
+            with torch.no_grad():
+                v.copy_(g.detach())
         p.grad = v
 
     # ---- collectives ----------------------------------------------------------
@@ -302,7 +288,8 @@ class Reducer:
                        f"{names}. Every parameter that requires grad must contribute to the loss on every rank; "
                        "freeze unused ones with requires_grad_(False) or pass find_unused_parameters=True")
         self._locally_unused = unused
-        for i in unused:  # reduced as zeros: their views hold no new gradient
+        for i in unused:  # reduced with no new gradient: zeros, or what was accumulated before
+            self._keep_view(i, self.params[i])
             self._ready[i] = True
             self._pending[self.bucket_of[i]] -= 1
             self._defer_step.add(self.bucket_of[i])
