@@ -207,3 +207,14 @@ def test_least_squares_bcrit_between_noise_scales(tmp_path):
     summary = run_study(config, workload=wl, progress=False, log=lambda s: None)
     b_crit = summary["fit"]["B_crit"]
     assert at_start < b_crit < at_goal, (at_start, b_crit, at_goal)
+
+
+def test_golmant_goal_rule(tmp_path):
+    from fastsgd.study.steps_to_result import golmant_goal
+
+    config = StudyConfig(out=str(tmp_path), **dict(TINY, goal=None, goal_rule="golmant", trials=2, max_steps=40))
+    summary = run_study(config, progress=False, log=lambda s: None)
+    largest = [r for r in open_storage(config).records() if r.batch_size == 128]
+    assert all(r.outcome in ("budget", "infeasible") and r.steps[-1] <= 40 for r in largest)  # ran without a goal
+    assert summary["goal"]["rule"] == "golmant"
+    assert summary["goal"]["value"] == pytest.approx(golmant_goal(largest, "val_error"))

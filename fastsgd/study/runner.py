@@ -268,9 +268,20 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     path = os.path.join(config.out, "study_summary.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump(_strict_json(summary), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
     return summary
+
+
+def _strict_json(x):
+    """NaN/inf (e.g. B_crit when S_min fits to 0) become null: the summary stays standard JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
 
 
 def summary_table(summary: Dict[str, object]) -> str:

@@ -52,7 +52,8 @@ other modules such as the time-to-result report read it). Schema
     }
 
 ``steps``, ``fit`` and ``regions`` are ``null`` when not measurable (goal never
-reached, fewer than two batch sizes with a result).
+reached, fewer than two batch sizes with a result); non-finite numbers (e.g.
+B_crit when S_min fits to 0) are written as ``null``.
 """
 from __future__ import annotations
 
