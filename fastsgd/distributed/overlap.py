@@ -1,7 +1,7 @@
 """Running a fastsgd optimizer per bucket, inside the backward pass.
 
-The reducer calls ``optimizer.step_subset(bucket_params)`` as soon as a
-bucket's all-reduce has finished. The user's loop stays
+The reducer calls ``optimizer.step_subset(bucket_params)`` once a bucket's
+all-reduce has finished (see reducer.py for when). The user's loop stays
 ``loss.backward(); optimizer.step(); optimizer.zero_grad()``: this module
 replaces ``optimizer.step`` (on the instance, not the class) by a version that
 steps only what the backward pass did not step already -- parameters outside
@@ -36,16 +36,21 @@ def per_bucket_step_possible(optimizer: FusedOptimizer) -> Optional[str]:
     return None
 
 
+def check_optimizer(optimizer) -> None:
+    """Raise unless ``optimizer`` can be attached (checked before any collective)."""
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError(f"BucketedDataParallel(optimizer=...) needs a fastsgd optimizer (fastsgd.SGD, "
+                        f"Momentum, Nesterov, LARS, LAMB), got {type(optimizer).__module__}."
+                        f"{type(optimizer).__name__}; pass optimizer=None to use any optimizer after backward")
+    if getattr(optimizer, "_fastsgd_overlap", None) is not None:
+        raise RuntimeError("this optimizer is already attached to a BucketedDataParallel")
+
+
 class OptimizerOverlap:
     """Connects a fastsgd optimizer to a Reducer; see the module docstring."""
 
     def __init__(self, optimizer: FusedOptimizer, reducer: Reducer):
-        if not isinstance(optimizer, FusedOptimizer):
-            raise TypeError(f"BucketedDataParallel(optimizer=...) needs a fastsgd optimizer (fastsgd.SGD, "
-                            f"Momentum, Nesterov, LARS, LAMB), got {type(optimizer).__module__}."
-                            f"{type(optimizer).__name__}; pass optimizer=None to use any optimizer after backward")
-        if getattr(optimizer, "_fastsgd_overlap", None) is not None:
-            raise RuntimeError("this optimizer is already attached to a BucketedDataParallel")
+        check_optimizer(optimizer)
         self.optimizer = optimizer
         self.reducer = reducer
         self.fallback_reason = per_bucket_step_possible(optimizer)

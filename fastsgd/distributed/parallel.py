@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastsgd.distributed.overlap import OptimizerOverlap
+from fastsgd.distributed.overlap import OptimizerOverlap, check_optimizer
 from fastsgd.distributed.reducer import Reducer
 from fastsgd.distributed.sync import broadcast_from_rank0, check_same_model
 from fastsgd.optim.base import FusedOptimizer
@@ -123,6 +123,8 @@ class BucketedDataParallel(nn.Module):
         for name, value in (("bucket_cap_mb", bucket_cap_mb), ("first_bucket_mb", first_bucket_mb)):
             if not value > 0:
                 raise ValueError(f"Invalid {name}: {value} (must be > 0)")
+        if optimizer is not None:
+            check_optimizer(optimizer)
         self.module = module
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.broadcast_buffers = broadcast_buffers
