@@ -57,13 +57,24 @@ def _interpreter_mode(request, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+_KERNEL_MODULES = ("fastsgd.kernels.triton_common", "fastsgd.kernels.triton_sgd", "fastsgd.kernels.triton_norms",
+                   "fastsgd.kernels.triton_lamb", "fastsgd.kernels.triton_optim")
+
+
 def _import_interpreted():
     """fastsgd.kernels.triton_optim with triton and every kernel in interpreter mode."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         pytest.importorskip("triton")
-        return importlib.import_module("fastsgd.kernels.triton_optim")
+        module = importlib.import_module("fastsgd.kernels.triton_optim")
+        if module.common.kernel_mode() == "mixed":
+            # An earlier module imported our kernels (e.g. through
+            # fastsgd.available_backends()) after triton was imported in
+            # interpreter mode but without TRITON_INTERPRET set: define them again.
+            for name in _KERNEL_MODULES:
+                importlib.reload(sys.modules[name])
+        return sys.modules["fastsgd.kernels.triton_optim"]
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
