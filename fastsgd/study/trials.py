@@ -27,7 +27,11 @@ Per trial and step (step = optimizer updates done so far):
   ("pruned": it can no longer win).
 Stopped trials are removed from the stack (rows dropped from parameters,
 momentum buffers and hyperparameter tensors), so the others run on unchanged
-and the remaining work shrinks.
+and the remaining work shrinks (masking would keep computing dead rows).
+
+Models: anything ``torch.func.functional_call`` can run under ``vmap``. Buffers
+are passed along read-only, so batch norm must not track running statistics
+(``track_running_stats=False``) in vmapped trials.
 """
 from __future__ import annotations
 
@@ -193,6 +197,8 @@ class _Stack:
         for i, model in enumerate(self.models):  # any Workload: copy row i into a real model
             for (name, p) in zip(self.names, self.params):
                 model.get_parameter(name).copy_(p[i])
+            for name, b in self.buffers.items():
+                model.get_buffer(name).copy_(b[i])
             out.append(self.workload.evaluate(model, CPU))
         return out
 
