@@ -19,7 +19,6 @@ import torch
 
 import fastsgd
 from fastsgd.backends import BackendUnavailable, get_backend
-from fastsgd.kernels import reference
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_cases as K  # noqa: E402
