@@ -209,7 +209,7 @@ def _gloo_worker(rank, world_size, init_file, result_file):
                   "g2_truth": p.grad_sq_norm(model.weight)}
         # the same through BucketedDataParallel's own norms (no optimizer: parameters stay fixed)
         from fastsgd.distributed import BucketedDataParallel
-        ddp = BucketedDataParallel(model)
+        ddp = BucketedDataParallel(model, track_grad_norms=True)
         ns_ddp = GradientNoiseScale(decay=None)
         for _ in range(500):
             x, y = wl.sample_batch(local_batch, gen, torch.device("cpu"))

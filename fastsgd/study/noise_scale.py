@@ -84,31 +84,48 @@ class GradientNoiseScale:
             raise ValueError(f"decay must be in [0, 1) or None (plain mean), got {decay!r}")
         self.decay = decay
         self.step = 0
-        self._g2_sum: Optional[Tensor] = None
-        self._trace_sum: Optional[Tensor] = None
-        self._weight: Optional[Tensor] = None
+        # [EMA of |G|^2 estimates, EMA of tr(Sigma) estimates, sum of EMA weights], float64
+        self._sums: Optional[Tensor] = None
+        self._coeffs: Dict[tuple, Tensor] = {}
 
     # ---- updating -----------------------------------------------------------------------------
+    def _coefficients(self, small_batch: float, big_batch: float, device: torch.device) -> Tensor:
+        """The 2x2 matrix mapping (|G_b|^2, |G_B|^2) to the estimates (|G|^2, tr(Sigma)), cached per
+        (b, B, device) so an update is a handful of tensor ops and no host-to-device copy."""
+        key = (small_batch, big_batch, device)
+        m = self._coeffs.get(key)
+        if m is None:
+            _check_batches(small_batch, big_batch)
+            b, B = float(small_batch), float(big_batch)
+            m = torch.tensor([[-b / (B - b), B / (B - b)],
+                              [1.0 / (1.0 / b - 1.0 / B), -1.0 / (1.0 / b - 1.0 / B)]],
+                             dtype=torch.float64, device=device)
+            if len(self._coeffs) > 64:   # batch sizes that keep changing: do not grow without bound
+                self._coeffs.clear()
+            self._coeffs[key] = m
+        return m
+
     def update(self, small_sq_norm: Number, small_batch: float, big_sq_norm: Number,
                big_batch: float) -> Dict[str, object]:
         """Add one pair of squared gradient norms ``|G_b|^2`` (batch ``small_batch``) and
         ``|G_B|^2`` (batch ``big_batch``), taken at the same parameters."""
-        small = torch.as_tensor(small_sq_norm).detach().to(torch.float64)
-        big = torch.as_tensor(big_sq_norm).detach().to(device=small.device, dtype=torch.float64)
+        device = next((v.device for v in (small_sq_norm, big_sq_norm) if isinstance(v, Tensor)), torch.device("cpu"))
+        small, big = (v.detach() if isinstance(v, Tensor) else torch.full((), float(v), device=device)
+                      for v in (small_sq_norm, big_sq_norm))   # full(): no host-to-device copy, no sync
         if small.numel() != 1 or big.numel() != 1:
             raise ValueError(f"squared norms must be scalars, got shapes {tuple(small.shape)} and {tuple(big.shape)}")
-        g2_raw, trace_raw = two_batch_estimates(small.reshape(()), small_batch, big.reshape(()), big_batch)
-        if self._g2_sum is None or self._g2_sum.device != g2_raw.device:
-            zero = torch.zeros((), dtype=torch.float64, device=g2_raw.device)
-            self._g2_sum, self._trace_sum, self._weight = zero.clone(), zero.clone(), zero.clone()
+        norms = torch.stack([small.reshape(1), big.reshape(1)])
+        raw = self._coefficients(small_batch, big_batch, norms.device) @ norms.reshape(2).double()  # (g2, trace)
+        if self._sums is None:
+            self._sums = torch.zeros(3, dtype=torch.float64, device=raw.device)
+        elif self._sums.device != raw.device:
+            raise ValueError(f"squared norms on {raw.device}, but earlier updates were on {self._sums.device}")
         keep, add = (1.0, 1.0) if self.decay is None else (self.decay, 1.0 - self.decay)
-        self._g2_sum.mul_(keep).add_(g2_raw, alpha=add)
-        self._trace_sum.mul_(keep).add_(trace_raw, alpha=add)
-        self._weight.mul_(keep).add_(add)
+        self._sums.mul_(keep).add_(torch.cat([raw, raw.new_ones(1)]), alpha=add)
         self.step += 1
-        g2, trace = self._g2_sum / self._weight, self._trace_sum / self._weight
-        return {"step": self.step, "g2": g2, "trace": trace, "b_simple": trace / g2,
-                "g2_raw": g2_raw, "trace_raw": trace_raw}
+        means = self._sums[:2] / self._sums[2]
+        return {"step": self.step, "g2": means[0], "trace": means[1], "b_simple": means[1] / means[0],
+                "g2_raw": raw[0], "trace_raw": raw[1]}
 
     def update_from_distributed(self, local_sq_norm: Number, global_sq_norm: Number, local_batch: int,
                                 world_size: int) -> Dict[str, object]:
@@ -157,45 +174,41 @@ class GradientNoiseScale:
 
     # ---- reading ------------------------------------------------------------------------------
     def _require(self) -> None:
-        if self._weight is None:
+        if self._sums is None:
             raise RuntimeError("GradientNoiseScale has no updates yet: call update(...) first")
 
     @property
     def g2(self) -> float:
         """Running estimate of the true gradient's squared norm ``|G|^2`` (host sync)."""
-        self._require()
-        return float(self._g2_sum / self._weight)
+        return self.read()["g2"]
 
     @property
     def trace(self) -> float:
         """Running estimate of ``tr(Sigma)`` (host sync)."""
-        self._require()
-        return float(self._trace_sum / self._weight)
+        return self.read()["trace"]
 
     @property
     def b_simple(self) -> float:
         """``tr(Sigma) / |G|^2`` from the running estimates (host sync). Can be negative or
         huge while ``|G|^2``'s running estimate is near zero: average over more steps."""
-        self._require()
-        return float(self._trace_sum / self._g2_sum)
+        return self.read()["b_simple"]
 
     def read(self) -> Dict[str, float]:
         """``{"step", "g2", "trace", "b_simple"}`` as floats (one host sync)."""
         self._require()
-        vals = torch.stack([self._g2_sum / self._weight, self._trace_sum / self._weight,
-                            self._trace_sum / self._g2_sum]).tolist()
-        return {"step": self.step, "g2": vals[0], "trace": vals[1], "b_simple": vals[2]}
+        g2_sum, trace_sum, weight = self._sums.tolist()
+        return {"step": self.step, "g2": g2_sum / weight, "trace": trace_sum / weight,
+                "b_simple": trace_sum / g2_sum if g2_sum != 0 else math.nan}
 
     def state_dict(self) -> Dict[str, object]:
-        return {"decay": self.decay, "step": self.step, "g2_sum": self._g2_sum,
-                "trace_sum": self._trace_sum, "weight": self._weight}
+        return {"decay": self.decay, "step": self.step, "sums": None if self._sums is None else self._sums.clone()}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         self.decay, self.step = state["decay"], int(state["step"])
-        self._g2_sum, self._trace_sum, self._weight = state["g2_sum"], state["trace_sum"], state["weight"]
+        self._sums = None if state["sums"] is None else state["sums"].clone()
 
     def __repr__(self) -> str:
-        if self._weight is None:
+        if self._sums is None:
             return f"GradientNoiseScale(decay={self.decay}, no updates)"
         r = self.read()
         return (f"GradientNoiseScale(decay={self.decay}, step={r['step']}, g2={r['g2']:.4g}, "
@@ -251,18 +264,16 @@ class NoiseScaleAccumulator:
         self.noise = noise
         self.mode = mode
         self.params: List[Tensor] = params
-        self._current: Optional[Tensor] = None     # "each": sum of squared grads of the running micro-batch
-        self._micro_sq: List[Tensor] = []           # "each": one per finished micro-batch; "first": one
+        self._pending: List[Tensor] = []     # "each": norms of the running micro-batch's gradients
+        self._norms: List[List[Tensor]] = []  # per finished micro-batch (one entry in "first" mode)
         self._micro_sizes: List[int] = []
         self._handles = [p.register_hook(self._hook) for p in params] if mode == "each" else []
 
     def _hook(self, grad: Tensor) -> None:
-        g = grad.detach()
-        # one reduction, no temporary the size of the gradient (pow(2).sum() would allocate one);
-        # half precision is reduced in float32 (it would overflow/underflow)
-        acc_dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-        sq = torch.linalg.vector_norm(g, dtype=acc_dtype).square()
-        self._current = sq if self._current is None else self._current + sq
+        # one reduction per parameter, no temporary the size of the gradient; half precision is
+        # reduced in float32 (it would overflow/underflow). Squared and summed in finish().
+        acc_dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
+        self._pending.append(torch.linalg.vector_norm(grad.detach(), dtype=acc_dtype))
 
     def _grads(self) -> List[Tensor]:
         return [p.grad for p in self.params if p.grad is not None]
@@ -272,44 +283,53 @@ class NoiseScaleAccumulator:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"micro-batch size must be a positive integer, got {batch_size!r}")
         if self.mode == "each":
-            if self._current is None:
+            if not self._pending:
                 raise RuntimeError("micro_step() called but no gradient reached the parameters since the last "
                                    "micro-batch: call it after loss.backward()")
-            self._micro_sq.append(self._current)
-            self._current = None
+            self._norms.append(self._pending)
+            self._pending = []
         elif not self._micro_sizes:
             grads = self._grads()
             if not grads:
                 raise RuntimeError("micro_step() called but the parameters have no gradient: call it after "
                                    "loss.backward()")
-            self._micro_sq.append(torch.stack(torch._foreach_norm(grads)).double().pow(2).sum())
+            self._norms.append(list(torch._foreach_norm(grads)))
         self._micro_sizes.append(batch_size)
 
     def finish(self, grad_scale: Number = 1.0) -> Dict[str, object]:
         """End of an accumulation step: update the noise scale and return its dict."""
-        if self._current is not None:
+        if self._pending:
             raise RuntimeError("a backward pass ran after the last micro_step(): call micro_step(size) after "
                                "every micro-batch's backward")
-        sizes, micro_sq = self._micro_sizes, self._micro_sq
-        self._micro_sq, self._micro_sizes = [], []
+        sizes, norms = self._micro_sizes, self._norms
+        self._norms, self._micro_sizes = [], []
         if len(sizes) < 2:
             raise ValueError(f"the noise scale needs at least 2 micro-batches per step, got {len(sizes)}")
         grads = self._grads()
         if not grads:
             raise RuntimeError("no accumulated gradients found (was zero_grad() called before finish()?)")
         total = sum(sizes)
-        big_sq = torch.stack(torch._foreach_norm(grads)).double().pow(2).sum() / (grad_scale ** 2)
-        used = sizes if self.mode == "each" else sizes[:1]
-        # micro-batch i's gradient is seen as grad_scale * (b_i / B) * G_{b_i}
-        scales = torch.tensor([(total / b) ** 2 for b in used], dtype=torch.float64, device=big_sq.device)
-        small_sq = (torch.stack(micro_sq).to(big_sq.device) * scales).mean() / (grad_scale ** 2)
+        used = sizes[:len(norms)]
+        big_sq = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).square()
+        # micro-batch i's gradient is seen as grad_scale * (b_i / B) * G_{b_i}; average the k
+        # rescaled squared norms. Grouped by micro-batch size so the weights stay Python floats
+        # (a weight tensor would be a host-to-device copy).
+        groups: Dict[int, List[Tensor]] = {}
+        for b, ns in zip(used, norms):
+            groups.setdefault(b, []).extend(ns)
+        small_sq = None
+        for b, ns in groups.items():
+            part = torch.stack(ns).square().sum() * ((total / b) ** 2 / len(used))
+            small_sq = part if small_sq is None else small_sq + part
+        if not (isinstance(grad_scale, (int, float)) and grad_scale == 1):
+            small_sq, big_sq = small_sq / grad_scale ** 2, big_sq / grad_scale ** 2
         # E[mean_i |G_{b_i}|^2] = |G|^2 + tr(Sigma) * mean(1/b_i): the harmonic mean is the effective size
         small = len(used) / sum(1.0 / b for b in used)
         return self.noise.update(small_sq, small, big_sq, total)
 
     def discard(self) -> None:
         """Forget the micro-batches seen since the last finish() (e.g. a skipped step)."""
-        self._current, self._micro_sq, self._micro_sizes = None, [], []
+        self._pending, self._norms, self._micro_sizes = [], [], []
 
     def remove(self) -> None:
         """Remove the gradient hooks."""
