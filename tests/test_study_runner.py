@@ -134,13 +134,15 @@ def finished_trials(db):
 def test_resume_after_sigkill(tmp_path):
     """A real kill: SIGKILL the CLI once a trial is stored, run the same command again: the trials finished
     before the kill are kept (same Optuna trial numbers), none is trained twice, the study completes."""
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "steps_to_result.py")] + CLI_ARGS + ["--out", str(tmp_path)]
+    # One batch size, 2 groups of 2 trials, a goal out of reach: every trial runs its whole budget.
+    args = [{"32,128": "32", "0.1": "0.02"}.get(a, a) for a in CLI_ARGS]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "steps_to_result.py")] + args + ["--out", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = tmp_path / "study.db"
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.1)
             if db.exists():
                 try:
                     if finished_trials(db):
@@ -152,11 +154,13 @@ def test_resume_after_sigkill(tmp_path):
         proc.wait()
     finished_before = finished_trials(db)
     assert finished_before
+    if len(finished_before) == 4:
+        pytest.skip("the study finished before the kill landed; nothing to resume")
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-    records = open_storage(StudyConfig(out=str(tmp_path), **TINY)).records()
-    assert len(records) == 8 and all(r.outcome in FINAL_OUTCOMES for r in records)
+    records = open_storage(StudyConfig(out=str(tmp_path), **dict(TINY, batch_sizes=[32], goal=0.02))).records()
+    assert len(records) == 4 and all(r.outcome in FINAL_OUTCOMES for r in records)
     finished_after = finished_trials(db)
-    assert finished_before <= finished_after and len(finished_after) == 8  # none of them trained twice
+    assert finished_before <= finished_after and len(finished_after) == 4  # none of them trained twice
 
 
 def test_config_mismatch_is_refused(clean_study):
