@@ -222,3 +222,17 @@ def test_golmant_goal_rule(tmp_path):
     assert all(r.outcome in ("budget", "infeasible") and r.steps[-1] <= 40 for r in largest)  # ran without a goal
     assert summary["goal"]["rule"] == "golmant"
     assert summary["goal"]["value"] == pytest.approx(golmant_goal(largest, "val_error"))
+
+
+def test_duplicate_enqueue_from_two_processes_trains_each_trial_once(tmp_path):
+    url = str(tmp_path / "shared.db")
+    first, second = StudyStorage(url, "x", {"k": 1}), StudyStorage(url, "x", {"k": 1})
+    trials = [({"lr": 0.1 * (i + 1)}, {"lr": 0.1 * (i + 1), "momentum": 0.0}, i) for i in range(3)]
+    s1, s2 = first.batch_study(8, 10), second.batch_study(8, 10)
+    first.enqueue(s1, trials)
+    s2.set_user_attr("enqueued", 0)  # as if the second process checked the flag before the first set it
+    second.enqueue(s2, trials)
+    claimed = first.claim(s1, 10) + second.claim(s2, 10)
+    assert sorted(spec.trial_id for _, spec in claimed) == [0, 1, 2]
+    outcomes = [t.user_attrs.get("outcome") for t in s1.get_trials()]
+    assert outcomes.count("duplicate") == 3

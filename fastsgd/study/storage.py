@@ -21,6 +21,13 @@ PostgreSQL, lets many processes on many machines share one study):
   so the rerun reproduces the lost part exactly; finished trials never rerun.
 - a study-level ``"<study name>/meta"`` study holds the ``config`` and, for
   Golmant's goal rule, the computed ``goal``.
+
+Scaling out: run the same command (same ``--storage`` URL, e.g. PostgreSQL)
+in several processes or machines. They take enqueued trials atomically from
+the shared queue. If two processes reach a new batch size together they may
+both enqueue it; the second copy of a trial is then marked FAIL with outcome
+``duplicate`` when claimed and never trained (in the rare case both copies are
+claimed at the same instant, both train the same seed and the records keep one).
 """
 from __future__ import annotations
 
@@ -38,6 +45,8 @@ from fastsgd.study.steps_to_result import FINAL_OUTCOMES, GOAL, TrialRecord
 from fastsgd.study.trials import TrialResult, TrialSpec
 
 EVAL_PREFIX = "eval:"
+DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)
+SPURIOUS = "spurious"    # ask() found no enqueued trial left (another process took it)
 STALE_SECONDS = 1800.0
 
 
@@ -152,15 +161,28 @@ class StudyStorage:
             trial = study.ask()
             attrs = trial.user_attrs
             if "index" not in attrs:  # another process took the last waiting trial first
-                trial.set_user_attr("outcome", "spurious")
+                trial.set_user_attr("outcome", SPURIOUS)
                 study.tell(trial, state=TrialState.FAIL)
                 break
+            if self._taken(study, trial):
+                trial.set_user_attr("outcome", DUPLICATE)
+                study.tell(trial, state=TrialState.FAIL)
+                continue
             for name, value in attrs["point"].items():
                 trial.suggest_float(name, value, value)  # record the point as Optuna params (for dashboards)
             trial.set_user_attr("owner", self.owner)
             out.append((trial, TrialSpec(trial_id=int(attrs["index"]), seed=int(attrs["seed"]),
                                          hparams=dict(attrs["hparams"]))))
         return out
+
+    @staticmethod
+    def _taken(study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Whether another trial with the same index already runs or has finished: two
+        processes that reached a new batch size together may both have enqueued it."""
+        index = trial.user_attrs["index"]
+        return any(t.number != trial.number and t.user_attrs.get("index") == index
+                   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
+                                                                     TrialState.PRUNED)))
 
     def record_eval(self, trial: optuna.Trial, step: int, metrics: Dict[str, float]) -> None:
         value = {k: float(v) for k, v in metrics.items()}
@@ -185,7 +207,8 @@ class StudyStorage:
         for bs, study in studies.items():
             latest: Dict[int, optuna.trial.FrozenTrial] = {}
             for t in study.get_trials(deepcopy=False):
-                if "index" not in t.user_attrs or t.state == TrialState.WAITING:
+                if ("index" not in t.user_attrs or t.state == TrialState.WAITING
+                        or t.user_attrs.get("outcome") in (DUPLICATE, SPURIOUS)):
                     continue
                 latest[t.user_attrs["index"]] = t  # trials come in creation order: reruns win
             max_steps = study.user_attrs.get("max_steps")
