@@ -76,7 +76,7 @@ def run(args) -> dict:
     model = wl.make_model().to(device)
     opt = make_optimizer(args.optimizer, model.parameters(), lr=lr, momentum=momentum)
     noise = GradientNoiseScale(decay=args.decay)
-    acc = NoiseScaleAccumulator(model, noise)
+    acc = NoiseScaleAccumulator(model, noise, mode=args.noise_mode)
     gen = torch.Generator().manual_seed(args.seed + 1)
     micro = args.batch_size // args.micro_batches
     sign = -1.0 if wl.higher_is_better else 1.0
@@ -124,7 +124,7 @@ def run(args) -> dict:
 
     result = {"schema": SCHEMA, "workload": wl.name, "optimizer": args.optimizer, "lr": lr, "momentum": momentum,
               "lr_source": lr_source, "batch_size": args.batch_size, "micro_batches": args.micro_batches,
-              "window": args.window, "ema_decay": args.decay, "seed": args.seed,
+              "window": args.window, "ema_decay": args.decay, "seed": args.seed, "noise_mode": args.noise_mode,
               "goal": {"metric": wl.goal_metric, "value": wl.goal, "higher_is_better": wl.higher_is_better},
               "reached_goal": reached, "steps": step if reached else None, "max_steps": args.max_steps,
               "trajectory": trajectory, "evaluations": evaluations, "prediction": None, "comparison": None,
@@ -166,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--goal", type=float, default=None, help="goal on the workload's goal metric (default: its own)")
     p.add_argument("--max-steps", type=int, default=20000)
     p.add_argument("--window", type=int, default=25, help="steps per noise-scale window")
+    p.add_argument("--noise-mode", default="each", choices=NoiseScaleAccumulator.MODES,
+                   help="each: every micro-batch is a small-batch sample (more samples per step); "
+                        "first: only the first (cheaper)")
     p.add_argument("--decay", type=float, default=0.95, help="EMA decay of the running estimate (logged only)")
     p.add_argument("--eval-resolution", type=float, default=0.02,
                    help="evaluate every max(1, step x this) steps")

@@ -25,7 +25,11 @@ Where the two norms come from
 
 Cost: everything stays on the gradients' device as 0-dim tensors; nothing synchronises
 with the host until you read a value (``float(...)``, :meth:`GradientNoiseScale.read`,
-:func:`to_floats`).
+:func:`to_floats`). The cost per step is a fixed few dozen small tensor ops plus one pass
+over the gradients: ``bench/noise_scale_overhead.py`` measured (shared 2-core CPU, one
+thread) about 0 % of the step for a 3.3M-parameter CNN with ``mode="first"`` and 3-5 %
+with ``mode="each"``, but 13-36 % for a 0.5 ms-per-micro-batch MLP, where the fixed op
+count dominates -- measure every k-th step there.
 """
 from __future__ import annotations
 
@@ -220,11 +224,11 @@ class NoiseScaleAccumulator:
 
     Two ways to get the small-batch norm, both at the parameters of the current step:
 
-    * ``mode="each"`` (default): a hook on every parameter's incoming gradient adds each
+    * ``mode="each"``: a hook on every parameter's incoming gradient adds each
       micro-batch's own squared norm during its backward pass (one small reduction per
       parameter per micro-batch, no extra memory). All k micro-batches are samples of
       ``|G_b|^2``, so the estimate converges fastest per step.
-    * ``mode="first"``: one ``_foreach_norm`` of the accumulated ``.grad`` right after the
+    * ``mode="first"`` (default): one ``_foreach_norm`` of the accumulated ``.grad`` right after the
       first micro-batch, which is then that micro-batch's gradient. Cheapest (two fused
       norms per step whatever k is; no hooks), one small-batch sample per step. Needs the
       gradients zeroed (or None) before each step's first micro-batch.
@@ -252,7 +256,7 @@ class NoiseScaleAccumulator:
 
     MODES = ("each", "first")
 
-    def __init__(self, model: Union[nn.Module, Iterable[Tensor]], noise: GradientNoiseScale, mode: str = "each"):
+    def __init__(self, model: Union[nn.Module, Iterable[Tensor]], noise: GradientNoiseScale, mode: str = "first"):
         if not isinstance(noise, GradientNoiseScale):
             raise TypeError(f"noise must be a GradientNoiseScale, got {type(noise).__name__}")
         if mode not in self.MODES:
