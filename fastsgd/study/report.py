@@ -52,8 +52,12 @@ class Report:
 
 
 def _num(v: Optional[float], spec: str = ".3g") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e9:
+        return str(int(v))
     return format(v, spec)
 
 

@@ -260,7 +260,7 @@ def _fmt(v: Any, spec: str = ".3g") -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return format(v, spec)
+        return str(int(v)) if v.is_integer() and abs(v) < 1e9 else format(v, spec)
     return str(v)
 
 

@@ -247,7 +247,9 @@ def whatif_table(result: WhatIf, markdown: bool = False) -> str:
             "time_to_result_s", "speedup", "efficiency"]
 
     def cell(v: Any) -> str:
-        return format(v, ".3g") if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() and abs(v) < 1e9 else format(v, ".3g")
+        return str(v)
     body = [[cell(r[c]) for c in cols] for r in result.rows]
     if markdown:
         lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
