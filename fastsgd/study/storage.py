@@ -60,6 +60,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
+    """Write-ahead log with synchronous=NORMAL: each evaluation is still committed
+    before training goes on (safe when the process is killed; only an OS crash
+    may lose the last commits), at about a third of the default's cost per write
+    (measured 1.6 vs 4-5 ms), which matters with tens of thousands of evaluations."""
+    from sqlalchemy import event
+
+    def pragmas(dbapi_connection, _record):
+        cur = dbapi_connection.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # reconnect, so every pooled connection gets the pragmas
+
+
 def storage_url(url_or_path: str) -> str:
     """A SQLAlchemy URL as is; a plain path becomes a SQLite file URL."""
     if "://" in url_or_path:
@@ -77,6 +94,8 @@ class StudyStorage:
         if self.url.startswith("sqlite:///"):
             os.makedirs(os.path.dirname(self.url[len("sqlite:///"):]) or ".", exist_ok=True)
         self.storage = optuna.storages.RDBStorage(self.url)
+        if self.url.startswith("sqlite"):
+            _sqlite_wal(self.storage)
         self.name = study_name
         self.config = json.loads(json.dumps(config))  # JSON-normalised, so it compares equal after a round trip
         self.stale_seconds = stale_seconds
