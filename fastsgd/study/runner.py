@@ -261,9 +261,12 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     result = analyze(records, goal=goal, metric=metric, higher_is_better=config.higher_is_better,
                      space=space if config.protocol == "tuned" else None, run_goal=goal, seed=config.seed)
     result["goal"]["rule"] = config.goal_rule
+    # Training time adds up over the runs that completed (a resumed study counts each part once).
+    total = float(store.get_meta("wall_seconds_total") or 0.0) + wall_seconds
+    store.set_meta("wall_seconds_total", total)
     summary = {"schema": SCHEMA, "workload": config.workload, "optimizer": config.optimizer,
                "protocol": config.protocol, "storage": store.url, "search_space": space,
-               **result, "config": config.stored(), "wall_seconds": wall_seconds}
+               **result, "config": config.stored(), "wall_seconds": wall_seconds, "wall_seconds_total": total}
     summary["plots"] = study_plots.plot_all(summary, records, config.out)
     path = os.path.join(config.out, "study_summary.json")
     tmp = path + ".tmp"
@@ -308,5 +311,6 @@ def summary_table(summary: Dict[str, object]) -> str:
         reg = summary["regions"]
         lines.append(f"regions: perfect scaling B <= {reg['perfect_scaling_max']:.4g}, diminishing returns, "
                      f"maximal data parallelism B >= {reg['maximal_parallelism_min']:.4g}")
-    lines.append(f"wall time {summary['wall_seconds']:.1f} s")
+    lines.append(f"wall time {summary['wall_seconds']:.1f} s (all runs of this study: "
+                 f"{summary['wall_seconds_total']:.1f} s)")
     return "\n".join(lines)

@@ -48,7 +48,8 @@ other modules such as the time-to-result report read it). Schema
       "effective_lr": {"batch_sizes": [...], "best": [...], "linear_rule": [...], "sqrt_rule": [...]},
       "warnings": ["..."],
       "plots": ["steps_vs_batch_size.png", ...],
-      "wall_seconds": 183.2
+      "wall_seconds": 183.2,          # this invocation
+      "wall_seconds_total": 410.0     # all completed invocations on this storage (resumes add up)
     }
 
 ``steps``, ``fit`` and ``regions`` are ``null`` when not measurable (goal never
