@@ -16,6 +16,8 @@ the largest batch size); default: the workload's goal.
 --protocol: tuned (search every batch size) or a Golmant scaling rule
 (constant, sqrt, linear, linear-warmup) from --base-batch-size.
 --export DIR: also write the trials in the batch_science layout under DIR.
+--threads 1 is faster on a busy machine (several torch threads wait for each
+other when cores are shared); on an idle one the default uses every core.
 """
 from __future__ import annotations
 

@@ -205,7 +205,9 @@ def fit_scaling(batch_sizes: Sequence[float], steps: Sequence[float], *, n_boot:
     Needs at least two distinct batch sizes with positive steps. The bootstrap
     resamples (batch size, steps) pairs with replacement ``n_boot`` times
     (resamples with fewer than two distinct batch sizes are skipped) and
-    reports percentile intervals.
+    reports percentile intervals; with only a handful of batch sizes the
+    interval is narrow for lack of resamples, not for certainty (with two
+    batch sizes it collapses to the point estimate).
     """
     b = np.asarray(batch_sizes, dtype=float)
     s = np.asarray(steps, dtype=float)
