@@ -2,7 +2,6 @@
 space and evaluation schedule, and the batch_science export/import round trip.
 (Training, storage/resume and end-to-end studies: tests/test_study_trials.py,
 tests/test_study_runner.py.)"""
-import math
 
 import numpy as np
 import pytest

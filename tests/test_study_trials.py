@@ -1,6 +1,5 @@
 """Vmapped trials: the same curves as one-at-a-time training, drop-out without
 disturbing the others, stopping rules and lr schedules."""
-import math
 
 import pytest
 import torch

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional
 
 from fastsgd.study import search
 from fastsgd.study.data_workloads import get_workload, restrict_eval_sets
-from fastsgd.study.steps_to_result import (GOAL, INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
+from fastsgd.study.steps_to_result import (INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
                                            golmant_goal)
 from fastsgd.study.storage import StudyStorage
 from fastsgd.study.trials import RunSettings, run_trials
