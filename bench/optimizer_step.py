@@ -19,7 +19,7 @@ implementation must move per step (reads + writes of params, grads and
 buffers/moments, once each); "kernel MB", the bytes fastsgd's CPU kernels
 really move (LARS and LAMB make a second pass for their per-tensor norms);
 GB/s from kernel MB where known, else from min MB; that as a percentage of the
-copy bandwidth measured at the start of the run; and the speedup against
+memory bandwidth measured at the start of the run (fastsgd.measure.memory_bandwidth); and the speedup against
 torch fused SGD (nesterov) or timm (lars, lamb).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ import layouts  # noqa: E402
 
 import fastsgd  # noqa: E402
 from fastsgd import backends  # noqa: E402
-from fastsgd.measure import copy_bandwidth, environment, format_table, time_fn, write_rows  # noqa: E402
+from fastsgd.measure import memory_bandwidth, environment, format_table, time_fn, write_rows  # noqa: E402
 
 OPTIMIZERS = ("nesterov", "lars", "lamb")
 
@@ -247,10 +247,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     reps = 3 if args.quick else args.reps
 
     env = environment(device)
-    bandwidth = copy_bandwidth(device, nbytes=(16 if args.quick else 256) * 2**20)
+    bandwidth = memory_bandwidth(device, nbytes=(16 if args.quick else 256) * 2**20)
     print(f"# {env['device']} | torch {env['torch']} | fastsgd {env['fastsgd']} | threads {env['threads']} | "
           f"commit {env['commit']} | {env['date']}")
-    print(f"# measured copy bandwidth (read + write): {bandwidth:.1f} GB/s")
+    print(f"# measured memory bandwidth (best of copy and in-place axpy, read + write): {bandwidth:.1f} GB/s")
 
     rows: List[Dict] = []
     skipped: List[Dict] = []
@@ -288,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                 seen.add(key)
                 print(f"  {s['provider']}: {s['skipped']}")
     if args.out:
-        meta = dict(env, copy_bandwidth_GBps=bandwidth, quick=args.quick, benchmark="optimizer_step")
+        meta = dict(env, memory_bandwidth_GBps=bandwidth, quick=args.quick, benchmark="optimizer_step")
         write_rows(args.out, rows + skipped, meta)
         print(f"\nwrote {args.out}")
     return rows

@@ -10,14 +10,15 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_cases as kc  # noqa: E402
 
+from fastsgd._native import native  # noqa: E402
 from fastsgd.kernels import cpu, reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None,
                                 reason=f"fused CPU kernels unavailable: {cpu.unavailable_reason()}")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-CHUNK = 1 << 16  # csrc/cpu/work.h kChunk: segment / work-item size
-SHAPES = kc.AWKWARD_SHAPES  # includes (65537,): just past one chunk
+CHUNK = native().cpu_chunk if cpu.unavailable_reason() is None else 1  # csrc/cpu/work.h kChunk
+SHAPES = kc.AWKWARD_SHAPES + [(CHUNK + 1,)]  # and just past one segment / work item
 
 
 def _id(x):
@@ -67,7 +68,7 @@ def test_skipped_step_changes_nothing(dtype):
 
 # ---- mixed dtypes, narrow buffers, layouts ----------------------------------------
 def test_mixed_dtypes_in_one_call():
-    shapes = [(7,), (1025,), (3, 5), (65537,)]
+    shapes = [(7,), (1025,), (3, 5), (CHUNK + 1,)]
     params = [kc.make_tensors([s], dt, "cpu", seed=i)[0] for i, (s, dt) in enumerate(zip(shapes, DTYPES))]
     bufs = [torch.zeros_like(p) for p in params]
     ref_params, ref_bufs = [p.clone() for p in params], [b.clone() for b in bufs]

@@ -9,6 +9,7 @@
 #include "cpu/lamb.h"
 #include "cpu/numeric.h"
 #include "cpu/sgd.h"
+#include "cpu/work.h"
 
 namespace py = pybind11;
 
@@ -22,6 +23,7 @@ void bind_cpu(py::module_& m) {
   codes["bfloat16"] = int64_t(kBFloat16);
   codes["float16"] = int64_t(kFloat16);
   m.attr("cpu_dtype_codes") = codes;
+  m.attr("cpu_chunk") = py::int_(cpu::kChunk);  // segment / work-item size, for tests at its boundary
   m.attr("cpu_sgd_table_fields") =
       py::make_tuple("param", "grad", "buf", "numel", "param_dtype", "buf_dtype", "first_step");
   m.attr("cpu_lamb_table_fields") = py::make_tuple("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel",

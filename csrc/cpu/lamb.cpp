@@ -42,6 +42,7 @@ constexpr bool kDeferMoments = sizeof(S) == 2;
 // Pass 1. ADAPT: accumulate |p|^2, |u|^2 and leave p alone; otherwise apply
 // p -= step * u right away (k.step = lr).
 template <class P, class S, bool ADAPT, bool WD>
+FASTSGD_CLONES
 void moments_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v, int64_t n,
                      const LambCoeffs<MathOf<P, S>> k, double* p_sq, double* u_sq) {
   using C = MathOf<P, S>;
@@ -74,6 +75,7 @@ void moments_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S*
 // Pass 2: p -= (lr * r) * u; u from the moments stored in pass 1, or, for
 // 16-bit moments, from moments recomputed (and stored) here.
 template <class P, class S, bool WD>
+FASTSGD_CLONES
 void apply_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v, int64_t n,
                    const LambCoeffs<MathOf<P, S>> k) {
   using C = MathOf<P, S>;

@@ -12,6 +12,17 @@
 #include <cstring>
 #include <type_traits>
 
+// The element loops are compiled twice on x86-64 and picked at load time by
+// the CPU's features: baseline x86-64 (SSE2, runs anywhere) and x86-64-v3
+// (AVX2 + FMA: twice the vector width, which a single core needs to keep up
+// with memory; measured ~8% faster per thread than the SSE2 build on the
+// ResNet-50 Nesterov step). Elsewhere: one baseline build.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTSGD_NO_CLONES)
+#define FASTSGD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTSGD_CLONES
+#endif
+
 namespace fastsgd {
 namespace cpu {
 

@@ -34,6 +34,7 @@ struct EntryCoeffs {
 };
 
 template <class P, class B, bool HAS_BUF, bool FIRST, bool NESTEROV, bool WD>
+FASTSGD_CLONES
 void update_segment(P* __restrict p, const P* __restrict g, B* __restrict b, int64_t n,
                     const Coeffs<MathOf<P, B>> k) {
   using C = MathOf<P, B>;
@@ -55,6 +56,7 @@ void update_segment(P* __restrict p, const P* __restrict g, B* __restrict b, int
 }
 
 template <class P>
+FASTSGD_CLONES
 void sum_squares_segment(const P* __restrict p, const P* __restrict g, int64_t n, double* p_sq, double* g_sq) {
   double sp = 0.0, sg = 0.0;
 #if defined(_OPENMP)

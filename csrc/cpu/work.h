@@ -21,7 +21,7 @@ namespace cpu {
 
 // Elements per segment / work item: large enough to amortise scheduling,
 // small enough that both cores get work from a single mid-sized tensor.
-constexpr int64_t kChunk = int64_t(1) << 16;
+constexpr int64_t kChunk = int64_t(1) << 18;
 
 // Elements each extra thread must get before it is worth waking: below this a
 // parallel region costs more than it saves (and on a busy machine a barrier
