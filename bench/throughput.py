@@ -27,6 +27,7 @@ from fastsgd.backends import BackendUnavailable
 from fastsgd.measure import device_name, format_table
 from fastsgd.study.optimizer_factory import OPTIMIZERS, parse_optimizer_spec
 from fastsgd.study.step_time import StepTimeSweep, measure_step_times, write_results
+from fastsgd.study.data_workloads import WORKLOADS as DATA_WORKLOADS, get_workload
 from fastsgd.study.synthetic import WORKLOADS, synthetic_workload
 from fastsgd.study.throughput_plot import plot_throughput
 
@@ -87,6 +88,7 @@ def optimizer_spec(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     models = "\n".join(f"  {name:<17} {desc}" for name, desc in WORKLOADS.items())
+    models += "\n  " + ", ".join(sorted(DATA_WORKLOADS) + ["least-squares"]) + ": the study's data workloads"
     optimizers = "\n".join(f"  {name:<17} {desc}" for name, desc in OPTIMIZERS.items())
     p = argparse.ArgumentParser(
         description="Time per training step against batch size; fit t(B) = t0 + B/X and find the hardware knee.",
@@ -133,6 +135,16 @@ def model_options(args: argparse.Namespace) -> Dict[str, Any]:
         flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
         raise ValueError(f"{flags} does not apply to --model {args.model}")
     return given
+
+
+def make_workload(args: argparse.Namespace):
+    """A synthetic-input model from the zoo, or one of the study's data
+    workloads (mnist1d-mlp, digits-mlp, least-squares, ...), so a throughput
+    sweep can be combined with a steps-to-result study of the same workload."""
+    options = model_options(args)
+    if args.model in DATA_WORKLOADS or args.model == "least-squares":
+        return get_workload(args.model)
+    return synthetic_workload(args.model, **options)
 
 
 class ProgressBar:
@@ -286,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        workload = synthetic_workload(args.model, **model_options(args))
+        workload = make_workload(args)
         if memory_limit is None and device.type == "cuda" and torch.cuda.is_available():
             memory_limit = 0.9 * torch.cuda.get_device_properties(device).total_memory / 1e9
         out_dir = args.out or os.path.join("out", f"throughput-{args.model.replace(':', '-')}-{device.type}")

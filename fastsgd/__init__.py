@@ -7,8 +7,18 @@
 """
 from fastsgd.backends import BackendUnavailable, available_backends
 from fastsgd.optim import LAMB, LARS, SGD, Momentum, Nesterov, param_groups
+from fastsgd.study.noise_scale import GradientNoiseScale
 
 __version__ = "0.1.0"
 
 __all__ = ["SGD", "Momentum", "Nesterov", "LARS", "LAMB", "param_groups", "available_backends",
-           "BackendUnavailable", "__version__"]
+           "BackendUnavailable", "GradientNoiseScale", "__version__"]
+
+
+def __getattr__(name: str):
+    # fastsgd.nn and fastsgd.distributed load on first use (distributed imports
+    # torch.distributed, which plain optimizer users do not need).
+    if name in ("nn", "distributed", "study"):
+        import importlib
+        return importlib.import_module(f"fastsgd.{name}")
+    raise AttributeError(f"module 'fastsgd' has no attribute {name!r}")
