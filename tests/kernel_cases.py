@@ -83,9 +83,9 @@ def _lr(lr, lr_as_tensor, device):
     return torch.tensor(lr, dtype=torch.float32, device=device) if lr_as_tensor else lr
 
 
-def check_sgd(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None):
-    """``steps`` steps with a changing lr on ``kernels`` and on the reference;
-    params and momentum buffers must match."""
+def _check_momentum_rule(step_name, kernels, device, shapes, dtype, hp, *, steps, lr_as_tensor, grad_scale):
+    """``steps`` steps of sgd_step or lars_step (same arguments) with a changing
+    lr on ``kernels`` and on the reference; params and momentum buffers must match."""
     params = make_tensors(shapes, dtype, device)
     ref_params = _clone(params)
     has_buf = hp.get("momentum", 0.0) != 0
@@ -99,32 +99,21 @@ def check_sgd(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False
             grads = [(g.double() * grad_scale).to(dtype) for g in grads]
         kw = dict(hp, first_step=[step == 0] * len(shapes), grad_scale=scale)
         lr = _lr(LRS[step % 3], lr_as_tensor, device)  # the same lr (a float32 tensor too) for both
-        kernels.sgd_step(params, grads, bufs, lr=lr, **kw)
-        reference.sgd_step(ref_params, grads, ref_bufs, lr=lr, **kw)
+        getattr(kernels, step_name)(params, grads, bufs, lr=lr, **kw)
+        getattr(reference, step_name)(ref_params, grads, ref_bufs, lr=lr, **kw)
     assert_all_close(params, ref_params, dtype, "param")
     if has_buf:
         assert_all_close(bufs, ref_bufs, dtype, "momentum_buffer")
+
+
+def check_sgd(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None):
+    _check_momentum_rule("sgd_step", kernels, device, shapes, dtype, hp, steps=steps, lr_as_tensor=lr_as_tensor,
+                         grad_scale=grad_scale)
 
 
 def check_lars(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None):
-    params = make_tensors(shapes, dtype, device)
-    ref_params = _clone(params)
-    has_buf = hp.get("momentum", 0.0) != 0
-    bufs = [torch.zeros_like(p) for p in params] if has_buf else None
-    ref_bufs = [torch.zeros_like(p) for p in params] if has_buf else None
-    for step in range(steps):
-        grads = _grads(shapes, dtype, device, step)
-        scale = None
-        if grad_scale is not None:
-            scale = torch.tensor(grad_scale, dtype=torch.float32, device=device)
-            grads = [(g.double() * grad_scale).to(dtype) for g in grads]
-        kw = dict(hp, first_step=[step == 0] * len(shapes), grad_scale=scale)
-        lr = _lr(LRS[step % 3], lr_as_tensor, device)
-        kernels.lars_step(params, grads, bufs, lr=lr, **kw)
-        reference.lars_step(ref_params, grads, ref_bufs, lr=lr, **kw)
-    assert_all_close(params, ref_params, dtype, "param")
-    if has_buf:
-        assert_all_close(bufs, ref_bufs, dtype, "momentum_buffer")
+    _check_momentum_rule("lars_step", kernels, device, shapes, dtype, hp, steps=steps, lr_as_tensor=lr_as_tensor,
+                         grad_scale=grad_scale)
 
 
 def check_lamb(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None,
