@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from fastsgd.measure import environment, format_table, write_rows
+from fastsgd.measure import environment, format_table
 from fastsgd.study.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, predict_critical_batch
 
 SCHEMA = "fastsgd.noise_scale_run/1"

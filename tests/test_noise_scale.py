@@ -2,7 +2,6 @@
 two-batch estimator in one process (accumulation hook) and in 2-process gloo data parallel."""
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 
