@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.optim.base import is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -95,15 +96,6 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # ---- checks -----------------------------------------------------------------------
-def _is_dense(t: Tensor) -> bool:
-    if t.is_contiguous():
-        return True
-    if any(s <= 0 for s in t.stride()):
-        return False
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-    return t.numel() == 0 or span == t.numel()
-
-
 def _check(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
            states: Sequence[Optional[Sequence[Tensor]]]) -> List[Tensor]:
     """Validates everything the kernels cannot; returns the grads, copied into
@@ -120,7 +112,7 @@ def _check(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
                                    f"param has {tuple(p.shape)}")
         if g.dtype != p.dtype:
             raise TypeError(f"fastsgd cuda {op}: grad {i} is {g.dtype} but its param is {p.dtype}")
-        if not _is_dense(p):
+        if not is_dense(p):
             raise TypeError(f"fastsgd cuda {op}: param {i} (shape {tuple(p.shape)}, stride {p.stride()}) is not "
                             "dense; use backend='reference' for strided views")
         for k, s in enumerate(states):

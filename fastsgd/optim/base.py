@@ -1,9 +1,10 @@
 """What every fastsgd optimizer shares: the step protocol.
 
 A step is two passes over the parameter groups:
-1. plan: collect (param, grad) pairs and check everything -- devices, dtypes,
-   shapes, sparse gradients, hyperparameters, backend support. Any problem is
-   raised here, before a single tensor or state entry is touched.
+1. plan: collect (param, grad) pairs and check what torch does not already
+   guarantee -- hyperparameters, sparse gradients, one device per step,
+   backend support for the dtypes and layouts. Any problem is raised here,
+   before a single tensor or state entry is touched.
 2. run: create missing state, then one kernel call per param group.
 
 AMP: ``torch.amp.GradScaler`` sees ``_step_supports_amp_scaling`` and sets
@@ -159,7 +160,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         device = params[0].device
         kernels = get_backend(self.backend, device, {p.dtype for p in params},
-                              dense=all(p.is_contiguous() or is_dense(p) for p in params))
+                              dense=all(map(is_dense, params)))
         new_state = [[self._needs_state(w.group, p) for p in w.params] for w in works]
         if any(map(any, new_state)) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"fastsgd.{type(self).__name__}: optimizer state must exist before CUDA graph "

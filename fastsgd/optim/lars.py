@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative
-from fastsgd.optim.sgd import check_nesterov, hp_float, rounding_kwargs
+from fastsgd.optim.sgd import MomentumBuffers, check_nesterov, hp_float, rounding_kwargs
 
 
-class LARS(FusedOptimizer):
+class LARS(MomentumBuffers, FusedOptimizer):
     """Layer-wise adaptive rate scaling (You et al. 2017) with timm's rule and flags.
     ``momentum_dtype`` and ``stochastic_rounding`` as in fastsgd.SGD."""
 
@@ -58,17 +58,10 @@ class LARS(FusedOptimizer):
         check_non_negative("eps", group["eps"], "epsilon value")
         check_nesterov(group)
 
-    def _needs_state(self, group, p):
-        return group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None
-
-    def _init_state(self, group, p):
-        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
-                                                            dtype=self.momentum_dtype or p.dtype)
-
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf):
         g = work.group
         momentum = hp_float(g["momentum"])
-        bufs = [self.state[p]["momentum_buffer"] for p in work.params] if momentum != 0 else None
+        bufs = self._momentum_buffers(work, momentum)
         kernels.lars_step(work.params, work.grads, bufs, lr=g["lr"], momentum=momentum,
                           dampening=hp_float(g["dampening"]), weight_decay=hp_float(g["weight_decay"]),
                           nesterov=bool(g["nesterov"]), trust_coeff=hp_float(g["trust_coeff"]),

@@ -61,7 +61,25 @@ def hp_float(value: Any) -> float:
     return float(value.item()) if isinstance(value, Tensor) else float(value)
 
 
-class SGD(FusedOptimizer):
+class MomentumBuffers:
+    """State of the SGD family and LARS: one ``momentum_buffer`` per param
+    (torch.optim.SGD's layout), created as zeros in ``momentum_dtype`` (default:
+    the param's dtype) on the first step that updates the param."""
+
+    momentum_dtype: Optional[torch.dtype] = None
+
+    def _needs_state(self, group, p):
+        return group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None
+
+    def _init_state(self, group, p):
+        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                            dtype=self.momentum_dtype or p.dtype)
+
+    def _momentum_buffers(self, work: GroupWork, momentum: float) -> Optional[List[Tensor]]:
+        return [self.state[p]["momentum_buffer"] for p in work.params] if momentum != 0 else None
+
+
+class SGD(MomentumBuffers, FusedOptimizer):
     r"""Stochastic gradient descent, optionally with momentum or Nesterov momentum.
 
     A drop-in for :class:`torch.optim.SGD`: same arguments, defaults,
@@ -114,17 +132,10 @@ class SGD(FusedOptimizer):
         if group.get("differentiable"):
             raise RuntimeError(_DIFFERENTIABLE_ERROR)
 
-    def _needs_state(self, group, p):
-        return group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None
-
-    def _init_state(self, group, p):
-        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
-                                                            dtype=self.momentum_dtype or p.dtype)
-
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf):
         g = work.group
         momentum = hp_float(g["momentum"])
-        bufs = [self.state[p]["momentum_buffer"] for p in work.params] if momentum != 0 else None
+        bufs = self._momentum_buffers(work, momentum)
         kernels.sgd_step(work.params, work.grads, bufs, lr=g["lr"], momentum=momentum,
                          dampening=hp_float(g["dampening"]), weight_decay=hp_float(g["weight_decay"]),
                          nesterov=bool(g["nesterov"]), maximize=bool(g["maximize"]),
