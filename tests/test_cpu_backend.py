@@ -291,3 +291,25 @@ def test_more_than_2_pow_31_elements():
     g_norm = ((n - 5) + 4.0 * 5) ** 0.5
     r = p_norm / (g_norm + 1e-8)
     torch.testing.assert_close(p[:3].float(), torch.full((3,), 0.75 - 0.25 * r).to(torch.bfloat16).float())
+
+
+def test_lamb_float64_params_with_float32_moments_match_reference():
+    """Moments narrower than the math type (here float32 moments of float64
+    params) must not be rounded before the update direction is computed."""
+    shapes = [(1000,), (17, 3)]
+    params = kc.make_tensors(shapes, torch.float64, "cpu")
+    ref_params = [p.clone() for p in params]
+    state = [[torch.zeros(s, dtype=torch.float32) for s in shapes] for _ in range(2)]
+    ref_state = [[t.clone() for t in ts] for ts in state]
+    steps = [torch.zeros(()) for _ in shapes]
+    ref_steps = [torch.zeros(()) for _ in shapes]
+    hp = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
+              trust_clip=False, always_adapt=False)
+    for step in range(3):
+        grads = kc.make_tensors(shapes, torch.float64, "cpu", seed=50 + step)
+        cpu.lamb_step(params, grads, *state, steps, **hp)
+        reference.lamb_step(ref_params, grads, *ref_state, ref_steps, **hp)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p, r, **kc.TOLERANCES[torch.float64])
+    for t, r in zip(state[0] + state[1], ref_state[0] + ref_state[1]):
+        torch.testing.assert_close(t, r, **kc.TOLERANCES[torch.float32])

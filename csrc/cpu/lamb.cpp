@@ -5,15 +5,18 @@
 // partials per segment, summed in segment order), pass 2 for p -= lr * r * u,
 // with u = m_hat / (sqrt(v_hat) + eps) + wd * p computed from the new moments
 // before they are rounded to their storage type, as the reference does:
-//   float32/float64 moments (stored exactly in the math type): pass 1 reads
-//     p, g, m, v and writes m, v; pass 2 reads p, m, v and writes p.
-//   16-bit moments (rounding them would change u, e.g. v underflowing in
+//   moments stored in the math type (float32 moments with float32/16-bit
+//     params, float64 with float64): pass 1 reads p, g, m, v and writes m, v;
+//     pass 2 reads p, m, v and writes p.
+//   moments narrower than the math type (16-bit moments, or float32 moments of
+//     float64 params: rounding them would change u, e.g. v underflowing in
 //     float16): pass 1 only reads p, g, m, v; pass 2 recomputes the moments
 //     from g and the old m, v, writes m, v and p.
 // Without adaptation it is a single pass (read p, g, m, v; write p, m, v).
 #include "cpu/lamb.h"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/numeric.h"
@@ -35,9 +38,9 @@ inline C lamb_direction(C m, C v, C p, const LambCoeffs<C>& k) {
   return u;
 }
 
-// Moments kept in 16 bits are written in pass 2 (see the top of the file).
-template <class S>
-constexpr bool kDeferMoments = sizeof(S) == 2;
+// Moments narrower than the math type are written in pass 2 (see the top of the file).
+template <class P, class S>
+constexpr bool kDeferMoments = !std::is_same_v<S, MathOf<P, S>>;
 
 // Pass 1. ADAPT: accumulate |p|^2, |u|^2 and leave p alone; otherwise apply
 // p -= step * u right away (k.step = lr).
@@ -46,7 +49,7 @@ FASTSGD_CLONES
 void moments_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v, int64_t n,
                      const LambCoeffs<MathOf<P, S>> k, double* p_sq, double* u_sq) {
   using C = MathOf<P, S>;
-  constexpr bool kWriteMoments = !(ADAPT && kDeferMoments<S>);
+  constexpr bool kWriteMoments = !(ADAPT && kDeferMoments<P, S>);
   double sp = 0.0, su = 0.0;
 #if defined(_OPENMP)
 #pragma omp simd reduction(+ : sp, su)
@@ -83,7 +86,7 @@ void apply_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S* _
     const C pi = C(Num<P>::load(p[i]));
     C mi = C(Num<S>::load(m[i]));
     C vi = C(Num<S>::load(v[i]));
-    if constexpr (kDeferMoments<S>) {
+    if constexpr (kDeferMoments<P, S>) {
       const C gi = k.grad * C(Num<P>::load(g[i]));
       mi = k.beta1 * mi + k.one_minus_beta1 * gi;
       vi = k.beta2 * vi + k.one_minus_beta2 * gi * gi;
