@@ -30,7 +30,7 @@ namespace cuda {
 constexpr int kThreads = 256;  // threads per block for every kernel here
 
 // ---------------------------------------------------------------------------
-// Table layout (must match _build_table in fastsgd/kernels/cuda.py).
+// Table layout (must match build_host_table in fastsgd/kernels/cuda.py).
 // int64 words; for each tensor t, kEntryWords words at t * kEntryWords:
 //   0 param ptr   1 grad ptr   2 state0 ptr (momentum buffer / exp_avg)
 //   3 state1 ptr (exp_avg_sq)  4 step ptr (LAMB, float32 0-dim)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.optim.base import is_dense
+from fastsgd.optim.base import grad_like_param, is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -64,7 +64,6 @@ _KINDS = {
     (torch.bfloat16, torch.float32): 6,
     (torch.float64, torch.float64): 7,
 }
-_ENTRY_WORDS = 8
 
 _CACHE_SIZE = 32
 _cache: "OrderedDict[tuple, _Table]" = OrderedDict()
@@ -119,9 +118,7 @@ def _check(op: str, params: Sequence[Tensor], grads: Sequence[Tensor],
             if s is not None and s[i].stride() != p.stride():
                 raise RuntimeError(f"fastsgd cuda {op}: state{k} {i} has stride {s[i].stride()} but its param "
                                    f"{p.stride()}; create state with torch.zeros_like(p)")
-        if g.stride() != p.stride() and p.numel() > 1:
-            g = torch.empty_like(p).copy_(g)
-        out_grads.append(g)
+        out_grads.append(grad_like_param(g, p) if p.numel() > 1 else g)
     return out_grads
 
 
