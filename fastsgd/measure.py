@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -152,6 +153,18 @@ def write_rows(path: str, rows: Iterable[Dict[str, Any]], meta: Optional[Dict[st
         with open(path, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2, default=str)
     return path
+
+
+def strict_json(x: Any) -> Any:
+    """``x`` with NaN/inf floats (nested in dicts, lists, tuples) replaced by
+    None, so ``json.dump(..., allow_nan=False)`` writes standard JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
 
 
 def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], floatfmt: str = ".3g") -> str:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from fastsgd.measure import strict_json
 from fastsgd.study.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
                                           plot_time_to_result, time_to_result_table)
 from fastsgd.study.whatif import CommModel, WhatIf, plot_whatif, what_if, whatif_table
@@ -296,8 +297,9 @@ def write_report(report: Report, out_dir: str, title: str = "Batch size report")
     with open(paths["md"], "w") as f:
         f.write(render_markdown(report, title))
     with open(paths["json"], "w") as f:
-        json.dump({"numbers": report.numbers, "time_to_result": report.ttr.as_dict(),
-                   "whatif": report.whatif.as_dict() if report.whatif else None, "warnings": report.warnings},
-                  f, indent=2, default=str)
+        # inf (e.g. B* when no knee was found) becomes null: report.json stays standard JSON
+        json.dump(strict_json({"numbers": report.numbers, "time_to_result": report.ttr.as_dict(),
+                               "whatif": report.whatif.as_dict() if report.whatif else None,
+                               "warnings": report.warnings}), f, indent=2, default=str)
     paths.update({os.path.basename(p): p for p in report.figures.values()})
     return paths

@@ -14,8 +14,9 @@ with the base's best hyperparameters, lr scaled by the rule, over
 ``config.trials`` seeds.
 
 Step budget per batch size: ``ceil(budget_epochs * train_size / B)`` clamped to
-[min_steps, max_steps] (train_size from ``workload.info['train_size']``, else
-``budget_examples`` directly).
+[min_steps, max_steps], with train_size from ``workload.info['train_size']``;
+a workload without one (streaming data, e.g. least squares) counts as
+train_size 1, so its budget is min_steps unless budget_epochs is raised.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from fastsgd.measure import strict_json
 from fastsgd.study import search
 from fastsgd.study.data_workloads import get_workload, restrict_eval_sets
 from fastsgd.study.steps_to_result import (INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
@@ -271,20 +273,9 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     path = os.path.join(config.out, "study_summary.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(_strict_json(summary), f, indent=2, allow_nan=False)
+        json.dump(strict_json(summary), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
     return summary
-
-
-def _strict_json(x):
-    """NaN/inf (e.g. B_crit when S_min fits to 0) become null: the summary stays standard JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict_json(v) for v in x]
-    return x
 
 
 def summary_table(summary: Dict[str, object]) -> str:

@@ -240,7 +240,7 @@ def _run(workload: Workload, specs: Sequence[TrialSpec], settings: RunSettings, 
          on_eval: Optional[EvalCallback], on_end: Optional[EndCallback]) -> List[TrialResult]:
     if not specs:
         return []
-    if settings.goal is not None and workload.evaluate is None and getattr(workload, "metrics", None) is None:
+    if workload.evaluate is None and getattr(workload, "metrics", None) is None:  # step 0 is always evaluated
         raise ValueError(f"workload {workload.name!r} has no evaluate(); the study needs one")
     models = []
     for s in specs:
