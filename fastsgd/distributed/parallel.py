@@ -150,7 +150,7 @@ class BucketedDataParallel(nn.Module):
     # ---- training ---------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            self._reducer.prepare(self._sync, _batch_size(args, kwargs))
+            self._reducer.prepare(self._sync, _batch_size(args, kwargs), rebuild=self.training)
             if self.training and self.broadcast_buffers and self._sync:
                 buffers = list(self.module.buffers())
                 if buffers:

@@ -148,14 +148,16 @@ class Reducer:
         self._stats = None
         self._started = False
 
-    def prepare(self, sync: bool, samples: Optional[int]) -> None:
-        """Called by the wrapper's forward when a backward may follow."""
+    def prepare(self, sync: bool, samples: Optional[int], rebuild: bool = True) -> None:
+        """Called by the wrapper's forward when a backward may follow.
+        ``rebuild=False`` (eval-mode forwards) postpones the one-time bucket
+        rebuild, a broadcast, so that ranks may evaluate independently."""
         if self._broken:
             raise RuntimeError(f"BucketedDataParallel cannot continue after an earlier failure: {self._broken}")
         if self._armed and self._started and self._sync:
             self._fail("the previous backward pass stopped before it finished (an exception inside backward?), "
                        "so this rank's collectives are out of step with the other ranks'")
-        if self._rebuild_due:
+        if self._rebuild_due and rebuild:
             self._rebuild()
         self._reset_iteration()
         self.stepped.clear()
