@@ -1,16 +1,18 @@
 """backend="cuda": the CUDA C++ kernels of csrc/cuda/ through fastsgd.kernels.cuda.
 
-Two kinds of tests:
+Three kinds of tests:
 - CPU-runnable (always): the backend says clearly why it is unavailable, the
   native module was built with CUDA when nvcc exists, the functional
   signatures match the reference, and the tensor table the kernels read is
   laid out as csrc/cuda/common.cuh expects (decoded here independently).
-- GPU (marked ``gpu``, skipped without a CUDA device): the shared kernel cases
-  of tests/kernel_cases.py against the reference, torch.optim.SGD(fused=True),
-  unaligned tensors (scalar path), launches per step counted by the profiler,
-  CUDA graph capture and replay with a changing lr, mixed dtypes, bf16
-  momentum buffers with stochastic rounding, stacked trials, a >2^31-element
-  tensor.
+- Kernel correctness, parametrized by ``dev``: on "emulated" (always) the
+  kernels' own source runs on CPU tensors through fastsgd._cuda_emu (see
+  csrc/cuda_emu); on "gpu" (skipped without a CUDA device) the real kernels
+  run. The shared kernel cases of tests/kernel_cases.py against the
+  reference, torch.optim.SGD(fused=True), unaligned tensors (scalar path),
+  mixed dtypes, bf16 momentum buffers with stochastic rounding, stacked trials.
+- GPU only: launches per step counted by the profiler, CUDA graph capture and
+  replay with a changing lr, a >2^31-element tensor, the optimizer classes.
 """
 from __future__ import annotations
 
@@ -140,218 +142,82 @@ def test_table_of_no_tensors_is_empty():
 
 
 # =============================================================================
-# CPU: the Python side against an emulation of the native contract
+# CPU: the kernels' own source, emulated
 # =============================================================================
-# FakeNative implements, in plain torch on CPU memory, what csrc/cuda/*.cu do
-# with the arguments fastsgd.kernels.cuda passes: it decodes the table from
-# its raw address, reads tensors and device scalars through raw pointers, and
-# applies the documented per-element rules block by block (norm partials per
-# block, reduced per tensor). It checks the Python glue -- table contents,
-# dtype kinds, first-step flags, scalar tuples, caching -- without a GPU. It
-# does NOT test the CUDA code itself; the GPU tests below do.
-import ctypes  # noqa: E402
-
-_EMU_KINDS = {0: (torch.float32, torch.float32), 1: (torch.float32, torch.bfloat16),
-              2: (torch.float32, torch.float16), 3: (torch.float16, torch.float16),
-              4: (torch.float16, torch.float32), 5: (torch.bfloat16, torch.bfloat16),
-              6: (torch.bfloat16, torch.float32), 7: (torch.float64, torch.float64)}
-_EMU_CODES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
+# fastsgd._cuda_emu is csrc/cuda/*.cu compiled by the host compiler against a
+# small emulation of the device language (csrc/cuda_emu: blocks one by one,
+# each block's threads as fibers meeting at __syncthreads and shuffles). With
+# fastsgd.kernels.cuda pointed at it, CPU tensors go through the whole path --
+# checks, table, caching, bindings, and the kernels' arithmetic, vector and
+# scalar paths and segmented reductions -- without a GPU. What it cannot show
+# (races, the memory model, launches, streams, graphs) is left to the GPU tests.
+try:
+    from fastsgd import _cuda_emu
+except ImportError as exc:  # built with FASTSGD_WITH_CUDA_EMULATION=OFF, or on Windows
+    _cuda_emu, _CUDA_EMU_ERROR = None, str(exc)
 
 
-def _raw(ptr: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor over n elements of raw CPU memory at ptr (writes go through)."""
-    if n == 0:
-        return torch.empty(0, dtype=dtype)
-    size = n * torch.empty((), dtype=dtype).element_size()
-    return torch.frombuffer((ctypes.c_char * size).from_address(ptr), dtype=dtype, count=n)
-
-
-class FakeNative:
+class RecordingNative:
+    """The emulated module, noting which entry points were called."""
     has_cuda = True
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, module):
+        self.module, self.calls = module, []
 
-    # ---- helpers mirroring common.cuh ----
-    @staticmethod
-    def _scalar(s, idx, row_len, acc):
-        value, ptr, code, per_row = s
-        if not ptr:
-            return torch.full(idx.shape, value, dtype=acc)
-        if per_row:
-            n_rows = int(idx.max()) // row_len + 1 if idx.numel() else 1
-            vals = _raw(ptr, n_rows, _EMU_CODES[code]).to(acc)
-            return vals[idx // row_len]
-        return _raw(ptr, 1, _EMU_CODES[code]).to(acc)[0].expand(idx.shape)
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
 
-    @staticmethod
-    def _scalar0(s):
-        value, ptr, code, _ = s
-        return float(_raw(ptr, 1, _EMU_CODES[code])[0]) if ptr else float(value)
-
-    def _blocks(self, table, n_tensors, n_blocks, chunk_size):
-        entries, blocks = _decode(_raw(table, n_tensors * 8 + n_blocks, torch.int64), n_tensors)
-        for b, (t, c) in enumerate(blocks):
-            e = entries[t]
-            begin = c * chunk_size
-            end = min(begin + chunk_size, e["numel"])
-            P, S = _EMU_KINDS[e["kind"]]
-            acc = torch.float64 if P == torch.float64 else torch.float32
-            yield b, t, e, begin, end, P, S, acc
-
-    def _skipped(self, found_inf):
-        return bool(found_inf[1]) and self._scalar0(found_inf) != 0
-
-    # ---- the three entry points ----
-    def cuda_sgd_step(self, *, table, n_tensors, n_blocks, chunk_size, lr, momentum, dampening, weight_decay,
-                      nesterov, maximize, lr_in_momentum, has_buf, grad_scale, found_inf, stochastic_rounding,
-                      seed, stream, device, ratio=None):
-        self.calls.append("sgd")
-        if self._skipped(found_inf):
-            return
-        for b, t, e, begin, end, P, S, acc in self._blocks(table, n_tensors, n_blocks, chunk_size):
-            idx = torch.arange(begin, end)
-            p_all = _raw(e["ptrs"][0], e["numel"], P)
-            p = p_all[begin:end].to(acc)
-            g = _raw(e["ptrs"][1], e["numel"], P)[begin:end].to(acc)
-            g = g * (1.0 / self._scalar0(grad_scale))
-            if maximize:
-                g = -g
-            if weight_decay != 0:
-                g = g + weight_decay * p
-            if ratio is not None:
-                g = g * ratio[t]
-            lr_v = self._scalar(lr, idx, e["row_len"], acc)
-            if has_buf:
-                buf_all = _raw(e["ptrs"][2], e["numel"], S)
-                mu = self._scalar(momentum, idx, e["row_len"], acc)
-                step_in = lr_v * g if lr_in_momentum else g
-                bnew = step_in if e["first"] else mu * buf_all[begin:end].to(acc) + (1 - dampening) * step_in
-                buf_all[begin:end] = bnew.to(S)
-                d = step_in + mu * bnew if nesterov else bnew
-                p_all[begin:end] = (p - d if lr_in_momentum else p - lr_v * d).to(P)
-            else:
-                p_all[begin:end] = (p - lr_v * g).to(P)
-
-    def cuda_lars_step(self, *, trust_coeff, eps, trust_clip, adapt, partials, ratio, **kw):
-        self.calls.append("lars")
-        if self._skipped(kw["found_inf"]):
-            return
-        ratios = None
-        if adapt:
-            n_t = kw["n_tensors"]
-            sums = torch.zeros(n_t, 2, dtype=torch.float64)
-            for b, t, e, begin, end, P, S, acc in self._blocks(kw["table"], n_t, kw["n_blocks"], kw["chunk_size"]):
-                p = _raw(e["ptrs"][0], e["numel"], P)[begin:end].to(acc)
-                g = _raw(e["ptrs"][1], e["numel"], P)[begin:end].to(acc) * (1.0 / self._scalar0(kw["grad_scale"]))
-                sums[t, 0] += float((p * p).sum())
-                sums[t, 1] += float((g * g).sum())
-            w, gn = sums[:, 0].sqrt(), sums[:, 1].sqrt()
-            r = trust_coeff * w / (gn + kw["weight_decay"] * w + eps)
-            r = torch.where((w > 0) & (gn > 0), r, torch.ones_like(r))
-            if trust_clip:
-                r = torch.clamp(r / self._scalar0(kw["lr"]), max=1.0)
-            ratios = r.tolist()
-        self.cuda_sgd_step(maximize=False, ratio=ratios, **kw)
-        self.calls.pop()
-
-    def cuda_lamb_step(self, *, table, n_tensors, n_blocks, chunk_size, lr, beta1, beta2, eps, weight_decay,
-                       bias_correction, trust_clip, adapt, clip_divisor, has_clip_divisor, grad_scale, found_inf,
-                       partials, per_tensor, stream, device):
-        self.calls.append("lamb")
-        if self._skipped(found_inf):
-            return
-        entries, _ = _decode(_raw(table, n_tensors * 8 + n_blocks, torch.int64), n_tensors)
-        bcs = []
-        for e in entries:
-            t = float(_raw(e["ptrs"][4], 1, torch.float32)[0]) + 1.0
-            bcs.append((1 - beta1 ** t, (1 - beta2 ** t) ** 0.5) if bias_correction else (1.0, 1.0))
-
-        def direction(e, t, begin, end, P, S, acc):
-            idx = torch.arange(begin, end)
-            p = _raw(e["ptrs"][0], e["numel"], P)[begin:end].to(acc)
-            g = _raw(e["ptrs"][1], e["numel"], P)[begin:end].to(acc) * (1.0 / self._scalar0(grad_scale))
-            if has_clip_divisor:
-                g = g / self._scalar(clip_divisor, idx, e["row_len"], acc)
-            m = beta1 * _raw(e["ptrs"][2], e["numel"], S)[begin:end].to(acc) + (1 - beta1) * g
-            v = beta2 * _raw(e["ptrs"][3], e["numel"], S)[begin:end].to(acc) + (1 - beta2) * g * g
-            bc1, sbc2 = bcs[t]
-            u = (m / bc1) / (v.sqrt() / sbc2 + eps)
-            if weight_decay != 0:
-                u = u + weight_decay * p
-            return idx, p, m, v, u
-
-        sums = torch.zeros(n_tensors, 2, dtype=torch.float64)
-        if adapt:
-            for b, t, e, begin, end, P, S, acc in self._blocks(table, n_tensors, n_blocks, chunk_size):
-                _, p, _, _, u = direction(e, t, begin, end, P, S, acc)
-                sums[t, 0] += float((p * p).sum())
-                sums[t, 1] += float((u * u).sum())
-        ratios = []
-        for t, e in enumerate(entries):
-            w, un = float(sums[t, 0]) ** 0.5, float(sums[t, 1]) ** 0.5
-            r = w / un if adapt and w > 0 and un > 0 else 1.0
-            ratios.append(min(r, 1.0) if adapt and trust_clip else r)
-        for b, t, e, begin, end, P, S, acc in self._blocks(table, n_tensors, n_blocks, chunk_size):
-            idx, p, m, v, u = direction(e, t, begin, end, P, S, acc)
-            _raw(e["ptrs"][0], e["numel"], P)[begin:end] = (p - self._scalar(lr, idx, e["row_len"], acc)
-                                                             * ratios[t] * u).to(P)
-            _raw(e["ptrs"][2], e["numel"], S)[begin:end] = m.to(S)
-            _raw(e["ptrs"][3], e["numel"], S)[begin:end] = v.to(S)
-        for e in entries:  # the step increments after every block used the old value
-            _raw(e["ptrs"][4], 1, torch.float32)[0] += 1.0
+        def call(**kw):
+            self.calls.append(name[len("cuda_"):-len("_step")])
+            return fn(**kw)
+        return call
 
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """fastsgd.kernels.cuda running on CPU tensors through FakeNative."""
-    fake = FakeNative()
-    monkeypatch.setattr(ck, "_native", lambda: fake)
+    """fastsgd.kernels.cuda running the emulated CUDA kernels on CPU tensors."""
+    if _cuda_emu is None:
+        if os.name == "nt":
+            pytest.skip("the CUDA emulator needs POSIX ucontext")
+        pytest.fail(f"fastsgd._cuda_emu is missing ({_CUDA_EMU_ERROR}); it is built by default")
+    recorder = RecordingNative(_cuda_emu)
+    monkeypatch.setattr(ck, "_native", lambda: recorder)
     monkeypatch.setattr(ck, "_require_cuda", lambda op, device: None)
     monkeypatch.setattr(ck, "_capturing", lambda: False)
     monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
     monkeypatch.setattr(ck, "_stream", lambda device: 0)
     monkeypatch.setattr(ck, "CHUNK_SIZE", 1024)  # several blocks per tensor even for small shapes
     ck.clear_cache()
-    yield fake
+    yield recorder
     ck.clear_cache()
 
 
-# Fewer, smaller shapes than the GPU tests: the emulation is slow, and
-# CHUNK_SIZE=1024 still gives multi-block tensors and scalar tails.
-EMU_SHAPES = [(0,), (1,), (7,), (13, 17), (1025,), (2, 3, 5, 7), (4097,)]
-EMU_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+@pytest.fixture(params=["emulated", "gpu"])
+def dev(request):
+    """Where a kernel test runs: the emulated kernels on CPU tensors (always),
+    and the real ones on a GPU (skipped without one). Returns the device."""
+    if request.param == "gpu":
+        if not HAS_GPU:
+            pytest.skip(f"needs a CUDA device and the cuda backend: {ck.unavailable_reason()}")
+        return "cuda"
+    request.getfixturevalue("emulated")
+    return "cpu"
 
 
-def _lr_tensor_ok(dtype):
-    # kernel_cases gives the backend a float32 lr tensor but the reference the
-    # Python float, a ~1e-8 relative difference: beyond the float64 tolerance.
-    return dtype != torch.float64
-
-
-@pytest.mark.parametrize("dtype,hp", kc.sgd_cases(EMU_DTYPES))
-def test_emulated_sgd_glue(emulated, dtype, hp):
-    kc.check_sgd(ck, "cpu", EMU_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=1024.0)
-    assert emulated.calls == ["sgd"] * 3
-
-
-@pytest.mark.parametrize("dtype", EMU_DTYPES)
-@pytest.mark.parametrize("hp", kc.LARS_HPARAMS)
-def test_emulated_lars_glue(emulated, dtype, hp):
-    kc.check_lars(ck, "cpu", EMU_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=512.0)
-    assert emulated.calls == ["lars"] * 3
-
-
-@pytest.mark.parametrize("dtype", EMU_DTYPES)
-@pytest.mark.parametrize("hp", kc.LAMB_HPARAMS)
-def test_emulated_lamb_glue(emulated, dtype, hp):
-    kc.check_lamb(ck, "cpu", EMU_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=256.0,
-                  clip_divisor=torch.tensor(2.5, dtype=torch.float64))
-    assert emulated.calls == ["lamb"] * 3
-
-
-def test_emulated_skip_changes_nothing(emulated):
-    kc.check_skip_changes_nothing(ck, "cpu")
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_emulated_one_native_call_per_step(emulated, op):
+    """Each step is one call into the bindings, whatever the number of tensors."""
+    shapes = [(3,), (1025,), (4, 7)] * 5
+    params = kc.make_tensors(shapes, torch.float32, "cpu")
+    grads = kc.make_tensors(shapes, torch.float32, "cpu", seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        if op == "lamb":
+            ck.lamb_step(params, grads, states, [s.clone() for s in states], [torch.zeros(()) for _ in params],
+                         lr=0.01, weight_decay=0.01)
+        else:
+            getattr(ck, f"{op}_step")(params, grads, states, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert emulated.calls == [op] * 3
 
 
 def test_emulated_stacked_trials_and_mixed_kinds(emulated):
@@ -450,52 +316,51 @@ def test_errors_name_the_problem(emulated):
 DEV = "cuda"
 
 
-@gpu
+def _lr_tensor_ok(dtype):
+    # kernel_cases gives the backend a float32 lr tensor but the reference the
+    # Python float, a ~1e-8 relative difference: beyond the float64 tolerance.
+    return dtype != torch.float64
+
+
 @pytest.mark.parametrize("dtype,hp", kc.sgd_cases(DTYPES + [torch.float64]))
-def test_sgd_matches_reference(dtype, hp):
-    kc.check_sgd(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
+def test_sgd_matches_reference(dev, dtype, hp):
+    kc.check_sgd(ck, dev, kc.AWKWARD_SHAPES, dtype, hp)
 
 
-@gpu
 @pytest.mark.parametrize("dtype,hp", kc.sgd_cases(DTYPES + [torch.float64]))
-def test_sgd_lr_tensor_and_grad_scale(dtype, hp):
-    kc.check_sgd(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=1024.0)
+def test_sgd_lr_tensor_and_grad_scale(dev, dtype, hp):
+    kc.check_sgd(ck, dev, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=1024.0)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("hp", kc.LARS_HPARAMS)
-def test_lars_matches_reference(dtype, hp):
-    kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
-    kc.check_lars(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=512.0)
+def test_lars_matches_reference(dev, dtype, hp):
+    kc.check_lars(ck, dev, kc.AWKWARD_SHAPES, dtype, hp)
+    kc.check_lars(ck, dev, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=512.0)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("hp", kc.LAMB_HPARAMS)
-def test_lamb_matches_reference(dtype, hp):
-    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp)
-    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=256.0)
+def test_lamb_matches_reference(dev, dtype, hp):
+    kc.check_lamb(ck, dev, kc.AWKWARD_SHAPES, dtype, hp)
+    kc.check_lamb(ck, dev, kc.AWKWARD_SHAPES, dtype, hp, lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=256.0)
 
 
-@gpu
-def test_lamb_clip_divisor_on_device():
-    div = torch.tensor(2.5, device=DEV)
-    kc.check_lamb(ck, DEV, kc.AWKWARD_SHAPES, torch.float32, kc.LAMB_HPARAMS[0], clip_divisor=div)
+def test_lamb_clip_divisor_on_device(dev):
+    div = torch.tensor(2.5, device=dev)
+    kc.check_lamb(ck, dev, kc.AWKWARD_SHAPES, torch.float32, kc.LAMB_HPARAMS[0], clip_divisor=div)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_skip_changes_nothing(dtype):
-    kc.check_skip_changes_nothing(ck, DEV, dtype)
+def test_skip_changes_nothing(dev, dtype):
+    kc.check_skip_changes_nothing(ck, dev, dtype)
 
 
-@gpu
-def test_many_tensors_one_call_mixed_dtypes_and_first_steps():
+def test_many_tensors_one_call_mixed_dtypes_and_first_steps(dev):
     """fp32, bf16, fp16 and fp64 params in ONE call, some on their first step."""
     shapes = [(3,), (1025,), (17, 33), (4096,), (1,), (65537,)] * 4
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64] * 6
-    params = [kc.make_tensors([s], dt, DEV, seed=i)[0] for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    params = [kc.make_tensors([s], dt, dev, seed=i)[0] for i, (s, dt) in enumerate(zip(shapes, dtypes))]
     bufs = [torch.randn_like(p) for p in params]
     ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
     first = [i % 3 == 0 for i in range(len(params))]
@@ -509,16 +374,15 @@ def test_many_tensors_one_call_mixed_dtypes_and_first_steps():
         kc.assert_all_close([b], [eb], b.dtype, "momentum_buffer")
 
 
-@gpu
 @pytest.mark.parametrize("fn", ["sgd", "lars"])
-def test_bf16_momentum_buffers_with_fp32_params(fn):
+def test_bf16_momentum_buffers_with_fp32_params(dev, fn):
     shapes = kc.AWKWARD_SHAPES
-    params = kc.make_tensors(shapes, torch.float32, DEV)
+    params = kc.make_tensors(shapes, torch.float32, dev)
     ref_p = [p.clone() for p in params]
     bufs = [torch.zeros_like(p, dtype=torch.bfloat16) for p in params]
     ref_b = [b.clone() for b in bufs]
     for step in range(3):
-        grads = kc.make_tensors(shapes, torch.float32, DEV, seed=100 + step)
+        grads = kc.make_tensors(shapes, torch.float32, dev, seed=100 + step)
         kw = dict(lr=kc.LRS[step], momentum=0.9, weight_decay=1e-4, first_step=step == 0)
         getattr(ck, f"{fn}_step")(params, grads, bufs, **kw)
         getattr(reference, f"{fn}_step")(ref_p, grads, ref_b, **kw)
@@ -526,13 +390,12 @@ def test_bf16_momentum_buffers_with_fp32_params(fn):
     kc.assert_all_close(params, ref_p, torch.bfloat16, "param")  # buffers carry bf16 error into params
 
 
-@gpu
-def test_stochastic_rounding_of_bf16_buffers_is_unbiased():
+def test_stochastic_rounding_of_bf16_buffers_is_unbiased(dev):
     n = 1 << 20
     x = 1.0 + 2.0 ** -10  # between the bf16 neighbours 1 and 1 + 2^-7
-    p = torch.zeros(n, device=DEV)
-    g = torch.full((n,), x, device=DEV)
-    buf = torch.zeros(n, dtype=torch.bfloat16, device=DEV)
+    p = torch.zeros(n, device=dev)
+    g = torch.full((n,), x, device=dev)
+    buf = torch.zeros(n, dtype=torch.bfloat16, device=dev)
     ck.sgd_step([p], [g], [buf], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
     vals = buf.float()
     assert set(torch.unique(vals).tolist()) <= {1.0, 1.0 + 2.0 ** -7}
@@ -542,18 +405,17 @@ def test_stochastic_rounding_of_bf16_buffers_is_unbiased():
     assert torch.all(buf2.float() == 1.0)
 
 
-@gpu
-def test_stacked_trials_per_row_lr_and_momentum():
+def test_stacked_trials_per_row_lr_and_momentum(dev):
     T = 4
     shapes = [(T, 5), (T, 1023), (T, 3, 7)]
-    lr = torch.tensor([0.1, 0.05, 0.2, 0.0], device=DEV)
-    mu = torch.tensor([0.9, 0.5, 0.0, 0.99], device=DEV)
-    params = kc.make_tensors(shapes, torch.float32, DEV)
+    lr = torch.tensor([0.1, 0.05, 0.2, 0.0], device=dev)
+    mu = torch.tensor([0.9, 0.5, 0.0, 0.99], device=dev)
+    params = kc.make_tensors(shapes, torch.float32, dev)
     ref_p = [p.clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
     ref_b = [b.clone() for b in bufs]
     for step in range(3):
-        grads = kc.make_tensors(shapes, torch.float32, DEV, seed=7 + step)
+        grads = kc.make_tensors(shapes, torch.float32, dev, seed=7 + step)
         kw = dict(lr=lr, momentum=mu, nesterov=False, first_step=step == 0)
         ck.sgd_step(params, grads, bufs, **kw)
         reference.sgd_step(ref_p, grads, ref_b, **kw)
@@ -561,12 +423,11 @@ def test_stacked_trials_per_row_lr_and_momentum():
     kc.assert_all_close(bufs, ref_b, torch.float32, "momentum_buffer")
 
 
-@gpu
 @pytest.mark.parametrize("nesterov,wd,maximize", [(False, 0.0, False), (True, 1e-4, False), (False, 5e-4, True)])
-def test_matches_torch_fused_sgd(nesterov, wd, maximize):
+def test_matches_torch_fused_sgd(dev, nesterov, wd, maximize):
     torch.manual_seed(0)
     shapes = [(64, 3, 7, 7), (64,), (1000, 2048), (1000,), (13,)]
-    ours = [torch.nn.Parameter(torch.randn(s, device=DEV)) for s in shapes]
+    ours = [torch.nn.Parameter(torch.randn(s, device=dev)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd, maximize=maximize,
                           fused=True)
@@ -582,14 +443,13 @@ def test_matches_torch_fused_sgd(nesterov, wd, maximize):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_unaligned_tensors_take_the_scalar_path(dtype):
+def test_unaligned_tensors_take_the_scalar_path(dev, dtype):
     """A param that is a slice at an odd offset: its pointer is not 16-byte
     aligned, so the kernel must not use vector loads for it."""
-    storage = kc.make_tensors([(1 + 4097 + 1 + 1025,)], dtype, DEV)[0]
+    storage = kc.make_tensors([(1 + 4097 + 1 + 1025,)], dtype, dev)[0]
     p1, p2 = storage[1:4098], storage[4099:]  # offsets 1 and 4099 elements
-    gstore = kc.make_tensors([(3 + 4097 + 1025,)], dtype, DEV, seed=5)[0]
+    gstore = kc.make_tensors([(3 + 4097 + 1025,)], dtype, dev, seed=5)[0]
     g1, g2 = gstore[3:4100], gstore[4100:]
     assert p1.data_ptr() % 16 and g1.data_ptr() % 16
     ref = [p1.clone(), p2.clone()]

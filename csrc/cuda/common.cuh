@@ -281,7 +281,17 @@ __device__ __forceinline__ void segment_sum2(const double* partials, const Entry
   block_sum2(a, b);
 }
 
-// ---- launch check -------------------------------------------------------------
+// ---- launch -------------------------------------------------------------------
+// FASTSGD_LAUNCH(kernel, blocks, stream)(args) is kernel<<<blocks, kThreads, 0,
+// stream>>>(args). A macro so that csrc/cuda_emu can compile these sources for
+// the CPU (tests without a GPU), where <<<>>> does not exist.
+#ifdef FASTSGD_CUDA_EMULATION
+#define FASTSGD_LAUNCH(kernel, blocks, stream) \
+  (static_cast<void>(stream), ::fastsgd::emu::launch(kernel, blocks, kThreads))
+#else
+#define FASTSGD_LAUNCH(kernel, blocks, stream) kernel<<<blocks, kThreads, 0, stream>>>
+#endif
+
 inline void check_launch(const char* op, const char* kernel) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {

@@ -173,14 +173,14 @@ void launch_lamb(const LambArgs& args, uintptr_t stream) {
   const cudaStream_t s = as_stream(stream);
   if (args.table.n_tensors == 0) return;
   if (args.adapt && args.table.n_blocks > 0) {
-    lamb_norms_kernel<<<static_cast<unsigned>(args.table.n_blocks), kThreads, 0, s>>>(args);
+    FASTSGD_LAUNCH(lamb_norms_kernel, static_cast<unsigned>(args.table.n_blocks), s)(args);
     check_launch("lamb_step", "lamb_norms_kernel");
   }
   // Always runs: it increments every tensor's step, empty tensors included.
-  lamb_finalize_kernel<<<static_cast<unsigned>(args.table.n_tensors), kThreads, 0, s>>>(args);
+  FASTSGD_LAUNCH(lamb_finalize_kernel, static_cast<unsigned>(args.table.n_tensors), s)(args);
   check_launch("lamb_step", "lamb_finalize_kernel");
   if (args.table.n_blocks > 0) {
-    lamb_update_kernel<<<static_cast<unsigned>(args.table.n_blocks), kThreads, 0, s>>>(args);
+    FASTSGD_LAUNCH(lamb_update_kernel, static_cast<unsigned>(args.table.n_blocks), s)(args);
     check_launch("lamb_step", "lamb_update_kernel");
   }
 }

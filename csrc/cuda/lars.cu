@@ -85,11 +85,11 @@ void launch_lars(const LarsArgs& args, uintptr_t stream) {
   sgd.ratio = nullptr;
   if (args.adapt) {
     if (args.sgd.table.n_blocks > 0) {
-      lars_norms_kernel<<<static_cast<unsigned>(args.sgd.table.n_blocks), kThreads, 0, s>>>(args);
+      FASTSGD_LAUNCH(lars_norms_kernel, static_cast<unsigned>(args.sgd.table.n_blocks), s)(args);
       check_launch("lars_step", "lars_norms_kernel");
     }
     if (args.sgd.table.n_tensors > 0) {
-      lars_ratio_kernel<<<static_cast<unsigned>(args.sgd.table.n_tensors), kThreads, 0, s>>>(args);
+      FASTSGD_LAUNCH(lars_ratio_kernel, static_cast<unsigned>(args.sgd.table.n_tensors), s)(args);
       check_launch("lars_step", "lars_ratio_kernel");
     }
     sgd.ratio = args.ratio;

@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs a) {
 
 void launch_sgd(const SgdArgs& args, uintptr_t stream, const char* op) {
   if (args.table.n_blocks == 0) return;  // only empty tensors: nothing to do
-  sgd_kernel<<<static_cast<unsigned>(args.table.n_blocks), kThreads, 0, as_stream(stream)>>>(args);
+  FASTSGD_LAUNCH(sgd_kernel, static_cast<unsigned>(args.table.n_blocks), as_stream(stream))(args);
   check_launch(op, "sgd_kernel");
 }
 
