@@ -151,6 +151,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     return gi, pi
         return -1, -1
 
+    # torch.compile: the step is left out of the traced graph on purpose. It is
+    # host-side planning (hyperparameter checks, state creation, the kernel
+    # tables) around 1-3 fused launches that a graph could not make cheaper;
+    # tracing it would only add graph breaks and recompiles. So a compiled
+    # training step breaks exactly once here (a closure passed to step() is
+    # still traced) and the launches run eagerly.
+    @torch.compiler.disable
     def _step(self, only: Optional[set]) -> None:
         grad_scale: Optional[Tensor] = getattr(self, "grad_scale", None)
         found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
