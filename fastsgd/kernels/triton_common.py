@@ -91,6 +91,17 @@ def step_skipped(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
 
 
 @triton.jit
+def program_chunk(tensors_ptr, programs_ptr):
+    """This program's work: (tensor index, first element, table row). Program
+    ``pid`` owns one CHUNK of one tensor, listed as (tensor, start) pairs in
+    the programs table built with the tensor table."""
+    pid = tl.program_id(0)
+    tensor = tl.load(programs_ptr + 2 * pid)
+    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
+    return tensor, start, tensors_ptr + tensor * TABLE_WIDTH
+
+
+@triton.jit
 def address(row_ptr, column, DTYPE: tl.constexpr, ALIGNED: tl.constexpr = False):
     """Column ``column`` of a tensor-table row as a pointer to DTYPE. ALIGNED
     promises a 16-byte aligned address (checked on the host when the table is

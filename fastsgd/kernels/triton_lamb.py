@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import COL_NUMEL, TABLE_WIDTH, address, load_f32, load_hparam, step_skipped
+from fastsgd.kernels.triton_common import (COL_NUMEL, address, load_f32, load_hparam, program_chunk,
+                                           step_skipped)
 
 
 @triton.jit
@@ -84,10 +85,7 @@ def lamb_kernel(
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
-    pid = tl.program_id(0)
-    tensor = tl.load(programs_ptr + 2 * pid)
-    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
-    row = tensors_ptr + tensor * TABLE_WIDTH
+    tensor, start, row = program_chunk(tensors_ptr, programs_ptr)
     p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
     g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
     m_ptr = address(row, 2, STATE_DTYPE, ALIGNED)
@@ -125,5 +123,6 @@ def lamb_kernel(
             u_acc += uu
 
     if NORMS_ONLY:
+        pid = tl.program_id(0)
         tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))
         tl.store(partials_ptr + 2 * pid + 1, tl.sum(u_acc, axis=0))

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastsgd.kernels.triton_common import (COL_FIRST_PROGRAM, COL_NUM_PROGRAMS, COL_NUMEL, TABLE_WIDTH, address,
-                                           load_f32, load_hparam, step_skipped)
+                                           load_f32, load_hparam, program_chunk, step_skipped)
 
 
 @triton.jit
@@ -43,10 +43,7 @@ def lars_partials_kernel(
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
-    pid = tl.program_id(0)
-    tensor = tl.load(programs_ptr + 2 * pid)
-    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
-    row = tensors_ptr + tensor * TABLE_WIDTH
+    tensor, start, row = program_chunk(tensors_ptr, programs_ptr)
     p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
     g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
     numel = tl.load(row + COL_NUMEL)
@@ -63,6 +60,7 @@ def lars_partials_kernel(
             pp, gg = _squares_block(p_ptr, g_ptr, offsets, offsets < numel, scale, HAS_SCALE, True)
             p_acc += pp
             g_acc += gg
+    pid = tl.program_id(0)
     tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))
     tl.store(partials_ptr + 2 * pid + 1, tl.sum(g_acc, axis=0))
 

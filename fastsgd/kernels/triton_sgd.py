@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import (COL_FLAG, COL_NUMEL, TABLE_WIDTH, address, advance_rng, load_f32,
-                                           load_hparam, step_skipped, store_rounded)
+from fastsgd.kernels.triton_common import (COL_FLAG, COL_NUMEL, address, advance_rng, load_f32, load_hparam,
+                                           program_chunk, step_skipped, store_rounded)
 
 
 @triton.jit
@@ -77,10 +77,7 @@ def momentum_sgd_kernel(
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
-    pid = tl.program_id(0)
-    tensor = tl.load(programs_ptr + 2 * pid)
-    start = tl.multiple_of(tl.load(programs_ptr + 2 * pid + 1), 16)  # a multiple of CHUNK
-    row = tensors_ptr + tensor * TABLE_WIDTH
+    tensor, start, row = program_chunk(tensors_ptr, programs_ptr)
     p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
     g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
     b_ptr = p_ptr
