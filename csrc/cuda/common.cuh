@@ -68,15 +68,25 @@ __device__ __forceinline__ Entry load_entry(const int64_t* table, int64_t t) {
   return e;
 }
 
-// The tensor and chunk of this CUDA block.
-__device__ __forceinline__ void load_block(const TableArg& tab, int64_t& tensor, int64_t& chunk) {
-  const uint64_t w = static_cast<uint64_t>(tab.table[tab.n_tensors * kEntryWords + blockIdx.x]);
-  tensor = static_cast<int64_t>(w >> 32);
-  chunk = static_cast<int64_t>(w & 0xffffffffull);
-}
-
 __device__ __forceinline__ int64_t n_chunks(int64_t numel, int64_t chunk_size) {
   return (numel + chunk_size - 1) / chunk_size;
+}
+
+// The work of one CUDA block: elements [begin, end) of one tensor.
+struct Chunk {
+  int64_t tensor;
+  Entry e;
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ Chunk this_chunk(const TableArg& tab) {
+  const uint64_t w = static_cast<uint64_t>(tab.table[tab.n_tensors * kEntryWords + blockIdx.x]);
+  Chunk c;
+  c.tensor = static_cast<int64_t>(w >> 32);
+  c.e = load_entry(tab.table, c.tensor);
+  c.begin = static_cast<int64_t>(w & 0xffffffffull) * tab.chunk_size;
+  c.end = c.begin + tab.chunk_size < c.e.numel ? c.begin + tab.chunk_size : c.e.numel;
+  return c;
 }
 
 // ---------------------------------------------------------------------------

@@ -75,19 +75,15 @@ __device__ __forceinline__ void lamb_chunk(const LambArgs& a, const Entry& e, Bi
 
 __global__ void __launch_bounds__(kThreads) lamb_norms_kernel(const LambArgs a) {
   if (step_skipped(a.found_inf)) return;
-  int64_t t, chunk;
-  load_block(a.table, t, chunk);
-  const Entry e = load_entry(a.table.table, t);
-  const int64_t cs = a.table.chunk_size;
-  const int64_t begin = chunk * cs;
-  const int64_t end = begin + cs < e.numel ? begin + cs : e.numel;
+  const Chunk c = this_chunk(a.table);
+  const Entry& e = c.e;
   const BiasCorrection bc = bias_correction(a, e);
   double pp = 0.0, uu = 0.0;
   dispatch_kind(e.kind, [&](auto kind) {
     using K = decltype(kind);
     using A = typename K::acc_t;
     A p2 = A(0), u2 = A(0);
-    lamb_chunk<K>(a, e, bc, begin, end, [&](auto width, int64_t, const auto& p, const auto&, const auto&,
+    lamb_chunk<K>(a, e, bc, c.begin, c.end, [&](auto width, int64_t, const auto& p, const auto&, const auto&,
                                             const auto& u) {
       constexpr int W = decltype(width)::value;
 #pragma unroll
@@ -130,14 +126,11 @@ __global__ void __launch_bounds__(kThreads) lamb_finalize_kernel(const LambArgs 
 
 __global__ void __launch_bounds__(kThreads) lamb_update_kernel(const LambArgs a) {
   if (step_skipped(a.found_inf)) return;
-  int64_t t, chunk;
-  load_block(a.table, t, chunk);
-  const Entry e = load_entry(a.table.table, t);
-  const int64_t cs = a.table.chunk_size;
-  const int64_t begin = chunk * cs;
-  const int64_t end = begin + cs < e.numel ? begin + cs : e.numel;
-  const double r = a.per_tensor[4 * t];
-  const BiasCorrection bc{a.per_tensor[4 * t + 1], a.per_tensor[4 * t + 2]};
+  const Chunk c = this_chunk(a.table);
+  const Entry& e = c.e;
+  const double* per_tensor = a.per_tensor + 4 * c.tensor;
+  const double r = per_tensor[0];
+  const BiasCorrection bc{per_tensor[1], per_tensor[2]};
   dispatch_kind(e.kind, [&](auto kind) {
     using K = decltype(kind);
     using P = typename K::param_t;
@@ -148,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) lamb_update_kernel(const LambArgs a)
     S* v_out = reinterpret_cast<S*>(e.ptr[3]);
     const A lr0 = read_scalar<A>(a.lr);
     const A ratio = static_cast<A>(r);
-    lamb_chunk<K>(a, e, bc, begin, end, [&](auto width, int64_t i, const auto& p, const auto& m, const auto& v,
+    lamb_chunk<K>(a, e, bc, c.begin, c.end, [&](auto width, int64_t i, const auto& p, const auto& m, const auto& v,
                                             const auto& u) {
       constexpr int W = decltype(width)::value;
       P p_out[W];

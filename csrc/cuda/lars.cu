@@ -40,18 +40,13 @@ __device__ __forceinline__ void norms_chunk(const LarsArgs& a, const Entry& e, i
 
 __global__ void __launch_bounds__(kThreads) lars_norms_kernel(const LarsArgs a) {
   if (step_skipped(a.sgd.found_inf)) return;
-  int64_t t, chunk;
-  load_block(a.sgd.table, t, chunk);
-  const Entry e = load_entry(a.sgd.table.table, t);
-  const int64_t cs = a.sgd.table.chunk_size;
-  const int64_t begin = chunk * cs;
-  const int64_t end = begin + cs < e.numel ? begin + cs : e.numel;
+  const Chunk c = this_chunk(a.sgd.table);
   // Per-thread sums in acc_t (fp32 or fp64), block sum and partials in fp64.
   double pp = 0.0, gg = 0.0;
-  dispatch_kind(e.kind, [&](auto kind) {
+  dispatch_kind(c.e.kind, [&](auto kind) {
     using A = typename decltype(kind)::acc_t;
     A p2 = A(0), g2 = A(0);
-    norms_chunk<decltype(kind)>(a, e, begin, end, p2, g2);
+    norms_chunk<decltype(kind)>(a, c.e, c.begin, c.end, p2, g2);
     pp = p2;
     gg = g2;
   });

@@ -81,12 +81,8 @@ __device__ __forceinline__ void sgd_chunk(const SgdArgs& a, const Entry& e, int6
 
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs a) {
   if (step_skipped(a.found_inf)) return;  // AMP skipped the step: write nothing
-  int64_t t, chunk;
-  load_block(a.table, t, chunk);
-  const Entry e = load_entry(a.table.table, t);
-  const int64_t begin = chunk * a.table.chunk_size;
-  const int64_t end = begin + a.table.chunk_size < e.numel ? begin + a.table.chunk_size : e.numel;
-  dispatch_kind(e.kind, [&](auto kind) { sgd_chunk<decltype(kind)>(a, e, t, begin, end); });
+  const Chunk c = this_chunk(a.table);
+  dispatch_kind(c.e.kind, [&](auto kind) { sgd_chunk<decltype(kind)>(a, c.e, c.tensor, c.begin, c.end); });
 }
 
 }  // namespace
