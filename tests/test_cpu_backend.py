@@ -226,7 +226,7 @@ def test_errors_before_any_change():
                      ValueError, "gaps")
     _unchanged_after(lambda: sgd(stochastic_rounding=True), [p, q, b], ValueError, "only in the GPU backends")
     _unchanged_after(lambda: sgd(lr=torch.tensor([0.1, 0.2])), [p, q, b], ValueError, "first dimension")
-    _unchanged_after(lambda: sgd(first_step=[True]), [p, q, b], ValueError, "first_step has 1 flags")
+    _unchanged_after(lambda: sgd(first_step=[True]), [p, q, b], ValueError, "first_step has 1 entries")
     _unchanged_after(lambda: cpu.lars_step([p], [g], [b], lr=torch.tensor([0.1] * 6), momentum=0.9),
                      [p, b], ValueError, "sgd_step only")
     _unchanged_after(lambda: cpu.lamb_step([p], [g], [torch.zeros(6)], [torch.zeros(6, dtype=torch.float16)],

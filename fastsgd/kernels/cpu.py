@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.kernels.reference import first_step_flags
 from fastsgd.optim.base import is_dense
 
 Scalar = Union[float, Tensor]
@@ -175,14 +176,6 @@ def _skipped(what: str, found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and _host_scalar(what, "found_inf", found_inf, 0.0) != 0.0
 
 
-def _first_flags(what: str, first_step: Union[bool, Sequence[bool]], n: int) -> List[int]:
-    if isinstance(first_step, bool):
-        return [int(first_step)] * n
-    if len(first_step) != n:
-        raise ValueError(f"{what}: first_step has {len(first_step)} flags but params has {n}")
-    return [1 if f else 0 for f in first_step]
-
-
 def _no_stochastic_rounding(what: str, stochastic_rounding: bool) -> None:
     if stochastic_rounding:
         raise ValueError(f"{what}: stochastic_rounding=True is implemented only in the GPU backends "
@@ -236,7 +229,7 @@ def _sgd_table(what: str, params, grads, bufs, first_step) -> np.ndarray:
     _check_length(what, "grads", grads, n)
     if bufs is not None:
         _check_length(what, "bufs", bufs, n)
-    firsts = _first_flags(what, first_step, n)
+    firsts = first_step_flags(what, first_step, n)
     _check_cpu(what, "params", params)
     sizes = list(map(_size, params))
     p_codes = _dtype_codes(what, "params", params)

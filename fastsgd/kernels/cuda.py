@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.kernels.reference import first_step_flags
 from fastsgd.optim.base import grad_like_param, is_dense
 
 Scalar = Union[float, Tensor]
@@ -341,15 +342,6 @@ def clear_cache() -> None:
     _graph_owned.clear()
 
 
-def _first_flags(first_step, n: int) -> List[bool]:
-    if isinstance(first_step, bool):
-        return [first_step] * n
-    flags = [bool(f) for f in first_step]
-    if len(flags) != n:
-        raise ValueError(f"first_step has {len(flags)} entries for {n} params")
-    return flags
-
-
 def _seed() -> int:
     return hash((torch.initial_seed(), next(_seed_counter))) & ((1 << 63) - 1)
 
@@ -416,7 +408,7 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
     if lars is not None and lars["trust_clip"] and lr_t[3]:
         raise NotImplementedError("fastsgd cuda lars_step: trust_clip with a per-trial (1-D) lr is not supported "
                                   "(the trust ratio is per tensor); use backend='reference'")
-    flags = _first_flags(first_step, len(params))
+    flags = first_step_flags(f"fastsgd cuda {op}", first_step, len(params))
     device, table = _prepare(op, params, grads, bufs, None, None, flags, (lr, momentum))
     common = dict(table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
                   chunk_size=table.chunk_size, lr=lr_t,

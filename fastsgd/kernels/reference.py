@@ -38,7 +38,7 @@ param/state dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -76,8 +76,15 @@ def _skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
-def _first(first_step: Union[bool, Sequence[bool]], i: int) -> bool:
-    return bool(first_step) if isinstance(first_step, bool) else bool(first_step[i])
+def first_step_flags(op: str, first_step: Union[bool, Sequence[bool]], n: int) -> List[bool]:
+    """``first_step`` (one flag for all, or one per param) as n flags; every
+    backend reads the argument through this."""
+    if isinstance(first_step, bool):
+        return [first_step] * n
+    flags = [bool(f) for f in first_step]
+    if len(flags) != n:
+        raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
+    return flags
 
 
 def _unscaled(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
@@ -119,6 +126,7 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
     decay, maximize), optionally in the lr-inside-momentum form."""
     if _skipped(found_inf):
         return
+    firsts = first_step_flags("sgd_step", first_step, len(params))
     for i, (p, g) in enumerate(zip(params, grads)):
         g64 = _unscaled(g, grad_scale)
         if maximize:
@@ -128,7 +136,7 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
             g64 = g64 + _hp(weight_decay, p) * p64
         buf = bufs[i] if bufs is not None else None
         _apply_momentum(p, p64, g64, buf, lr=lr, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov, lr_in_momentum=lr_in_momentum, first=_first(first_step, i))
+                        nesterov=nesterov, lr_in_momentum=lr_in_momentum, first=firsts[i])
 
 
 def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, lr, weight_decay, trust_coeff, eps,
@@ -155,6 +163,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
     becomes (g + wd*p) * trust_ratio; then SGD momentum with lr outside."""
     if _skipped(found_inf):
         return
+    firsts = first_step_flags("lars_step", first_step, len(params))
     for i, (p, g) in enumerate(zip(params, grads)):
         g64 = _unscaled(g, grad_scale)
         p64 = _wide(p)
@@ -165,7 +174,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
             g64 = (g64 + weight_decay * p64) * r
         buf = bufs[i] if bufs is not None else None
         _apply_momentum(p, p64, g64, buf, lr=lr, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov, lr_in_momentum=lr_in_momentum, first=_first(first_step, i))
+                        nesterov=nesterov, lr_in_momentum=lr_in_momentum, first=firsts[i])
 
 
 @torch.no_grad()

@@ -68,6 +68,7 @@ if _IMPORT_ERROR is None:
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
 
+from fastsgd.kernels.reference import first_step_flags
 from fastsgd.optim.base import is_dense
 
 Scalar = Union[float, Tensor]
@@ -234,15 +235,6 @@ def _host_float(op: str, name: str, value) -> float:
     return float(value)
 
 
-def _first_flags(op: str, first_step, n: int) -> List[bool]:
-    if isinstance(first_step, bool):
-        return [first_step] * n
-    flags = [bool(f) for f in first_step]
-    if len(flags) != n:
-        raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
-    return flags
-
-
 # ---- launch helpers ----------------------------------------------------------
 
 def _scalar_arg(value, dummy: Tensor) -> Tuple[Tensor, float, bool]:
@@ -342,7 +334,7 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
     momentum = _host_float(op, "momentum", momentum)
     weight_decay = _host_float(op, "weight_decay", weight_decay)
     one_minus_dampening = 1.0 - _host_float(op, "dampening", dampening)
-    flags = _first_flags(op, first_step, len(params))
+    flags = first_step_flags(op, first_step, len(params))
     rounding = _rounding_flag(op, stochastic_rounding, tensors.dtypes[2])
     rng = _rng_state(device) if rounding else None
     cfg = common.launch_config(device)
