@@ -170,3 +170,40 @@ def check_skip_changes_nothing(kernels, device, dtype=torch.float32):
 def sgd_cases(dtypes, shapes=AWKWARD_SHAPES):
     """(dtype, hp) pairs, each run over all ``shapes`` in one call (one fused call per step)."""
     return list(itertools.product(dtypes, SGD_HPARAMS))
+
+
+# ---- torch.compile of a training step ------------------------------------------------
+
+def check_compiled_training_step(make_optimizer, device="cpu", compile_backend="aot_eager", steps=3) -> None:
+    """torch.compile of forward + backward + ``opt.step()`` + zero_grad equals
+    the eager run, and the only graph break fastsgd causes is the deliberate
+    one at the step (FusedOptimizer._step is torch.compiler.disable'd), not
+    a scatter of breaks inside its Python. ``make_optimizer(params)`` builds
+    the optimizer under test."""
+    from torch._dynamo.utils import counters
+
+    def train(compiled):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)).to(device)
+        opt = make_optimizer(model.parameters())
+
+        def step(x, y):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        if compiled:
+            step = torch.compile(step, backend=compile_backend)
+        gen = torch.Generator(device=device).manual_seed(1)
+        for _ in range(steps):
+            step(torch.randn(32, 8, device=device, generator=gen), torch.randn(32, 1, device=device, generator=gen))
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    counters.clear()
+    for a, e in zip(train(True), train(False)):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    ours = [reason for reason in counters["graph_break"] if "fastsgd" in reason or "FusedOptimizer" in reason]
+    assert ours and all("FusedOptimizer._step" in r and "torch.compiler.disable" in r for r in ours), ours

@@ -193,29 +193,9 @@ def test_tensor_over_2_31_elements(kernels):
 # ---- torch.compile -------------------------------------------------------------
 
 def test_torch_compile_of_a_training_step(kernels):
-    def train(compiled):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).to(CUDA)
-        opt = fastsgd.Nesterov(model.parameters(), lr=0.1, weight_decay=1e-4, backend=kernels.NAME)
-
-        def step(x, y):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return loss
-
-        if compiled:
-            step = torch.compile(step)
-        gen = torch.Generator(device=CUDA).manual_seed(1)
-        for _ in range(4):
-            step(torch.randn(32, 64, device=CUDA, generator=gen), torch.randint(0, 10, (32,), device=CUDA,
-                                                                                generator=gen))
-        return [p.detach().clone() for p in model.parameters()]
-
-    torch._dynamo.reset()
-    for a, e in zip(train(True), train(False)):
-        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
+    K.check_compiled_training_step(
+        lambda params: fastsgd.Nesterov(params, lr=0.1, weight_decay=1e-4, backend=kernels.NAME),
+        device=CUDA, compile_backend="inductor", steps=4)
 
 
 # ---- launches per step ----------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 
+import kernel_cases as kc
 import pytest
 import torch
 from torch import nn
@@ -519,34 +520,4 @@ def test_step_subset_updates_only_given_params():
                                     (fastsgd.LARS, dict(lr=0.1, weight_decay=1e-4)),
                                     (fastsgd.LAMB, dict(lr=0.01, max_grad_norm=1.0))])
 def test_compiled_training_step_matches_eager_and_breaks_once_at_the_step(backend, cls, kw):
-    """torch.compile of forward + backward + step + zero_grad: the result equals
-    the eager run, and the only graph break fastsgd causes is the deliberate
-    one at the optimizer step (FusedOptimizer._step is torch.compiler.disable'd),
-    not a scatter of breaks inside its Python."""
-    from torch._dynamo.utils import counters
-
-    def train(compiled):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-        opt = cls(model.parameters(), backend=backend, **kw)
-
-        def step(x, y):
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return loss
-
-        if compiled:
-            step = torch.compile(step, backend="aot_eager")
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            step(torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen))
-        return [p.detach().clone() for p in model.parameters()]
-
-    torch._dynamo.reset()
-    counters.clear()
-    for a, e in zip(train(True), train(False)):
-        torch.testing.assert_close(a, e)
-    ours = [reason for reason in counters["graph_break"] if "fastsgd" in reason or "FusedOptimizer" in reason]
-    assert ours and all("FusedOptimizer._step" in r and "torch.compiler.disable" in r for r in ours), ours
+    kc.check_compiled_training_step(lambda params: cls(params, backend=backend, **kw))

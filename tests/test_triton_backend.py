@@ -409,30 +409,6 @@ def test_amp_skip_on_the_first_step_creates_no_state():
 
 # ---- torch.compile ---------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_compiled_training_step_matches_eager(backend):
-    """A torch.compile'd step (forward, backward, fastsgd step, zero_grad):
-    the optimizer call leaves the graph (torch.compiler.disable) and the
-    result equals the eager run."""
-    def train(compiled):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
-        opt = fastsgd.Nesterov(model.parameters(), lr=0.1, weight_decay=1e-3, backend=backend)
-
-        def step(x, y):
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            return loss
-
-        if compiled:
-            step = torch.compile(step, backend="aot_eager")
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            step(torch.randn(32, 8, generator=gen), torch.randn(32, 1, generator=gen))
-        return [p.detach().clone() for p in model.parameters()]
-
-    torch._dynamo.reset()
-    for a, e in zip(train(True), train(False)):
-        torch.testing.assert_close(a, e)
+def test_compiled_training_step_matches_eager():
+    K.check_compiled_training_step(
+        lambda params: fastsgd.Nesterov(params, lr=0.1, weight_decay=1e-3, backend="triton"))
