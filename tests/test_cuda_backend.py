@@ -220,6 +220,24 @@ def test_emulated_one_native_call_per_step(emulated, op):
     assert emulated.calls == [op] * 3
 
 
+@pytest.mark.skipif(os.environ.get("FASTSGD_BIG_TESTS") != "1",
+                    reason="set FASTSGD_BIG_TESTS=1 to run (allocates ~11 GB, takes ~3 minutes)")
+def test_emulated_tensor_over_2_to_31_elements(emulated, monkeypatch):
+    """The kernels' 64-bit element offsets, block words and chunk bounds past
+    2^31 elements (odd size: vector body and scalar tail), in SGD and LARS."""
+    monkeypatch.setattr(ck, "CHUNK_SIZE", 1 << 20)  # 2049 blocks instead of 2M
+    n = (1 << 31) + 1029
+    p = torch.zeros(n, dtype=torch.float16)
+    g = torch.ones(n, dtype=torch.float16)
+    g[-1] = 2.0
+    ck.sgd_step([p], [g], None, lr=0.5)
+    assert p[-1].item() == -1.0 and p[-2].item() == -0.5 and p[0].item() == -0.5
+    assert torch.count_nonzero(p != -0.5).item() == 1
+    # |p|^2 = (n - 1) / 4 + 1 and |g|^2 = (n - 1) + 4: the trust ratio is exactly 1/2.
+    ck.lars_step([p], [g], None, lr=0.25, momentum=0.0, always_adapt=True, trust_coeff=1.0, eps=0.0)
+    assert p[0].item() == -0.625 and p[(1 << 31) + 7].item() == -0.625 and p[-1].item() == -1.25
+
+
 def test_emulated_stacked_trials_and_mixed_kinds(emulated):
     T = 3
     shapes = [(T, 5), (T, 1023), (T, 2, 700)]
