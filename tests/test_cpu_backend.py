@@ -2,6 +2,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_cases as kc  # noqa: E402
 
+import fastsgd  # noqa: E402
 from fastsgd._native import native  # noqa: E402
 from fastsgd.kernels import cpu, reference  # noqa: E402
 
@@ -272,6 +274,70 @@ def test_property_matches_reference(shapes, dtype, momentum, dampening, weight_d
         kc.check_lamb(cpu, "cpu", shapes, dtype, dict(weight_decay=weight_decay, always_adapt=maximize,
                                                        trust_clip=nesterov, bias_correction=not lr_in_momentum),
                       steps=2)
+
+
+# ---- the table cache ----------------------------------------------------------------
+def test_table_is_cached_and_rebuilt_when_its_key_changes(monkeypatch):
+    cpu._native()  # loads the dtype codes the table builder uses
+    cpu.clear_cache()
+    builds = []
+    build = cpu._build_sgd_table
+    monkeypatch.setattr(cpu, "_build_sgd_table", lambda *a: builds.append(1) or build(*a))
+    params = kc.make_tensors([(5,), (300,)], torch.float32, "cpu")
+    grads = kc.make_tensors([(5,), (300,)], torch.float32, "cpu", seed=1)
+    bufs = [torch.zeros_like(p) for p in params]
+    t1 = cpu._sgd_table("t", params, grads, bufs, False)
+    assert not t1.flags.writeable and len(builds) == 1
+    assert np.array_equal(cpu._sgd_table("t", params, grads, bufs, False), t1) and len(builds) == 1  # a hit
+    new_grads = [g.clone() for g in grads]  # re-created grads at new addresses: still a hit
+    t2 = cpu._sgd_table("t", params, new_grads, bufs, False)
+    assert len(builds) == 1 and list(t2[:, 1]) == [g.data_ptr() for g in new_grads]
+    assert np.array_equal(np.delete(t2, 1, axis=1), np.delete(t1, 1, axis=1))
+    cpu._sgd_table("t", params, grads, bufs, [True, False])  # first-step flags are in the key
+    assert len(builds) == 2
+    params[1].data = torch.zeros(300)  # a param re-pointed to new memory
+    assert cpu._sgd_table("t", params, grads, bufs, False)[1, 0] == params[1].data_ptr() and len(builds) == 3
+    cpu.clear_cache()
+
+
+def test_cache_does_not_grow_in_a_training_loop():
+    """zero_grad(set_to_none=True) re-creates every grad each step, at
+    addresses that change: the cache must still hold one table."""
+    cpu.clear_cache()
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(8)])
+    opt = fastsgd.Nesterov(model.parameters(), lr=0.01, backend="cpu")
+    for _ in range(6):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(4, 16)).square().mean().backward()
+        opt.step()
+    assert len(cpu._tables) == 2  # the first step's table (new buffers) and the steady one
+    cpu.clear_cache()
+
+
+def test_cached_tables_still_refuse_bad_arguments():
+    """A call that differs from a cached one in any checked way misses the
+    cache, so its arguments are checked again."""
+    cpu.clear_cache()
+    p, g, b = torch.zeros(6), torch.ones(6), torch.zeros(6)
+    cpu.sgd_step([p], [g], [b], lr=0.1, **_sgd_args(momentum=0.9))  # cached from here on
+    with pytest.raises(ValueError, match=r"grads\[0\] has shape"):
+        cpu.sgd_step([p], [torch.ones(7)], [b], lr=0.1, **_sgd_args(momentum=0.9))
+    with pytest.raises(ValueError, match=r"grads\[0\] has dtype torch.float64"):
+        cpu.sgd_step([p], [torch.ones(6, dtype=torch.float64)], [b], lr=0.1, **_sgd_args(momentum=0.9))
+    with pytest.raises(ValueError, match=r"bufs\[0\] has shape"):
+        cpu.sgd_step([p], [g], [torch.zeros(5)], lr=0.1, **_sgd_args(momentum=0.9))
+    cpu.clear_cache()
+
+
+def test_non_contiguous_tensors_are_checked_every_call_and_never_cached():
+    cpu.clear_cache()
+    p = torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    g = torch.ones_like(p)
+    cpu.sgd_step([p], [g], None, lr=0.5, **_sgd_args())
+    cpu.sgd_step([p], [g], None, lr=0.5, **_sgd_args())
+    assert torch.all(p == -1.0) and not cpu._tables
+    with pytest.raises(ValueError, match="strides"):
+        cpu.sgd_step([p], [torch.ones(2, 3, 4, 5)], None, lr=0.5, **_sgd_args())
 
 
 # ---- beyond 2^31 elements (opt-in: needs ~9 GB) ---------------------------------------

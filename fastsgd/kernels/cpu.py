@@ -22,17 +22,26 @@ Math is float32 for float32/bfloat16/float16 tensors and float64 when the
 param or its state is float64; norms (LARS, LAMB) accumulate in float64 in a
 fixed order, so results do not depend on the thread count.
 
-Host-side cost: the checks and the table read a handful of attributes per
-tensor (about 1.5 us per param on an idle core; 10,000 small params cost
-~15 ms before the kernel starts). Nothing is cached across calls: a cache key
-that stays safe when tensors are re-pointed (``p.data = ...``, ``resize_``)
-or grads are re-created needs the same attribute reads as the checks
-themselves, so it would save only the (cheap) numpy table fill.
+Host-side cost: the checks read tensor shapes, which costs about 1 us per
+tensor in torch's Python API, so a call over 10,000 small params would spend
+~30 ms checking. The finished table is therefore cached (32 entries, oldest
+dropped first), keyed on what it depends on apart from the gradients: the
+params' and state tensors' addresses, element counts and dtypes, and the
+first-step flags. Gradients move (autograd re-creates them every step with
+``zero_grad(set_to_none=True)``), so on a hit their addresses are written
+into a copy of the table after a cheap check against the params (element
+count, dtype, contiguity). A hit costs ~12 attribute reads per param
+(~0.6 us) and skips the shape checks, since an identical key means they
+would pass again. Tensors that are not contiguous (channels_last, ...) are
+checked on every call and never cached. One thing the key cannot see: a
+tensor re-created at the same address with the same element count but
+another shape passes as the old one (the kernels walk flat memory, so this
+is a wrong-shape argument going unreported, never a wrong address).
 """
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -52,15 +61,20 @@ _LAMB_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "para
                 "step_dtype")
 _S = {name: i for i, name in enumerate(_SGD_FIELDS)}  # column of each field in the SGD/LARS table
 _L = {name: i for i, name in enumerate(_LAMB_FIELDS)}  # ... in the LAMB table
+assert _S["grad"] == _L["grad"], "_cached refills one grad column for both layouts"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 
 _size = Tensor.size
+_numel = Tensor.numel
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
 _dtype = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
 _codes: dict = {}  # torch dtype -> native dtype code, filled on first use
+
+_CACHE_SIZE = 32
+_tables: Dict[tuple, np.ndarray] = {}
 
 
 def unavailable_reason() -> Optional[str]:
@@ -223,6 +237,50 @@ def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials
     return np.ascontiguousarray(out), hparams
 
 
+# ---- table cache -------------------------------------------------------------------
+def _cached(tag: str, flags: Sequence[bool], params: Sequence[Tensor], grads: Sequence[Tensor],
+            states: Sequence[Optional[Sequence[Tensor]]], build: Callable[[], np.ndarray]) -> np.ndarray:
+    """``build()``'s table, or a copy of the one built before for the same
+    params and state tensors (see the module docstring) with this call's
+    gradient addresses filled in. Gradients are not part of the key: with
+    ``zero_grad(set_to_none=True)`` autograd allocates them anew every step,
+    at addresses that move around. Their column (the same in both table
+    layouts) is refilled on every call, after checking each grad's element count, dtype
+    and contiguity against its param's."""
+    if not all(map(_is_contiguous, params)):
+        return build()  # other layouts: checked every time
+    numels, dtypes = tuple(map(_numel, params)), tuple(map(_dtype, params))
+    key: list = [tag, tuple(flags), tuple(map(_data_ptr, params)), numels, dtypes]
+    try:
+        for ts in states:
+            if ts is None:
+                key.append(None)
+            elif all(map(_is_contiguous, ts)):
+                key += (tuple(map(_data_ptr, ts)), tuple(map(_numel, ts)), tuple(map(_dtype, ts)))
+            else:
+                return build()
+    except TypeError:  # a None inside a list (a param without a buffer)
+        return build()
+    k = tuple(key)
+    table = _tables.get(k)  # hashing and comparing k costs ~10% of building it: one lookup, no LRU reordering
+    if (table is not None and tuple(map(_numel, grads)) == numels and tuple(map(_dtype, grads)) == dtypes
+            and all(map(_is_contiguous, grads))):
+        table = table.copy()
+        table[:, _S["grad"]] = np.fromiter(map(_data_ptr, grads), dtype=np.int64, count=len(grads))
+        return table
+    table = build()
+    table.setflags(write=False)  # shared between calls from now on
+    _tables[k] = table
+    if len(_tables) > _CACHE_SIZE:
+        del _tables[next(iter(_tables))]  # the oldest
+    return table
+
+
+def clear_cache() -> None:
+    """Drops the cached tables (they hold raw addresses, never tensors)."""
+    _tables.clear()
+
+
 # ---- SGD / LARS ------------------------------------------------------------------
 def _sgd_table(what: str, params, grads, bufs, first_step) -> np.ndarray:
     n = len(params)
@@ -230,6 +288,11 @@ def _sgd_table(what: str, params, grads, bufs, first_step) -> np.ndarray:
     if bufs is not None:
         _check_length(what, "bufs", bufs, n)
     firsts = first_step_flags(what, first_step, n)
+    return _cached("sgd", firsts, params, grads, (bufs,), lambda: _build_sgd_table(what, params, grads, bufs, firsts))
+
+
+def _build_sgd_table(what: str, params, grads, bufs, firsts: List[bool]) -> np.ndarray:
+    n = len(params)
     _check_cpu(what, "params", params)
     sizes = list(map(_size, params))
     p_codes = _dtype_codes(what, "params", params)
@@ -318,26 +381,8 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
 
 
 # ---- LAMB ----------------------------------------------------------------------
-@torch.no_grad()
-def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-              exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
-              lr: Scalar, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
-              weight_decay: float = 0.01, bias_correction: bool = True, trust_clip: bool = False,
-              always_adapt: bool = False, clip_divisor: Optional[Scalar] = None,
-              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """LAMB as timm computes it (see ``reference.lamb_step``) in one native
-    call: moments and norms in pass 1, the trust-ratio update in pass 2.
-    ``steps[i]`` (0-dim float32/float64 CPU tensor) is incremented."""
-    what = "fastsgd cpu lamb_step"
-    mod = _native()
-    if isinstance(lr, Tensor) and lr.ndim == 1:
-        raise ValueError(f"{what}: stacked trials (1-D lr) are supported by sgd_step only")
-    lr_f = _host_scalar(what, "lr", lr, 0.0)
-    divisor = _host_scalar(what, "grad_scale", grad_scale, 1.0) * _host_scalar(what, "clip_divisor",
-                                                                               clip_divisor, 1.0)
+def _build_lamb_table(what: str, params, grads, exp_avgs, exp_avg_sqs, steps) -> np.ndarray:
     n = len(params)
-    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
-        _check_length(what, name, ts, n)
     _check_cpu(what, "params", params)
     sizes = list(map(_size, params))
     p_codes = _dtype_codes(what, "params", params)
@@ -364,6 +409,31 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     table[:, _L["param_dtype"]] = p_codes
     table[:, _L["state_dtype"]] = m_codes
     table[:, _L["step_dtype"]] = [_codes[s.dtype] for s in steps]
+    return table
+
+
+@torch.no_grad()
+def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+              exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], *,
+              lr: Scalar, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+              weight_decay: float = 0.01, bias_correction: bool = True, trust_clip: bool = False,
+              always_adapt: bool = False, clip_divisor: Optional[Scalar] = None,
+              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """LAMB as timm computes it (see ``reference.lamb_step``) in one native
+    call: moments and norms in pass 1, the trust-ratio update in pass 2.
+    ``steps[i]`` (0-dim float32/float64 CPU tensor) is incremented."""
+    what = "fastsgd cpu lamb_step"
+    mod = _native()
+    if isinstance(lr, Tensor) and lr.ndim == 1:
+        raise ValueError(f"{what}: stacked trials (1-D lr) are supported by sgd_step only")
+    lr_f = _host_scalar(what, "lr", lr, 0.0)
+    divisor = _host_scalar(what, "grad_scale", grad_scale, 1.0) * _host_scalar(what, "clip_divisor",
+                                                                               clip_divisor, 1.0)
+    n = len(params)
+    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("steps", steps)):
+        _check_length(what, name, ts, n)
+    table = _cached("lamb", (), params, grads, (exp_avgs, exp_avg_sqs, steps),
+                    lambda: _build_lamb_table(what, params, grads, exp_avgs, exp_avg_sqs, steps))
     if _skipped(what, found_inf):
         return
     mod.cpu_lamb_step(table.ctypes.data, n, lr_f, float(beta1), float(beta2), float(eps), float(weight_decay),

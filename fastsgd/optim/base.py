@@ -18,6 +18,7 @@ on the host, which costs nothing there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -26,12 +27,23 @@ from torch import Tensor
 from fastsgd.backends import get_backend, requested_backend
 
 
+# Per-tensor reads go through C-level map() with these: a step over 10,000
+# small params spends most of its host time in such loops.
+_grad = attrgetter("grad")
+_dtype = attrgetter("dtype")
+_device = attrgetter("device")
+_is_sparse = attrgetter("is_sparse")
+_is_contiguous = Tensor.is_contiguous
+
+
 @dataclass
 class GroupWork:
-    """The tensors of one param group that take part in this step."""
+    """The tensors of one param group that take part in this step, and their
+    state dicts (None where a param has none yet)."""
     group: Dict[str, Any]
     params: List[Tensor] = field(default_factory=list)
     grads: List[Tensor] = field(default_factory=list)
+    states: List[Optional[Dict[str, Any]]] = field(default_factory=list)
 
 
 def is_dense(t: Tensor) -> bool:
@@ -66,7 +78,7 @@ def check_non_negative(name: str, value: Any, label: Optional[str] = None) -> No
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_check_group``, ``_needs_state``,
+    """Base class: subclasses define ``_check_group``, ``_new_state``,
     ``_init_state`` and ``_run_group``."""
 
     _step_supports_amp_scaling = True
@@ -81,7 +93,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: Dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _needs_state(self, group: Dict[str, Any], p: Tensor) -> bool:
+    def _new_state(self, group: Dict[str, Any], params: List[Tensor],
+                   states: List[Optional[Dict[str, Any]]]) -> List[bool]:
+        """Per param: True when its state must be created (first step)."""
         raise NotImplementedError
 
     def _init_state(self, group: Dict[str, Any], p: Tensor) -> None:
@@ -127,14 +141,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         works = []
         for group in self.param_groups:
             self._check_group(group)
-            ps = [p for p in group["params"] if p.grad is not None and (only is None or id(p) in only)]
-            works.append(GroupWork(group, ps, [p.grad for p in ps]))
+            if only is None:
+                ps = [p for p in group["params"] if p.grad is not None]
+            else:
+                ps = [p for p in group["params"] if p.grad is not None and id(p) in only]
+            works.append(GroupWork(group, ps, list(map(_grad, ps)), list(map(self.state.get, ps))))
         grads = [g for w in works for g in w.grads]
-        if any(g.is_sparse for g in grads):
+        if any(map(_is_sparse, grads)):
             gi, pi = self._locate(lambda p: p.grad is not None and p.grad.is_sparse)
             raise RuntimeError(f"fastsgd.{type(self).__name__} does not support sparse gradients (parameter {pi} "
                                f"of param group {gi}); use torch.optim.SGD or torch.optim.SparseAdam for sparse layers")
-        devices = {g.device for g in grads}
+        devices = set(map(_device, grads))
         if len(devices) > 1:
             first = grads[0].device
             gi, pi = self._locate(lambda p: p.grad is not None and p.device != first)
@@ -166,9 +183,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not params:
             return
         device = params[0].device
-        kernels = get_backend(self.backend, device, {p.dtype for p in params},
-                              dense=all(map(is_dense, params)))
-        new_state = [[self._needs_state(w.group, p) for p in w.params] for w in works]
+        contiguous = all(map(_is_contiguous, params))
+        kernels = get_backend(self.backend, device, set(map(_dtype, params)),
+                              dense=contiguous or all(map(is_dense, params)))
+        new_state = [self._new_state(w.group, w.params, w.states) for w in works]
         if any(map(any, new_state)) and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"fastsgd.{type(self).__name__}: optimizer state must exist before CUDA graph "
                                "capture; run one eager step (warm-up) first, as with torch's capturable optimizers")
@@ -178,13 +196,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             found_inf = None
         # ---- everything checked: from here on, state and params change ----
         for w, flags in zip(works, new_state):
-            for p, new in zip(w.params, flags):
-                if new:
-                    self._init_state(w.group, p)
+            if any(flags):
+                for i, p in enumerate(w.params):
+                    if flags[i]:
+                        self._init_state(w.group, p)
+                        w.states[i] = self.state[p]
         extra = self._prepare(works, grad_scale)
         for w, flags in zip(works, new_state):
             if w.params:
-                if not getattr(kernels, "STRIDED", False):
+                if not (getattr(kernels, "STRIDED", False) or (contiguous and all(map(_is_contiguous, w.grads)))):
                     w.grads = [g if g.is_contiguous() and p.is_contiguous() else grad_like_param(g, p)
                                for g, p in zip(w.grads, w.params)]
                 self._run_group(kernels, w, flags, grad_scale=grad_scale, found_inf=found_inf, **extra)

@@ -55,9 +55,10 @@ class LAMB(FusedOptimizer):
         check_non_negative("eps", group["eps"], "epsilon value")
         check_non_negative("weight_decay", group["weight_decay"], "weight_decay value")
 
-    def _needs_state(self, group, p):
-        st = self.state[p]
-        return "exp_avg" not in st or st["step"].device != p.device
+    def _new_state(self, group, params, states):
+        # A step counter on another device (a checkpoint loaded onto the CPU)
+        # is moved by _init_state.
+        return [st is None or "exp_avg" not in st or st["step"].device != p.device for p, st in zip(params, states)]
 
     def _init_state(self, group, p):
         st = self.state[p]
@@ -89,7 +90,7 @@ class LAMB(FusedOptimizer):
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf,
                    clip_divisor=None):
         g = work.group
-        st = [self.state[p] for p in work.params]
+        st = work.states
         beta1, beta2 = (hp_float(b) for b in g["betas"])
         kernels.lamb_step(work.params, work.grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
                           [s["step"] for s in st], lr=g["lr"], beta1=beta1, beta2=beta2, eps=hp_float(g["eps"]),

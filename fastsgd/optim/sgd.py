@@ -68,15 +68,17 @@ class MomentumBuffers:
 
     momentum_dtype: Optional[torch.dtype] = None
 
-    def _needs_state(self, group, p):
-        return group["momentum"] != 0 and self.state[p].get("momentum_buffer") is None
+    def _new_state(self, group, params, states):
+        if group["momentum"] == 0:
+            return [False] * len(params)
+        return [st is None or st.get("momentum_buffer") is None for st in states]
 
     def _init_state(self, group, p):
         self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
                                                             dtype=self.momentum_dtype or p.dtype)
 
     def _momentum_buffers(self, work: GroupWork, momentum: float) -> Optional[List[Tensor]]:
-        return [self.state[p]["momentum_buffer"] for p in work.params] if momentum != 0 else None
+        return [st["momentum_buffer"] for st in work.states] if momentum != 0 else None
 
 
 class SGD(MomentumBuffers, FusedOptimizer):
