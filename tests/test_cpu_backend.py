@@ -324,6 +324,8 @@ def test_cached_tables_still_refuse_bad_arguments():
         cpu.sgd_step([p], [torch.ones(7)], [b], lr=0.1, **_sgd_args(momentum=0.9))
     with pytest.raises(ValueError, match=r"grads\[0\] has dtype torch.float64"):
         cpu.sgd_step([p], [torch.ones(6, dtype=torch.float64)], [b], lr=0.1, **_sgd_args(momentum=0.9))
+    with pytest.raises(ValueError, match=r"grads\[0\] is on meta"):
+        cpu.sgd_step([p], [torch.ones(6, device="meta")], [b], lr=0.1, **_sgd_args(momentum=0.9))
     with pytest.raises(ValueError, match=r"bufs\[0\] has shape"):
         cpu.sgd_step([p], [g], [torch.zeros(5)], lr=0.1, **_sgd_args(momentum=0.9))
     cpu.clear_cache()

@@ -131,6 +131,9 @@ def test_cuda_graph_capture_and_replay_with_changing_lr(kernels, name):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
+    for i in range(80):  # more tensor sets than the table caches hold: the graph's tables must survive
+        q = torch.zeros(3 + i, device=CUDA)
+        kernels.sgd_step([q], [torch.ones_like(q)], None, lr=0.1)
     for step, value in enumerate([0.05, 0.2, 0.01]):
         lr.fill_(value)
         set_grads(step + 1)

@@ -29,8 +29,8 @@ dropped first), keyed on what it depends on apart from the gradients: the
 params' and state tensors' addresses, element counts and dtypes, and the
 first-step flags. Gradients move (autograd re-creates them every step with
 ``zero_grad(set_to_none=True)``), so on a hit their addresses are written
-into a copy of the table after a cheap check against the params (element
-count, dtype, contiguity). A hit costs ~12 attribute reads per param
+into a copy of the table after a cheap check against the params (device,
+element count, dtype, contiguity). A hit costs ~12 attribute reads per param
 (~0.6 us) and skips the shape checks, since an identical key means they
 would pass again. Tensors that are not contiguous (channels_last, ...) are
 checked on every call and never cached. One thing the key cannot see: a
@@ -264,7 +264,7 @@ def _cached(tag: str, flags: Sequence[bool], params: Sequence[Tensor], grads: Se
     k = tuple(key)
     table = _tables.get(k)  # hashing and comparing k costs ~10% of building it: one lookup, no LRU reordering
     if (table is not None and tuple(map(_numel, grads)) == numels and tuple(map(_dtype, grads)) == dtypes
-            and all(map(_is_contiguous, grads))):
+            and all(map(_is_contiguous, grads)) and all(map(_is_cpu, grads))):
         table = table.copy()
         table[:, _S["grad"]] = np.fromiter(map(_data_ptr, grads), dtype=np.int64, count=len(grads))
         return table

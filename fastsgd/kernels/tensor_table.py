@@ -29,7 +29,12 @@ tensors), the address table on the addresses, counts and flags. With
 caching allocator usually hands back the same addresses, and when it does not
 the rebuild is one small asynchronous host-to-device copy from pinned memory
 (no host synchronisation). During CUDA graph capture nothing may be copied
-from the host, so a table missing at capture time raises.
+from the host, so a table missing at capture time raises; a table used during
+capture is kept for good (a replay reads it), never evicted.
+
+Lookups hash the whole key (every address), so a hit costs one hash and one
+comparison and the caches keep insertion order (oldest evicted first)
+rather than reordering on every hit.
 """
 from __future__ import annotations
 
@@ -71,7 +76,7 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def addresses_of(tensors: Optional[Sequence[Tensor]]) -> Optional[Tuple[int, ...]]:
-    return None if tensors is None else tuple(t.data_ptr() for t in tensors)
+    return None if tensors is None else tuple(map(Tensor.data_ptr, tensors))
 
 
 class TableCache:
@@ -83,8 +88,10 @@ class TableCache:
         self.builds = 0
         self._tables: "OrderedDict[Hashable, TensorTable]" = OrderedDict()
         self._programs: "OrderedDict[Hashable, Tensor]" = OrderedDict()
+        self._captured: list = []  # tables a captured CUDA graph reads: alive for good
 
     def clear(self) -> None:
+        """Drops the cached tables, not those captured CUDA graphs read."""
         self._tables.clear()
         self._programs.clear()
 
@@ -105,7 +112,7 @@ class TableCache:
         key = (device, chunk, addresses, numels, flags)
         table = self._tables.get(key)
         if table is not None:
-            self._tables.move_to_end(key)
+            self._keep_if_captured(table)
             return table
         first, counts, programs = self._program_table(numels, chunk, device)
         rows = torch.zeros((len(numels), TABLE_WIDTH), dtype=torch.int64)
@@ -121,7 +128,13 @@ class TableCache:
         table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()), aligned)
         self.builds += 1
         self._remember(self._tables, key, table)
+        self._keep_if_captured(table)
         return table
+
+    def _keep_if_captured(self, table: TensorTable) -> None:
+        if table.tensors.is_cuda and torch.cuda.is_current_stream_capturing() and \
+                all(t is not table for t in self._captured):
+            self._captured.append(table)
 
     def _program_table(self, numels: tuple, chunk: int, device: torch.device):
         n = torch.tensor(numels, dtype=torch.int64)
@@ -136,6 +149,4 @@ class TableCache:
             host = torch.stack([owner, start], dim=1) if total else torch.zeros((1, 2), dtype=torch.int64)
             programs = _to_device(host.contiguous(), device)
             self._remember(self._programs, key, programs)
-        else:
-            self._programs.move_to_end(key)
         return first, counts, programs
