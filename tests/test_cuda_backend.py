@@ -256,20 +256,52 @@ def test_emulated_stacked_trials_and_mixed_kinds(emulated):
         kc.assert_all_close([a], [e], a.dtype, "tensor")
 
 
-def test_emulated_table_is_cached_and_rebuilt_on_change(emulated):
+def test_emulated_table_is_cached_and_rebuilt_on_change(emulated, monkeypatch):
+    builds = []
+    build = ck.build_host_table
+    monkeypatch.setattr(ck, "build_host_table", lambda *a: builds.append(1) or build(*a))
     params = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu")
     grads = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu", seed=1)
     bufs = [torch.zeros_like(p) for p in params]
     for first in (True, False, False):
         ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9, first_step=first)
-    assert len(ck._cache) == 2  # first-step flags are part of the table
-    new_grads = [g.clone() for g in grads]
-    ck.sgd_step(params, new_grads, bufs, lr=0.1, momentum=0.9)
-    assert len(ck._cache) == 3
-    entry = next(reversed(ck._cache.values()))  # the most recently used table
-    decoded, blocks = _decode(entry.host, 2)
-    assert [d["ptrs"][1] for d in decoded] == [g.data_ptr() for g in new_grads]
+    assert len(ck._cache) == 2 and len(builds) == 2  # first-step flags are part of the key
+    params[0].data = torch.zeros(10)  # a param re-pointed: a new table
+    ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9)
+    assert len(ck._cache) == 3 and len(builds) == 3
+    decoded, blocks = _decode(next(reversed(ck._cache.values())).host, 2)
+    assert decoded[0]["ptrs"][0] == params[0].data_ptr()
     assert blocks == [(0, 0), (1, 0), (1, 1), (1, 2)]  # CHUNK_SIZE 1024 in the emulation
+
+
+def test_emulated_new_grads_patch_the_cached_table(emulated, monkeypatch):
+    """Grads re-created at new addresses (zero_grad(set_to_none=True)) reuse
+    the table: no rebuild, the grad words and vectorised bits are rewritten,
+    and the step still matches the reference, also when a new grad is not
+    16-byte aligned (scalar path)."""
+    builds = []
+    build = ck.build_host_table
+    monkeypatch.setattr(ck, "build_host_table", lambda *a: builds.append(1) or build(*a))
+    shapes = [(10,), (3000,)]
+    params = kc.make_tensors(shapes, torch.float32, "cpu")
+    ref_p = [p.clone() for p in params]
+    bufs, ref_b = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for step in range(4):
+        grads = kc.make_tensors(shapes, torch.float32, "cpu", seed=10 + step)
+        if step == 3:  # the second grad at an odd offset: same values, not 16-byte aligned
+            storage = torch.empty(3001)
+            storage[1:].copy_(grads[1])
+            grads[1] = storage[1:]
+        kw = dict(lr=0.1, momentum=0.9, nesterov=True, first_step=step == 0)
+        ck.sgd_step(params, grads, bufs, **kw)
+        reference.sgd_step(ref_p, grads, ref_b, **kw)
+        entry = next(reversed(ck._cache.values()))
+        decoded, _ = _decode(entry.host, 2)
+        assert [d["ptrs"][1] for d in decoded] == [g.data_ptr() for g in grads]
+        assert [d["vec"] for d in decoded] == [True, step != 3]
+    assert len(builds) == 2  # first step, then one table whatever the grads
+    kc.assert_all_close(params, ref_p, torch.float32, "param")
+    kc.assert_all_close(bufs, ref_b, torch.float32, "momentum_buffer")
 
 
 def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):

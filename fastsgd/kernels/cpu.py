@@ -49,7 +49,7 @@ from torch import Tensor
 
 from fastsgd._native import native, native_error
 from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import is_dense
+from fastsgd.optim.base import grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -74,6 +74,7 @@ _is_cpu = attrgetter("is_cpu")
 _codes: dict = {}  # torch dtype -> native dtype code, filled on first use
 
 _CACHE_SIZE = 32
+_CPU = torch.device("cpu")
 _tables: Dict[tuple, np.ndarray] = {}
 
 
@@ -263,8 +264,7 @@ def _cached(tag: str, flags: Sequence[bool], params: Sequence[Tensor], grads: Se
         return build()
     k = tuple(key)
     table = _tables.get(k)  # hashing and comparing k costs ~10% of building it: one lookup, no LRU reordering
-    if (table is not None and tuple(map(_numel, grads)) == numels and tuple(map(_dtype, grads)) == dtypes
-            and all(map(_is_contiguous, grads)) and all(map(_is_cpu, grads))):
+    if table is not None and grads_fit(grads, numels, dtypes, _CPU):
         table = table.copy()
         table[:, _S["grad"]] = np.fromiter(map(_data_ptr, grads), dtype=np.int64, count=len(grads))
         return table

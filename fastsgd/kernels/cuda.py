@@ -4,11 +4,15 @@ Same functions and signatures as fastsgd/kernels/reference.py (sgd_step and
 lars_step also take ``stochastic_rounding`` for bfloat16 momentum buffers).
 How a call runs:
 
-1. Look up the *tensor table* for this exact set of tensors, keyed on the
-   device, every tensor's address, the params' numels and dtypes, the state
-   dtypes and the first-step flags. A hit (every step of a training loop)
-   costs one pass over the tensors in Python (~1 us per tensor and list on
-   the host) and nothing else is checked.
+1. Look up the *tensor table* for these params and state tensors, keyed on
+   the device, their addresses, the params' numels and dtypes, the state
+   dtypes and the first-step flags -- not on the grads, which autograd
+   re-creates every step (``zero_grad(set_to_none=True)``) at addresses that
+   may move (dynamic shapes change the allocation pattern). A hit costs one
+   pass over the tensors in Python (~1 us per tensor on the host). If the
+   grads moved, a cheap check (contiguous, same device, numel and dtype as
+   the param) stands in for the full one, and a copy of the table with the
+   new grad addresses is uploaded (one small asynchronous copy).
 2. On a miss: check what the native code cannot (one CUDA device, shapes,
    dense layouts shared by each param and its state, supported dtype pairs),
    build the table -- per tensor its pointers, numel, stacked-trial row
@@ -40,7 +44,7 @@ from torch import Tensor
 
 from fastsgd._native import native, native_error
 from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import grad_like_param, is_dense
+from fastsgd.optim.base import grad_like_param, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -183,7 +187,7 @@ class _Table:
     that LARS/LAMB need (allocated on first use)."""
 
     __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor", "captured",
-                 "grads")
+                 "grads", "grad_ptrs", "static_aligned")
 
     def __init__(self, dev, host, n_tensors, n_blocks, chunk_size, captured):
         self.dev, self.host = dev, host
@@ -192,6 +196,8 @@ class _Table:
         self.per_tensor: Optional[Tensor] = None
         self.captured = captured
         self.grads: Optional[List[Tensor]] = None
+        self.grad_ptrs: Tuple[int, ...] = ()          # the grad addresses in the table
+        self.static_aligned: Optional[Tensor] = None  # per tensor: param and state pointers 16-byte aligned
 
     def scratch(self, device) -> Tuple[int, int]:
         if self.partials is None:
@@ -202,6 +208,7 @@ class _Table:
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
+_is_contiguous = Tensor.is_contiguous
 _dtype = attrgetter("dtype")
 
 
@@ -278,11 +285,11 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
     """The device and the uploaded table for these tensors.
 
     Fast path (every step of a training loop): the cache key -- device,
-    addresses of every tensor, param numels and dtypes, state dtypes,
-    first-step flags -- is found, and nothing else is looked at. Only on a
-    miss are shapes, devices, layouts and dtype pairs checked (a tensor at
-    the same address with the same size, dtype and a different layout is not
-    detected; the optimizer classes never pass one)."""
+    param and state addresses, param numels and dtypes, state dtypes,
+    first-step flags -- is found; the grads are either those in the table or
+    pass grads_fit. Only on a miss are shapes, devices, layouts and dtype
+    pairs checked (a tensor at the same address with the same size, dtype and
+    a different layout is not detected; the optimizer classes never pass one)."""
     n = len(params)
     device = params[0].device
     _require_cuda(op, device)
@@ -290,13 +297,20 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
         raise ValueError(f"fastsgd cuda {op}: params, grads and state lists must have the same length")
     n_trials = _n_trials(op, hps)
     cols = (_ptrs(params, n), _ptrs(grads, n), _ptrs(s0, n), _ptrs(s1, n), _ptrs(steps, n))
-    numels = tuple(map(_numel, params))
-    key = (device.index, CHUNK_SIZE, n_trials, tuple(first), numels, tuple(map(_dtype, params)),
+    numels, dtypes = tuple(map(_numel, params)), tuple(map(_dtype, params))
+    # Grads are not in the key: autograd re-creates them (set_to_none) at
+    # addresses that may move from step to step; see _with_grads.
+    key = (device.index, CHUNK_SIZE, n_trials, tuple(first), numels, dtypes,
            tuple(map(_dtype, s0)) if s0 is not None else None,
-           tuple(map(_dtype, s1)) if s1 is not None else None) + cols
-    entry = _cache.get(key)
+           tuple(map(_dtype, s1)) if s1 is not None else None, cols[0]) + cols[2:]
+    entry = _cache.get(key)  # one hash of every address; no LRU reordering on a hit
     if entry is not None:
-        _cache.move_to_end(key)
+        if entry.grad_ptrs != cols[1]:
+            if entry.static_aligned is None or not grads_fit(grads, numels, dtypes, device):
+                entry = None  # e.g. grads in another layout than their params: the full path below
+            else:
+                entry = _with_grads(key, entry, cols[1], device)
+    if entry is not None:
         if not entry.captured and _capturing():
             entry.captured = True  # a graph now reads this table: never evict it
         return device, entry
@@ -319,6 +333,7 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
     capturing = _capturing()
     host, dev = _upload(host, device, capturing)
     entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE, capturing)
+    entry.grad_ptrs = cols[1]
     if copied:
         # Not cached (the copies are temporary); alive until the launch is
         # queued, or for good when a graph being captured will read them.
@@ -326,6 +341,9 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
         if capturing:
             _graph_owned.append(entry)
         return device, entry
+    if all(map(_is_contiguous, params)):  # then grads_fit (contiguous grads) may stand in for _check
+        entry.static_aligned = torch.tensor([c0 % _ALIGN == 0 and c2 % _ALIGN == 0 and c3 % _ALIGN == 0
+                                             for c0, c2, c3 in zip(cols[0], cols[2], cols[3])], dtype=torch.bool)
     _cache[key] = entry
     while len(_cache) > _CACHE_SIZE:
         old = next((k for k, v in _cache.items() if not v.captured), None)
@@ -333,6 +351,27 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
             break
         del _cache[old]
     return device, entry
+
+
+def _with_grads(key: tuple, old: _Table, grad_ptrs: Tuple[int, ...], device: torch.device) -> _Table:
+    """``old``'s table with new grad addresses (word 1 of each tensor's entry)
+    and the vectorised bits recomputed for them: one small asynchronous
+    upload instead of the full checks and rebuild. A table a captured graph
+    reads is left as it is (and kept alive); a new one takes its place."""
+    n = old.n_tensors
+    host = old.host.clone()
+    g = torch.tensor(grad_ptrs, dtype=torch.int64)
+    host[1:n * 8:8] = g
+    vec = (old.static_aligned & (g % _ALIGN == 0)).to(torch.int64)
+    host[7:n * 8:8] = (host[7:n * 8:8] & ~(1 << 41)) | (vec << 41)
+    capturing = _capturing()
+    host, dev = _upload(host, device, capturing)
+    entry = _Table(dev, host, n, old.n_blocks, old.chunk_size, capturing)
+    entry.grad_ptrs, entry.static_aligned = grad_ptrs, old.static_aligned
+    if old.captured:
+        _graph_owned.append(old)
+    _cache[key] = entry
+    return entry
 
 
 def clear_cache() -> None:

@@ -34,6 +34,7 @@ _dtype = attrgetter("dtype")
 _device = attrgetter("device")
 _is_sparse = attrgetter("is_sparse")
 _is_contiguous = Tensor.is_contiguous
+_numel = Tensor.numel
 
 
 @dataclass
@@ -65,6 +66,17 @@ def grad_like_param(g: Tensor, p: Tensor) -> Tensor:
     out = torch.empty_like(p)
     out.copy_(g)
     return out
+
+
+def grads_fit(grads: List[Tensor], numels: tuple, dtypes: tuple, device: torch.device) -> bool:
+    """True when every grad is contiguous, on ``device`` and has its param's
+    element count and dtype (``numels``/``dtypes``, per param). The backends'
+    table caches are keyed on params and state only, because autograd
+    re-creates grads every step with ``zero_grad(set_to_none=True)``, at
+    addresses that move; this cheap check stands in for the full one when
+    only the grads are new (a handful of attribute reads per tensor)."""
+    return (tuple(map(_numel, grads)) == numels and tuple(map(_dtype, grads)) == dtypes
+            and all(map(_is_contiguous, grads)) and set(map(_device, grads)) <= {device})
 
 
 def check_non_negative(name: str, value: Any, label: Optional[str] = None) -> None:
