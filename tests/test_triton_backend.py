@@ -238,13 +238,23 @@ def test_table_reused_while_tensors_unchanged_and_rebuilt_when_they_change():
     T.sgd_step(params, grads, bufs, first_step=False, **kw)  # uniform flags are a kernel argument
     T.sgd_step(params, grads, bufs, **kw)
     assert T.TABLES.builds == built + 1
-    new_grads = [g.clone() for g in grads]  # new addresses: a new table
+    new_grads = [g.clone() for g in grads]  # grads re-created at new addresses: the table is patched
+    ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
     T.sgd_step(params, new_grads, bufs, **kw)
-    assert T.TABLES.builds == built + 2
-    T.sgd_step(params, grads, bufs, **kw)  # the first set again: still cached
-    assert T.TABLES.builds == built + 2
+    reference.sgd_step(ref_p, new_grads, ref_b, **kw)
+    K.assert_all_close(params + bufs, ref_p + ref_b, torch.float32, "new grads")
+    assert T.TABLES.builds == built + 1
+    unaligned = [torch.empty(g.numel() + 1)[1:].view_as(g).copy_(g) for g in grads]
+    table = T.TABLES.get([tuple(t.data_ptr() for t in ts) for ts in (params, unaligned, bufs)],
+                         tuple(p.numel() for p in params), T.common.INTERPRETER_CONFIG.chunk, CPU, volatile=1)
+    assert not table.aligned and T.TABLES.builds == built + 1  # the vector-load promise follows the grads
+    T.sgd_step(params, unaligned, bufs, **kw)
+    reference.sgd_step(ref_p, unaligned, ref_b, **kw)
+    K.assert_all_close(params + bufs, ref_p + ref_b, torch.float32, "unaligned new grads")
     T.sgd_step(params[:-1], grads[:-1], bufs[:-1], **kw)  # a different param set
-    assert T.TABLES.builds == built + 3
+    assert T.TABLES.builds == built + 2
+    with pytest.raises(ValueError, match="grads\\[0\\] has shape"):  # moved grads of the wrong shape: full checks
+        T.sgd_step(params, [torch.zeros(3)] + new_grads[1:], bufs, **kw)
 
 
 def test_program_table_offsets_are_64_bit():

@@ -79,14 +79,18 @@ def addresses_of(tensors: Optional[Sequence[Tensor]]) -> Optional[Tuple[int, ...
     return None if tensors is None else tuple(map(Tensor.data_ptr, tensors))
 
 
+def _aligned(addresses: Tuple[int, ...]) -> bool:
+    return all(a % 16 == 0 for a in addresses)
+
+
 class TableCache:
-    """Least-recently-used cache of TensorTables. ``builds`` counts address
-    tables built (tests use it to check that a table is reused)."""
+    """Cache of TensorTables (oldest evicted first). ``builds`` counts
+    address tables built (tests use it to check that a table is reused)."""
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self.builds = 0
-        self._tables: "OrderedDict[Hashable, TensorTable]" = OrderedDict()
+        self._tables: "OrderedDict[Hashable, tuple]" = OrderedDict()  # (table, host rows, static aligned, volatile column)
         self._programs: "OrderedDict[Hashable, Tensor]" = OrderedDict()
         self._captured: list = []  # tables a captured CUDA graph reads: alive for good
 
@@ -101,17 +105,30 @@ class TableCache:
             cache.popitem(last=False)
 
     def get(self, addresses: Sequence[Optional[Tuple[int, ...]]], numels: Tuple[int, ...], chunk: int,
-            device: torch.device, flags: Optional[Sequence[bool]] = None) -> TensorTable:
+            device: torch.device, flags: Optional[Sequence[bool]] = None,
+            volatile: Optional[int] = None) -> TensorTable:
         """The table for tensors whose i-th row holds the addresses
         ``addresses[c][i]`` (see ``addresses_of``; a column may be None:
-        address 0) and ``numels[i]`` elements."""
+        address 0) and ``numels[i]`` elements. Column ``volatile`` (the
+        grads, re-created by autograd at moving addresses) is not part of the
+        key: when only it changed, a copy of the cached rows with the new
+        addresses is uploaded instead of a rebuild."""
         if len(addresses) > ADDRESS_COLUMNS:
             raise ValueError(f"at most {ADDRESS_COLUMNS} address columns, got {len(addresses)}")
         addresses = tuple(addresses)
+        moving = addresses[volatile] if volatile is not None else None
+        static = addresses[:volatile] + (None,) + addresses[volatile + 1:] if volatile is not None else addresses
         flags = tuple(bool(f) for f in flags) if flags is not None else None
-        key = (device, chunk, addresses, numels, flags)
-        table = self._tables.get(key)
-        if table is not None:
+        key = (device, chunk, static, numels, flags)
+        entry = self._tables.get(key)
+        if entry is not None:
+            table, rows, static_aligned, cached_moving = entry
+            if cached_moving != moving:
+                rows = rows.clone()
+                rows[:, volatile] = torch.tensor(moving, dtype=torch.int64)
+                table = TensorTable(_to_device(rows, device), table.programs, table.num_tensors,
+                                    table.num_programs, static_aligned and _aligned(moving))
+                self._tables[key] = (table, rows, static_aligned, moving)
             self._keep_if_captured(table)
             return table
         first, counts, programs = self._program_table(numels, chunk, device)
@@ -124,10 +141,11 @@ class TableCache:
         rows[:, COL_NUM_PROGRAMS] = counts
         if flags is not None:
             rows[:, COL_FLAG] = torch.tensor(flags, dtype=torch.int64)
-        aligned = all(a % 16 == 0 for col in addresses if col is not None for a in col)
-        table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()), aligned)
+        static_aligned = all(_aligned(col) for col in static if col is not None)
+        table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()),
+                            static_aligned and (moving is None or _aligned(moving)))
         self.builds += 1
-        self._remember(self._tables, key, table)
+        self._remember(self._tables, key, (table, rows, static_aligned, moving))
         self._keep_if_captured(table)
         return table
 

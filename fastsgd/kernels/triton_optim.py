@@ -70,7 +70,7 @@ if _IMPORT_ERROR is None:
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
 
 from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import is_dense
+from fastsgd.optim.base import grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -153,16 +153,19 @@ class _Tensors:
                 tuple(self.numels[i] for i in idx))
 
 
-# Tensor sets (addresses, sizes, dtypes) that passed _check_tensors: the full
-# per-tensor checks run once per set, not on every step.
-_CHECKED: "OrderedDict[tuple, None]" = OrderedDict()
+# Tensor sets that passed _check_tensors, keyed on everything but the grads'
+# addresses (column 1), which autograd moves from step to step: value = (the
+# grad addresses last checked, whether every param is contiguous). New grads
+# of a contiguous set pass grads_fit instead of the full checks.
+_CHECKED: "OrderedDict[tuple, Tuple[Optional[Tuple[int, ...]], bool]]" = OrderedDict()
+_GRADS = 1  # the grads' column in every table
 
 
 def _described(op: str, params: Sequence[Tensor], columns: Dict[str, Optional[Sequence[Tensor]]],
                extra_check=None, unchecked: Tuple[str, ...] = ()) -> _Tensors:
-    """The call's tensors (params, then ``columns`` in table-column order),
-    checked by _check_tensors (except the ``unchecked`` columns, which
-    ``extra_check`` covers) the first time this exact set is seen."""
+    """The call's tensors (params, then ``columns`` in table-column order, the
+    grads first), checked by _check_tensors (except the ``unchecked`` columns,
+    which ``extra_check`` covers) the first time this set is seen."""
     n = len(params)
     for name, ts in columns.items():
         if ts is not None and len(ts) != n:
@@ -172,13 +175,21 @@ def _described(op: str, params: Sequence[Tensor], columns: Dict[str, Optional[Se
     cols = [params, *columns.values()]
     described = _Tensors(tuple(addresses_of(ts) for ts in cols), tuple(map(_numel, params)),
                          tuple(tuple(map(_dtype, ts)) if ts is not None else None for ts in cols))
-    key = (op, device, described)
-    if key in _CHECKED:  # one hash of every address; no reordering (oldest evicted first)
-        return described
+    grads = described.addresses[_GRADS]
+    key = (op, device, described.addresses[:_GRADS] + described.addresses[_GRADS + 1:], described.numels,
+           described.dtypes)
+    seen = _CHECKED.get(key)  # one hash of every address; no reordering (oldest evicted first)
+    if seen is not None:
+        checked_grads, contiguous = seen
+        if checked_grads == grads:
+            return described
+        if contiguous and grads_fit(cols[_GRADS], described.numels, described.dtypes[0], device):
+            _CHECKED[key] = (grads, contiguous)
+            return described
     _check_tensors(op, params, **{k: v for k, v in columns.items() if k not in unchecked})
     if extra_check is not None:
         extra_check()
-    _CHECKED[key] = None
+    _CHECKED[key] = (grads, all(map(Tensor.is_contiguous, params)))
     if len(_CHECKED) > 64:
         _CHECKED.popitem(last=False)
     return described
@@ -348,7 +359,8 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
         g_flags = [flags[i] for i in idx]
         mixed = len(set(g_flags)) > 1
         addresses, numels = tensors.group(idx)
-        table = TABLES.get(addresses, numels, cfg.chunk, device, flags=g_flags if mixed else None)
+        table = TABLES.get(addresses, numels, cfg.chunk, device, flags=g_flags if mixed else None,
+                           volatile=_GRADS)
         dummy = table.tensors
         lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
         ratios = dummy
@@ -436,7 +448,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     # ---- checked: from here on tensors change ----
     for (p_dtype, s_dtype), idx in _group_by(list(zip(tensors.dtypes[0], tensors.dtypes[2]))).items():
         addresses, numels = tensors.group(idx)
-        table = TABLES.get(addresses, numels, cfg.chunk, device)
+        table = TABLES.get(addresses, numels, cfg.chunk, device, volatile=_GRADS)
         dummy = table.tensors
         lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
         clip_ptr, clip_value, clip_is_tensor = _scalar_arg(clip_divisor, dummy)
