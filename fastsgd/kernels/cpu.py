@@ -246,8 +246,8 @@ def _cached(tag: str, flags: Sequence[bool], params: Sequence[Tensor], grads: Se
     gradient addresses filled in. Gradients are not part of the key: with
     ``zero_grad(set_to_none=True)`` autograd allocates them anew every step,
     at addresses that move around. Their column (the same in both table
-    layouts) is refilled on every call, after checking each grad's element count, dtype
-    and contiguity against its param's."""
+    layouts) is refilled on every call, after ``grads_fit`` checked each
+    grad's device, element count, dtype and contiguity against its param's."""
     if not all(map(_is_contiguous, params)):
         return build()  # other layouts: checked every time
     numels, dtypes = tuple(map(_numel, params)), tuple(map(_dtype, params))
