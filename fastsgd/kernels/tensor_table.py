@@ -24,11 +24,12 @@ kernels may promise the compiler aligned (vectorisable) accesses.
 
 Both tables are cached and rebuilt only when what they describe changes: the
 program table is keyed on the element counts (it survives new gradient
-tensors), the address table on the addresses, counts and flags. With
-``zero_grad(set_to_none=True)`` gradients may be re-allocated each step; the
-caching allocator usually hands back the same addresses, and when it does not
-the rebuild is one small asynchronous host-to-device copy from pinned memory
-(no host synchronisation). During CUDA graph capture nothing may be copied
+tensors), the address table on the addresses, counts and flags -- except a
+``volatile`` column (the grads): with ``zero_grad(set_to_none=True)``
+gradients are re-allocated each step; the caching allocator usually hands
+back the same addresses, and when it does not, the cached rows get the new
+addresses and are uploaded again, one small asynchronous host-to-device copy
+from pinned memory (no host synchronisation, no rebuild). During CUDA graph capture nothing may be copied
 from the host, so a table missing at capture time raises; a table used during
 capture is kept for good (a replay reads it), never evicted.
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Optional, Sequence, Tuple
+from typing import Hashable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -83,6 +84,13 @@ def _aligned(addresses: Tuple[int, ...]) -> bool:
     return all(a % 16 == 0 for a in addresses)
 
 
+class _Cached(NamedTuple):
+    table: TensorTable
+    rows: Tensor                  # the host copy of table.tensors
+    static_aligned: bool          # every address outside the volatile column is 16-byte aligned
+    volatile: Optional[Tuple[int, ...]]  # the volatile column's addresses in this table
+
+
 class TableCache:
     """Cache of TensorTables (oldest evicted first). ``builds`` counts
     address tables built (tests use it to check that a table is reused)."""
@@ -90,7 +98,7 @@ class TableCache:
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
         self.builds = 0
-        self._tables: "OrderedDict[Hashable, tuple]" = OrderedDict()  # (table, host rows, static aligned, volatile column)
+        self._tables: "OrderedDict[Hashable, _Cached]" = OrderedDict()
         self._programs: "OrderedDict[Hashable, Tensor]" = OrderedDict()
         self._captured: list = []  # tables a captured CUDA graph reads: alive for good
 
@@ -122,13 +130,13 @@ class TableCache:
         key = (device, chunk, static, numels, flags)
         entry = self._tables.get(key)
         if entry is not None:
-            table, rows, static_aligned, cached_moving = entry
-            if cached_moving != moving:
-                rows = rows.clone()
+            table = entry.table
+            if entry.volatile != moving:
+                rows = entry.rows.clone()
                 rows[:, volatile] = torch.tensor(moving, dtype=torch.int64)
                 table = TensorTable(_to_device(rows, device), table.programs, table.num_tensors,
-                                    table.num_programs, static_aligned and _aligned(moving))
-                self._tables[key] = (table, rows, static_aligned, moving)
+                                    table.num_programs, entry.static_aligned and _aligned(moving))
+                self._tables[key] = _Cached(table, rows, entry.static_aligned, moving)
             self._keep_if_captured(table)
             return table
         first, counts, programs = self._program_table(numels, chunk, device)
@@ -145,7 +153,7 @@ class TableCache:
         table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()),
                             static_aligned and (moving is None or _aligned(moving)))
         self.builds += 1
-        self._remember(self._tables, key, (table, rows, static_aligned, moving))
+        self._remember(self._tables, key, _Cached(table, rows, static_aligned, moving))
         self._keep_if_captured(table)
         return table
 
