@@ -1,7 +1,7 @@
 """Overhead of measuring the gradient noise scale, per training step.
 
 Times one accumulation step (``--micro-batches`` forward/backward passes + the optimizer
-step) with and without ``fastsgd.study.noise_scale.NoiseScaleAccumulator`` (one squared
+step) with and without ``fastsgd.noise_scale.NoiseScaleAccumulator`` (one squared
 norm per parameter per micro-batch in a gradient hook, one ``_foreach_norm`` of the
 accumulated gradient and the 0-dim EMA update per step; no host sync). The two variants
 are timed in alternating rounds so that a noisy shared machine affects both alike; the
@@ -28,19 +28,19 @@ import time
 import torch
 
 from fastsgd.measure import environment, format_table, quantiles, time_fn, write_rows
-from fastsgd.study.noise_scale import GradientNoiseScale, NoiseScaleAccumulator
+from fastsgd.noise_scale import GradientNoiseScale, NoiseScaleAccumulator
 
 TARGET = 0.02
 
 
 def _workload(name: str):
     try:
-        from fastsgd.study.data_workloads import WORKLOADS, get_workload
+        from fastsgd.study.workloads import WORKLOADS, get_workload
         if name in WORKLOADS or name == "least-squares":
             return get_workload(name)
     except ImportError:
         pass
-    from fastsgd.study.synthetic import synthetic_workload
+    from fastsgd.study.workloads.synthetic import synthetic_workload
     return synthetic_workload(name)
 
 
@@ -60,7 +60,7 @@ def _time(fn, dev, clock: str, warmup: int, reps: int) -> float:
 
 def measure(workload_name: str, batch_size: int, micro_batches: int, optimizer: str, device: str,
             rounds: int, reps: int, clock: str = "wall", mode: str = "each") -> dict:
-    from fastsgd.study.optimizer_factory import make_optimizer
+    from fastsgd.study.optimizers import make_optimizer
 
     wl = _workload(workload_name)
     dev = torch.device(device)

@@ -2,7 +2,7 @@
 
 Trains a workload once at one batch size with a fastsgd optimizer, splitting every
 step into ``--micro-batches`` accumulation micro-batches so that
-``fastsgd.study.noise_scale.NoiseScaleAccumulator`` measures the gradient noise scale
+``fastsgd.noise_scale.NoiseScaleAccumulator`` measures the gradient noise scale
 B_simple along the way (McCandlish et al. 2018). Stops at the first evaluation that
 beats the goal, then predicts B_crit and S(B) = S_min + E_min/B
 (``predict_critical_batch``: the progress-weighted mean of B_simple over the run).
@@ -22,137 +22,39 @@ steps, B_simple / |G|^2 / tr(Sigma) of the window, the running EMA B_simple),
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import time
 
 import torch
 
-from fastsgd.measure import environment, format_table
-from fastsgd.study.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, predict_critical_batch
-
-SCHEMA = "fastsgd.noise_scale_run/1"
-
-
-def _get_workload(name: str, goal):
-    kwargs = {} if goal is None else {"goal": goal}
-    if name == "least-squares":
-        from fastsgd.study.least_squares import least_squares_workload
-        return least_squares_workload(**kwargs)
-    from fastsgd.study.data_workloads import get_workload
-    return get_workload(name, **kwargs)
-
-
-def _study_hparams(study_dir: str, batch_size: int):
-    """(study summary dict, best hparams at batch_size or None)."""
-    import json
-    from fastsgd.study.time_to_result import _find
-    with open(_find(study_dir, "study_summary.json")) as f:
-        summary = json.load(f)
-    for row in summary.get("per_batch_size", []):
-        if int(row["batch_size"]) == batch_size:
-            return summary, row.get("best_hparams")
-    return summary, None
+from fastsgd.measure import format_table
+from fastsgd.noise_scale import NoiseScaleAccumulator
+from fastsgd.study.combine.noise_prediction import measure_noise_run, study_hparams
+from fastsgd.study.workloads import get_workload
 
 
 def run(args) -> dict:
-    from fastsgd.study.optimizer_factory import make_optimizer
-
-    wl = _get_workload(args.workload, args.goal)
-    if wl.evaluate is None or wl.goal is None:
-        raise SystemExit(f"workload {wl.name} has no evaluate/goal: give --goal")
-    if args.batch_size % args.micro_batches:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by --micro-batches {args.micro_batches}")
+    wl = get_workload(args.workload, **({} if args.goal is None else {"goal": args.goal}))
     summary, hp = (None, None)
     if args.study:
-        summary, hp = _study_hparams(args.study, args.batch_size)
+        summary, hp = study_hparams(args.study, args.batch_size)
     lr = args.lr if args.lr is not None else (hp or {}).get("lr", 0.1)
     momentum = args.momentum if args.momentum is not None else (hp or {}).get("momentum", 0.9)
     lr_source = "--lr" if args.lr is not None else ("study best trial" if hp else "default")
-
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    model = wl.make_model().to(device)
-    opt = make_optimizer(args.optimizer, model.parameters(), lr=lr, momentum=momentum)
-    noise = GradientNoiseScale(decay=args.decay)
-    acc = NoiseScaleAccumulator(model, noise, mode=args.noise_mode)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    micro = args.batch_size // args.micro_batches
-    sign = -1.0 if wl.higher_is_better else 1.0
-
-    trajectory, evaluations = [], []
-    win_g2 = win_tr = None
-    win_steps, step, reached = 0, 0, False
-    next_eval = 1
-    t_start = time.perf_counter()
-    while step < args.max_steps:
-        x, y = wl.sample_batch(args.batch_size, gen, device)
-        for xb, yb in zip(x.split(micro), y.split(micro)):
-            (wl.loss(model(xb), yb) / args.micro_batches).backward()
-            acc.micro_step(len(xb))
-        d = acc.finish()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        win_steps += 1
-        win_g2 = d["g2_raw"] if win_g2 is None else win_g2 + d["g2_raw"]
-        win_tr = d["trace_raw"] if win_tr is None else win_tr + d["trace_raw"]
-        done = False
-        if step >= next_eval:
-            metric = wl.evaluate(model, device)[wl.goal_metric]
-            evaluations.append({"step": step, wl.goal_metric: metric})
-            if not math.isfinite(metric):
-                raise SystemExit(f"training diverged at step {step} ({wl.goal_metric}={metric}); lower --lr")
-            done = sign * (metric - wl.goal) < 0
-            # resolve steps to result within ~2 %: the evaluation interval grows with the step
-            next_eval = step + max(1, int(step * args.eval_resolution))
-        if win_steps >= args.window or done:
-            g2, tr = float(win_g2 / win_steps), float(win_tr / win_steps)
-            trajectory.append({"step": step, "window_steps": win_steps, "g2": g2, "trace": tr,
-                               "b_simple": tr / g2 if g2 > 0 else float("nan"), "b_simple_ema": noise.b_simple})
-            win_g2 = win_tr = None
-            win_steps = 0
-        if done:
-            reached = True
-            break
-        if args.progress and step % 100 == 0:
-            print(f"  step {step}: {wl.goal_metric} {evaluations[-1][wl.goal_metric]:.4g} (goal {wl.goal}), "
-                  f"B_simple(EMA) {noise.b_simple:.4g}", file=sys.stderr)
-    wall = time.perf_counter() - t_start
-    acc.remove()
-
-    result = {"schema": SCHEMA, "workload": wl.name, "optimizer": args.optimizer, "lr": lr, "momentum": momentum,
-              "lr_source": lr_source, "batch_size": args.batch_size, "micro_batches": args.micro_batches,
-              "window": args.window, "ema_decay": args.decay, "seed": args.seed, "noise_mode": args.noise_mode,
-              "goal": {"metric": wl.goal_metric, "value": wl.goal, "higher_is_better": wl.higher_is_better},
-              "reached_goal": reached, "steps": step if reached else None, "max_steps": args.max_steps,
-              "trajectory": trajectory, "evaluations": evaluations, "prediction": None, "comparison": None,
-              "environment": environment(device), "wall_seconds": wall}
-    if not reached:
+    try:
+        result = measure_noise_run(wl, optimizer=args.optimizer, lr=lr, momentum=momentum,
+                                   batch_size=args.batch_size, micro_batches=args.micro_batches,
+                                   window=args.window, decay=args.decay, noise_mode=args.noise_mode,
+                                   eval_resolution=args.eval_resolution, max_steps=args.max_steps,
+                                   seed=args.seed, device=args.device, study_summary=summary,
+                                   progress=args.progress)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    result["lr_source"] = lr_source
+    if not result["reached_goal"]:
         print(f"goal {wl.goal} not reached in {args.max_steps} steps: no prediction (raise --max-steps or the lr)",
               file=sys.stderr)
-        return result
-    pred = predict_critical_batch([r["b_simple"] for r in trajectory], [r["window_steps"] for r in trajectory],
-                                  args.batch_size)
-    result["prediction"] = pred.as_dict()
-    if summary is not None:
-        result["comparison"] = compare_with_study(pred, summary)
     return result
-
-
-def compare_with_study(pred, summary: dict) -> dict:
-    """Predicted vs measured B_crit and steps per batch size."""
-    fit = summary.get("fit") or {}
-    measured = fit.get("B_crit")
-    rows = [{"batch_size": int(r["batch_size"]), "measured_steps": r.get("steps"),
-             "predicted_steps": float(pred.steps(int(r["batch_size"])))} for r in summary.get("per_batch_size", [])]
-    return {"measured_B_crit": measured, "measured_B_crit_ci": fit.get("B_crit_ci"),
-            "predicted_B_crit": pred.b_crit,
-            "ratio": (pred.b_crit / measured) if measured else None,
-            "ratio_mean_b_simple": (pred.b_simple_mean / measured) if measured else None,
-            "ratio_final_b_simple": (pred.b_simple_final / measured) if measured else None,
-            "measured_S_min": fit.get("S_min"), "predicted_S_min": pred.s_min, "per_batch_size": rows}
 
 
 def main(argv=None) -> int:
@@ -160,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--workload", default="mnist1d-mlp", help="mnist1d-mlp | mnist1d-cnn | digits-mlp | least-squares")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batches", type=int, default=4, help="accumulation micro-batches per step (>= 2)")
-    p.add_argument("--optimizer", default="fastsgd-nesterov", help="optimizer spec (fastsgd.study.optimizer_factory)")
+    p.add_argument("--optimizer", default="fastsgd-nesterov", help="optimizer spec (fastsgd.study.optimizers)")
     p.add_argument("--lr", type=float, default=None, help="default: the study's best at this batch size, else 0.1")
     p.add_argument("--momentum", type=float, default=None, help="default: the study's best, else 0.9")
     p.add_argument("--goal", type=float, default=None, help="goal on the workload's goal metric (default: its own)")

@@ -17,9 +17,9 @@ import argparse
 import json
 import sys
 
-from fastsgd.study.report import build_report, write_report
-from fastsgd.study.time_to_result import load_study, load_throughput
-from fastsgd.study.whatif import load_comm_model
+from fastsgd.study.combine.report import build_report, write_report
+from fastsgd.study.combine.time_to_result import load_study, load_throughput
+from fastsgd.study.combine.whatif import load_comm_model
 
 
 def main(argv=None) -> int:

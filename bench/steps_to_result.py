@@ -12,7 +12,7 @@ stopped. Writes DIR/study_summary.json and PNG plots and prints a table.
 --batch-sizes: "8..4096" (powers of two), "8,32,128" or a mix.
 --goal: a number, or "golmant" (lower quartile of the best values reached at
 the largest batch size); default: the workload's goal.
---space: a JSON file or JSON string in the fastsgd.study.search format.
+--space: a JSON file or JSON string in the fastsgd.study.steps.search format.
 --protocol: tuned (search every batch size) or a Golmant scaling rule
 (constant, sqrt, linear, linear-warmup) from --base-batch-size.
 --export DIR: also write the trials in the batch_science layout under DIR.
@@ -26,8 +26,8 @@ import json
 import os
 import sys
 
-from fastsgd.study.runner import GOAL_RULES, PROTOCOLS, StudyConfig, run_study
-from fastsgd.study.search import OPTIMIZERS
+from fastsgd.study.steps.runner import GOAL_RULES, PROTOCOLS, StudyConfig, run_study
+from fastsgd.study.steps.search import OPTIMIZERS
 
 
 def parse_batch_sizes(text: str):
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if a.export:
-        from fastsgd.study.batch_science import export_records
-        from fastsgd.study.runner import open_storage
+        from fastsgd.study.steps.batch_science import export_records
+        from fastsgd.study.steps.runner import open_storage
         dataset, _, model = a.workload.partition("-")
         path = export_records(open_storage(config).records(), a.export, dataset=dataset, model=model or "model",
                               optimizer=a.optimizer, study_info={"goal": summary["goal"]})

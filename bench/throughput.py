@@ -10,7 +10,7 @@ backward, optimizer step) on synthetic inputs. Prints a table (step time
 median and 20-80 % range, its forward+backward and optimizer parts,
 examples/s, peak memory, energy on NVIDIA GPUs), fits t(B) = t0 + B/X and
 reports the hardware knee B_hw = t0*X, and writes throughput.json,
-throughput.csv and throughput.png (schema: fastsgd/study/step_time.py).
+throughput.csv and throughput.png (schema: fastsgd/study/hardware/step_time.py).
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ import torch
 
 from fastsgd.backends import BackendUnavailable
 from fastsgd.measure import device_name, format_table
-from fastsgd.study.optimizer_factory import OPTIMIZERS, parse_optimizer_spec
-from fastsgd.study.step_time import StepTimeSweep, measure_step_times, write_results
-from fastsgd.study.data_workloads import WORKLOADS as DATA_WORKLOADS, get_workload
-from fastsgd.study.synthetic import WORKLOADS, synthetic_workload
+from fastsgd.study.optimizers import OPTIMIZERS, parse_optimizer_spec
+from fastsgd.study.hardware.step_time import StepTimeSweep, measure_step_times, write_results
+from fastsgd.study.workloads import WORKLOADS as DATA_WORKLOADS, get_workload
+from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
 from fastsgd.study.throughput_plot import plot_throughput
 
 # Per device type: batch sizes, warm-up steps, minimum timed steps, seconds of timing per batch size.

@@ -6,7 +6,7 @@ one-at-a-time training with torch.optim.SGD, on the MNIST-1D MLP.
 Both sides train the same trials (same seeds, hyperparameters, batches) for
 --steps steps and evaluate on the validation split at the same steps
 (every doubling of the step count); a "trial" here is one such run. The
-vmapped side is fastsgd.study.trials.run_trials (the study's engine); the
+vmapped side is fastsgd.study.steps.trials.run_trials (the study's engine); the
 baseline is a plain loop per trial with torch.optim.SGD(nesterov=True).
 Writes bench/results/trials_per_second.json (or --out).
 """
@@ -21,9 +21,10 @@ import torch
 
 from fastsgd.backends import get_backend
 from fastsgd.measure import environment, format_table, write_rows
-from fastsgd.study import search
-from fastsgd.study.data_workloads import get_workload, restrict_eval_sets
-from fastsgd.study.trials import RunSettings, TrialSpec, data_seed, evaluation_steps, run_trials
+from fastsgd.study.steps import search
+from fastsgd.study.workloads import get_workload
+from fastsgd.study.workloads.data import restrict_eval_sets
+from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, evaluation_steps, run_trials
 
 EVAL_RATIO = 2.0  # evaluate at steps 0, 1, 2, 4, 8, ...: the benchmark is about training throughput
 

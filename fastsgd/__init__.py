@@ -7,7 +7,7 @@
 """
 from fastsgd.backends import BackendUnavailable, available_backends
 from fastsgd.optim import LAMB, LARS, SGD, Momentum, Nesterov, param_groups
-from fastsgd.study.noise_scale import GradientNoiseScale
+from fastsgd.noise_scale import GradientNoiseScale
 
 __version__ = "0.1.0"
 

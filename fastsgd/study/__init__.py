@@ -11,28 +11,28 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Workload": "fastsgd.study.workload",
+    "Workload": "fastsgd.study.workloads.base",
     # hardware half (bench/throughput.py)
-    "measure_step_times": "fastsgd.study.step_time",
-    "write_results": "fastsgd.study.step_time",
-    "StepTimeSweep": "fastsgd.study.step_time",
-    "fit_step_time": "fastsgd.study.hardware_fit",
-    "HardwareFit": "fastsgd.study.hardware_fit",
-    "synthetic_workload": "fastsgd.study.synthetic",
-    "make_optimizer": "fastsgd.study.optimizer_factory",
+    "measure_step_times": "fastsgd.study.hardware.step_time",
+    "write_results": "fastsgd.study.hardware.step_time",
+    "StepTimeSweep": "fastsgd.study.hardware.step_time",
+    "fit_step_time": "fastsgd.study.hardware.fit",
+    "HardwareFit": "fastsgd.study.hardware.fit",
+    "synthetic_workload": "fastsgd.study.workloads.synthetic",
+    "make_optimizer": "fastsgd.study.optimizers",
     # algorithmic half (bench/steps_to_result.py)
-    "StudyConfig": "fastsgd.study.runner",
-    "run_study": "fastsgd.study.runner",
-    "DataWorkload": "fastsgd.study.data_workloads",
-    "make_data_workload": "fastsgd.study.data_workloads",
-    "get_workload": "fastsgd.study.data_workloads",
-    "analyze": "fastsgd.study.steps_to_result",
-    "fit_scaling": "fastsgd.study.steps_to_result",
-    "least_squares_workload": "fastsgd.study.least_squares",
+    "StudyConfig": "fastsgd.study.steps.runner",
+    "run_study": "fastsgd.study.steps.runner",
+    "DataWorkload": "fastsgd.study.workloads.data",
+    "make_data_workload": "fastsgd.study.workloads.data",
+    "get_workload": "fastsgd.study.workloads",
+    "analyze": "fastsgd.study.steps.analysis",
+    "fit_scaling": "fastsgd.study.steps.analysis",
+    "least_squares_workload": "fastsgd.study.workloads.least_squares",
     # combining them (bench/report.py)
-    "GradientNoiseScale": "fastsgd.study.noise_scale",
-    "NoiseScaleAccumulator": "fastsgd.study.noise_scale",
-    "predict_critical_batch": "fastsgd.study.noise_scale",
+    "GradientNoiseScale": "fastsgd.noise_scale",
+    "NoiseScaleAccumulator": "fastsgd.noise_scale",
+    "predict_critical_batch": "fastsgd.study.combine.noise_prediction",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from fastsgd.study.steps_to_result import TrialRecord
+from fastsgd.study.steps.analysis import TrialRecord
 
 
 def _pyplot():

@@ -10,7 +10,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from fastsgd.study.hardware_fit import HardwareFit
+from fastsgd.study.hardware.fit import HardwareFit
 
 
 def plot_throughput(records: Sequence[Dict[str, Any]], fit: HardwareFit, path: str, *, title: str = "",

@@ -2,6 +2,7 @@
 simulated kill (nothing lost, nothing rerun), configuration checks, the Golmant
 protocol, and on least squares a fitted B_crit between the closed-form noise
 scales at the start and at the goal."""
+import importlib.util
 import json
 import os
 import signal
@@ -13,13 +14,13 @@ import optuna
 import pytest
 import torch
 
-from fastsgd.study import runner
-from fastsgd.study.batch_science import import_records
-from fastsgd.study.runner import StudyConfig, open_storage, run_study
-from fastsgd.study.storage import EVAL_PREFIX, StudyStorage
-from fastsgd.study.steps_to_result import FINAL_OUTCOMES, SCHEMA
+from fastsgd.study.steps import runner
+from fastsgd.study.steps.batch_science import import_records
+from fastsgd.study.steps.runner import StudyConfig, open_storage, run_study
+from fastsgd.study.steps.storage import EVAL_PREFIX, StudyStorage
+from fastsgd.study.steps.analysis import FINAL_OUTCOMES, SCHEMA
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(workload="digits-mlp", optimizer="nesterov", batch_sizes=[32, 128], trials=4, goal=0.1,
             budget_epochs=2, min_steps=30, max_steps=60, group_size=2)
 CLI_ARGS = ["--workload", "digits-mlp", "--optimizer", "nesterov", "--batch-sizes", "32,128", "--trials", "4",
@@ -45,11 +46,10 @@ def same_records(a, b):
 @pytest.fixture(scope="module")
 def clean_study(tmp_path_factory):
     """The tiny study run once without interruption, through the CLI, with an export."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import steps_to_result as cli
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("bench_steps_to_result",
+                                                  os.path.join(ROOT, "bench", "steps_to_result.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
     out = tmp_path_factory.mktemp("clean")
     assert cli.main(CLI_ARGS + ["--out", str(out), "--export", str(out / "bs")]) == 0
     return out, open_storage(StudyConfig(out=str(out), **TINY)).records()
@@ -192,7 +192,7 @@ def test_golmant_protocol_scales_the_base_lr(tmp_path):
 
 
 def test_least_squares_bcrit_between_noise_scales(tmp_path):
-    from fastsgd.study.least_squares import least_squares_workload
+    from fastsgd.study.workloads.least_squares import least_squares_workload
 
     wl = least_squares_workload(dim=16, alpha=1.0, seed=0, goal_fraction=0.02)
     problem = wl.info["problem"]
@@ -214,7 +214,7 @@ def test_least_squares_bcrit_between_noise_scales(tmp_path):
 
 
 def test_golmant_goal_rule(tmp_path):
-    from fastsgd.study.steps_to_result import golmant_goal
+    from fastsgd.study.steps.analysis import golmant_goal
 
     config = StudyConfig(out=str(tmp_path), **dict(TINY, goal=None, goal_rule="golmant", trials=2, max_steps=40))
     summary = run_study(config, progress=False, log=lambda s: None)

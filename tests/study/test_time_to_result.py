@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from fastsgd.study.noise_scale import predict_critical_batch
-from fastsgd.study.time_to_result import (StepsCurve, StepTimeCurve, StudyData, ThroughputData, combine,
+from fastsgd.study.combine.noise_prediction import predict_critical_batch
+from fastsgd.study.combine.time_to_result import (StepsCurve, StepTimeCurve, StudyData, ThroughputData, combine,
                                           interpolate_loglog, load_study, load_throughput, optimal_batch_size,
                                           plot_time_to_result, time_to_result_table)
-from fastsgd.study.whatif import CommModel, load_comm_model, step_time, what_if, whatif_table
+from fastsgd.study.combine.whatif import CommModel, load_comm_model, step_time, what_if, whatif_table
 
 STEPS = StepsCurve(s_min=50.0, e_min=50.0 * 256)      # B_crit = 256
 TIME = StepTimeCurve(t0=0.01, throughput=1600.0)       # B_hw = 16

@@ -45,8 +45,8 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from fastsgd.backends import get_backend
-from fastsgd.study.steps_to_result import BUDGET, GOAL, INFEASIBLE, PRUNED, beats
-from fastsgd.study.workload import Workload
+from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, beats
+from fastsgd.study.workloads.base import Workload
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov")
 CPU = torch.device("cpu")
@@ -54,7 +54,7 @@ CPU = torch.device("cpu")
 
 @dataclass
 class TrialSpec:
-    """One trial: an id, a seed and hyperparameters (see fastsgd.study.search.hparams:
+    """One trial: an id, a seed and hyperparameters (see fastsgd.study.steps.search.hparams:
     lr, momentum, weight_decay, optional decay_alpha/decay_fraction, warmup_steps/warmup_start_lr)."""
 
     trial_id: int

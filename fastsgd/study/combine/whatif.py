@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from fastsgd.study.time_to_result import StepsCurve, StepTimeCurve
+from fastsgd.study.combine.time_to_result import StepsCurve, StepTimeCurve
 
 __all__ = ["CommModel", "WhatIf", "step_time", "what_if", "load_comm_model", "whatif_table"]
 

@@ -41,7 +41,7 @@ meta:
                  "ghost_bn" (ghost batch size or null), "batch_sizes" (requested), "memory_limit_bytes"
                  (null: none), "memory_method", "energy_method" (or "n/a (reason)"), "seed", "threads"}
   environment   fastsgd.measure.environment(device): device name, torch/triton/fastsgd/python versions, date, commit
-  fit           fastsgd.study.hardware_fit.HardwareFit.as_dict(): t0_s, throughput (X, examples/s),
+  fit           fastsgd.study.hardware.fit.HardwareFit.as_dict(): t0_s, throughput (X, examples/s),
                 knee_batch_size (t0*X), r2, rel_residuals, max_abs_rel_residual, n_points, method, message, ok
   stopped       null (every batch size ran) or {"batch_size", "reason", "estimated_peak_bytes"
                 (null unless stopped by the estimate)}
@@ -70,10 +70,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from fastsgd.measure import environment, quantiles, synchronize, write_rows
-from fastsgd.study.energy import EnergyMeter
-from fastsgd.study.hardware_fit import HardwareFit, fit_step_time
-from fastsgd.study.optimizer_factory import implementation, make_optimizer
-from fastsgd.study.workload import Workload
+from fastsgd.study.hardware.energy import EnergyMeter
+from fastsgd.study.hardware.fit import HardwareFit, fit_step_time
+from fastsgd.study.optimizers import implementation, make_optimizer
+from fastsgd.study.workloads.base import Workload
 
 SCHEMA = "fastsgd.throughput/1"
 
@@ -260,7 +260,7 @@ def measure_step_times(workload: Workload, batch_sizes: Sequence[int], *,
                        seed: int = 0, energy: bool = True, progress: Optional[Progress] = None) -> StepTimeSweep:
     """Time full training steps of ``workload`` at each batch size (see the module docstring).
 
-    optimizer:       a spec for ``fastsgd.study.optimizer_factory.make_optimizer`` (built with ``lr``,
+    optimizer:       a spec for ``fastsgd.study.optimizers.make_optimizer`` (built with ``lr``,
                      ``weight_decay``) or a callable ``params -> optimizer``
     warmup, steps:   untimed steps, then at least ``steps`` timed ones per batch size
     time_budget_s:   keep timing a batch size until this many seconds are spent (0: exactly ``steps``)

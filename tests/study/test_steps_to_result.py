@@ -6,12 +6,12 @@ tests/test_study_runner.py.)"""
 import numpy as np
 import pytest
 
-from fastsgd.study import search
-from fastsgd.study.batch_science import export_records, import_records
-from fastsgd.study.steps_to_result import (BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord, analyze,
+from fastsgd.study.steps import search
+from fastsgd.study.steps.batch_science import export_records, import_records
+from fastsgd.study.steps.analysis import (BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord, analyze,
                                            batch_size_steps_to_result, fit_scaling, golmant_goal,
                                            trial_steps_to_result)
-from fastsgd.study.trials import evaluation_steps, next_eval_step
+from fastsgd.study.steps.trials import evaluation_steps, next_eval_step
 
 
 def rec(trial_id, steps, errors, outcome=BUDGET, bs=32, hp=None):

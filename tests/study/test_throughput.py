@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastsgd.study.energy import EnergyMeter, PowerSampler, trapezoid_energy
-from fastsgd.study.hardware_fit import fit_step_time
-from fastsgd.study.optimizer_factory import OPTIMIZERS, implementation, make_optimizer, parse_optimizer_spec
-from fastsgd.study.step_time import RECORD_KEYS, measure_step_times, write_results
-from fastsgd.study.synthetic import WORKLOADS, synthetic_workload
+from fastsgd.study.hardware.energy import EnergyMeter, PowerSampler, trapezoid_energy
+from fastsgd.study.hardware.fit import fit_step_time
+from fastsgd.study.optimizers import OPTIMIZERS, implementation, make_optimizer, parse_optimizer_spec
+from fastsgd.study.hardware.step_time import RECORD_KEYS, measure_step_times, write_results
+from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
 from fastsgd.study.throughput_plot import plot_throughput
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "throughput.py")
 
 

@@ -4,7 +4,7 @@ weights or code are downloaded.
 
 Every constructor builds a freshly initialised model on the CPU; call
 ``torch.manual_seed`` first for reproducibility. The input each model expects
-is stated in its docstring; ``fastsgd.study.synthetic`` pairs each one with
+is stated in its docstring; ``fastsgd.study.workloads.synthetic`` pairs each one with
 synthetic inputs of that shape.
 
 - ``SimpleCNN``     Shallue et al.'s "Simple CNN" for 28x28 images: 2 conv + 2 fully connected layers

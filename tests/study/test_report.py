@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from fastsgd.study.noise_scale import predict_critical_batch
-from fastsgd.study.report import build_report, render_markdown
-from fastsgd.study.time_to_result import StepsCurve, StepTimeCurve, StudyData, ThroughputData
+from fastsgd.study.combine.noise_prediction import predict_critical_batch
+from fastsgd.study.combine.report import build_report, render_markdown
+from fastsgd.study.combine.time_to_result import StepsCurve, StepTimeCurve, StudyData, ThroughputData
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = StepsCurve(50.0, 50.0 * 256)     # B_crit 256
 TIME = StepTimeCurve(0.01, 1600.0)       # B_hw 16 -> B* 64
 

@@ -24,7 +24,7 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
-from fastsgd.study.steps_to_result import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
+from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
 
 _STATUS = {GOAL: "COMPLETE", BUDGET: "COMPLETE", INFEASIBLE: "INFEASIBLE", PRUNED: "INCOMPLETE"}
 _OUTCOME = {"COMPLETE": BUDGET, "INFEASIBLE": INFEASIBLE, "INCOMPLETE": PRUNED}

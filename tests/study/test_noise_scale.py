@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastsgd.study.least_squares import GaussianLeastSquares, least_squares_workload, power_law_spectrum
-from fastsgd.study.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, two_batch_estimates, to_floats
+from fastsgd.study.workloads.least_squares import GaussianLeastSquares, least_squares_workload, power_law_spectrum
+from fastsgd.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, two_batch_estimates, to_floats
 
 
 def _problem(noise_std: float = 0.0, dim: int = 16) -> GaussianLeastSquares:

@@ -4,9 +4,9 @@ disturbing the others, stopping rules and lr schedules."""
 import pytest
 import torch
 
-from fastsgd.study.data_workloads import digits_mlp, restrict_eval_sets
-from fastsgd.study.steps_to_result import BUDGET, GOAL, INFEASIBLE, PRUNED
-from fastsgd.study.trials import RunSettings, TrialSpec, _Schedules, run_trials, train_single
+from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
+from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED
+from fastsgd.study.steps.trials import RunSettings, TrialSpec, _Schedules, run_trials, train_single
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ Regions (from the fit): the local slope d log S / d log B equals
 (B <= B_crit / 9), *maximal data parallelism* once it is flatter than -0.1
 (B >= 9 B_crit), *diminishing returns* in between.
 
-On-disk summary (``study_summary.json``, written by ``fastsgd.study.runner``;
+On-disk summary (``study_summary.json``, written by ``fastsgd.study.steps.runner``;
 other modules such as the time-to-result report read it). Schema
 ``"fastsgd.steps_to_result/1"``::
 
@@ -32,7 +32,7 @@ other modules such as the time-to-result report read it). Schema
       "storage": "sqlite:///DIR/study.db",
       "goal": {"metric": "val_error", "value": 0.4, "higher_is_better": false,
                "rule": "fixed" | "golmant", "harder_than_run_goal": false},
-      "search_space": {...},          # fastsgd.study.search format
+      "search_space": {...},          # fastsgd.study.steps.search format
       "per_batch_size": [             # ascending batch size
         {"batch_size": 8, "steps": 1234 | null, "best_trial": 17 | null,
          "trials": 32, "reached_goal": 5, "infeasible": 3, "budget": 4, "pruned": 20,
@@ -249,13 +249,13 @@ def analyze(records: Sequence[TrialRecord], *, goal: float, metric: str, higher_
     """Per-batch-size steps to result, fit, regions and effective learning
     rates for ``records`` (any number of batch sizes) at ``goal``.
 
-    ``space`` (fastsgd.study.search format) enables the edge-of-search-space
+    ``space`` (fastsgd.study.steps.search format) enables the edge-of-search-space
     warning; ``run_goal`` (the goal trials were stopped at) enables the
     truncated-curves flag. Returns the part of the study summary documented in
     the module docstring (``per_batch_size``, ``fit``, ``regions``,
     ``effective_lr``, ``warnings``, ``goal``).
     """
-    from fastsgd.study.search import at_edge
+    from fastsgd.study.steps.search import at_edge
 
     by_bs: Dict[int, List[TrialRecord]] = {}
     for r in records:

@@ -22,9 +22,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from fastsgd.measure import strict_json
-from fastsgd.study.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
+from fastsgd.study.combine.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
                                           plot_time_to_result, time_to_result_table)
-from fastsgd.study.whatif import CommModel, WhatIf, plot_whatif, what_if, whatif_table
+from fastsgd.study.combine.whatif import CommModel, WhatIf, plot_whatif, what_if, whatif_table
 
 __all__ = ["Report", "build_report", "render_markdown", "render_html", "write_report"]
 

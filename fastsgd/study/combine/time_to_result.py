@@ -3,10 +3,10 @@
 Inputs
 ------
 * Steps to result S(B) from a steps-to-result study (``study_summary.json``, schema
-  ``fastsgd.steps_to_result/1``, see :mod:`fastsgd.study.steps_to_result`), as measured
+  ``fastsgd.steps_to_result/1``, see :mod:`fastsgd.study.steps.analysis`), as measured
   points and as the fit ``S(B) = S_min + E_min / B`` with ``B_crit = E_min / S_min``.
 * Step time t(B) from a throughput sweep (``throughput.json``, schema
-  ``fastsgd.throughput/1``, see :mod:`fastsgd.study.step_time`), as measured medians and as
+  ``fastsgd.throughput/1``, see :mod:`fastsgd.study.hardware.step_time`), as measured medians and as
   the fit ``t(B) = t0 + B / X`` with the hardware knee ``B_hw = t0 X``; energy per step where
   NVML measured it.
 
@@ -117,7 +117,7 @@ class StudyData:
         if self.fit is None:
             pts = [(b, s) for b, s in zip(self.batch_sizes, self.steps) if s is not None]
             if len({b for b, _ in pts}) >= 2:
-                from fastsgd.study.steps_to_result import fit_scaling
+                from fastsgd.study.steps.analysis import fit_scaling
                 f = fit_scaling([b for b, _ in pts], [s for _, s in pts], n_boot=0)
                 self.fit = StepsCurve(f.S_min, f.E_min)
 
@@ -138,7 +138,7 @@ class ThroughputData:
         if any(not (t > 0 and math.isfinite(t)) for t in self.step_times):
             raise ValueError(f"throughput: step times must be positive and finite, got {self.step_times}")
         if self.fit is None and len(set(self.batch_sizes)) >= 2:
-            from fastsgd.study.hardware_fit import fit_step_time
+            from fastsgd.study.hardware.fit import fit_step_time
             f = fit_step_time(self.batch_sizes, self.step_times)
             if f.ok and f.throughput > 0:
                 self.fit = StepTimeCurve(max(f.t0_s, 0.0), f.throughput)
@@ -148,7 +148,8 @@ class ThroughputData:
         return bool(self.energy_per_step) and any(e is not None for e in self.energy_per_step)
 
 
-def _find(path: str, filename: str) -> str:
+def find_result_file(path: str, filename: str) -> str:
+    """``path`` itself if it is a file, else ``path/filename``; FileNotFoundError if that is missing."""
     p = os.path.join(path, filename) if os.path.isdir(path) else path
     if not os.path.isfile(p):
         raise FileNotFoundError(f"no {filename} at {path!r}")
@@ -157,7 +158,7 @@ def _find(path: str, filename: str) -> str:
 
 def load_study(path: str) -> StudyData:
     """Read a steps-to-result summary (a directory with ``study_summary.json`` or the file)."""
-    p = _find(path, "study_summary.json")
+    p = find_result_file(path, "study_summary.json")
     with open(p) as f:
         d = json.load(f)
     if not str(d.get("schema", "")).startswith("fastsgd.steps_to_result/"):
@@ -174,7 +175,7 @@ def load_study(path: str) -> StudyData:
 
 def load_throughput(path: str) -> ThroughputData:
     """Read a throughput sweep (a directory with ``throughput.json`` or the file)."""
-    p = _find(path, "throughput.json")
+    p = find_result_file(path, "throughput.json")
     with open(p) as f:
         d = json.load(f)
     meta = d.get("meta", {})

@@ -29,7 +29,7 @@ grows, so the noise scale grows during training -- as McCandlish et al. observe
 on real networks. ``tests/test_noise_scale.py`` checks these formulas by Monte
 Carlo on per-example gradients.
 
-The :class:`~fastsgd.study.workload.Workload` built by :func:`least_squares_workload`
+The :class:`~fastsgd.study.workloads.base.Workload` built by :func:`least_squares_workload`
 uses a bias-free ``nn.Linear(dim, 1)`` initialised at ``w0`` (zero by default), reports the
 exact expected loss as ``val_loss`` (and ``excess_loss`` = ``val_loss`` minus the noise
 floor), and its default goal is the noise floor plus ``goal_fraction`` (default 5 %) of the
@@ -45,7 +45,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from fastsgd.study.workload import Workload
+from fastsgd.study.workloads.base import Workload
 
 __all__ = ["GaussianLeastSquares", "power_law_spectrum", "least_squares_workload"]
 

@@ -34,14 +34,12 @@ count dominates -- measure every k-th step there.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradientNoiseScale", "NoiseScaleAccumulator", "two_batch_estimates", "to_floats",
-           "CriticalBatchPrediction", "predict_critical_batch"]
+__all__ = ["GradientNoiseScale", "NoiseScaleAccumulator", "two_batch_estimates", "to_floats"]
 
 Number = Union[float, int, Tensor]
 
@@ -340,80 +338,3 @@ class NoiseScaleAccumulator:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-# ---------------------------------------------------------------- predicting B_crit and S(B)
-
-@dataclass
-class CriticalBatchPrediction:
-    """B_crit and S(B) = S_min + E_min/B predicted from the noise scale of one run.
-
-    batch_size, run_steps:  the run that was measured (``run_steps`` = its steps to the goal)
-    b_crit:                 E_min / S_min, the progress-weighted mean of B_simple (see
-                            :func:`predict_critical_batch`); the headline prediction
-    b_simple_mean:          plain mean of B_simple over the run's steps
-    b_simple_final:         B_simple in the last window (at the goal)
-    windows_used, windows_dropped: windows with a usable (finite, positive) B_simple, and the rest
-    """
-
-    batch_size: int
-    run_steps: int
-    s_min: float
-    e_min: float
-    b_crit: float
-    b_simple_mean: float
-    b_simple_final: float
-    windows_used: int
-    windows_dropped: int
-    method: str = field(default="progress-weighted mean of B_simple along the run (McCandlish et al. 2018, sec. 2.3)")
-
-    def steps(self, batch_size):
-        """Predicted steps to result at ``batch_size``: S_min + E_min / B."""
-        import numpy as np
-        return self.s_min + self.e_min / np.asarray(batch_size, dtype=float)
-
-    def as_dict(self) -> Dict[str, object]:
-        return {"batch_size": self.batch_size, "run_steps": self.run_steps, "S_min": self.s_min,
-                "E_min": self.e_min, "B_crit": self.b_crit, "b_simple_mean": self.b_simple_mean,
-                "b_simple_final": self.b_simple_final, "windows_used": self.windows_used,
-                "windows_dropped": self.windows_dropped, "method": self.method}
-
-
-def predict_critical_batch(b_simple: Sequence[float], window_steps: Sequence[int],
-                           batch_size: int) -> CriticalBatchPrediction:
-    """Predict B_crit and S(B) from B_simple measured along one run at ``batch_size``.
-
-    ``b_simple[i]`` is the noise scale measured over the ``window_steps[i]`` training steps
-    of window i (e.g. the ratio of the summed trace and |G|^2 estimates between two
-    evaluations); the windows cover the run up to the goal.
-
-    Why weighted: McCandlish et al.'s model says a step at batch B makes the progress of
-    ``1 / (1 + B_noise/B)`` steps of a huge-batch run. Summed over the run that gives
-    ``S_min = sum_t 1/(1 + B_t/B)`` and ``E_min = sum_t B_t/(1 + B_t/B)``, so
-    ``B_crit = E_min / S_min`` is the mean of the noise scale weighted by progress, and
-    ``S(B) = S_min + E_min/B`` passes exactly through the measured run
-    (``S(batch_size) = run_steps``). B_simple stands in for B_noise (the paper's cheap
-    proxy; it ignores the Hessian, and on real networks it is often within a small
-    factor of B_crit -- report the ratio against a measured study). Windows whose
-    B_simple is not finite and positive (|G|^2 estimate <= 0 from too few samples) are
-    dropped and the remaining windows' steps rescaled to the run's length.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if len(b_simple) != len(window_steps):
-        raise ValueError(f"{len(b_simple)} B_simple values but {len(window_steps)} window lengths")
-    if any(not isinstance(n, int) or n < 1 for n in window_steps):
-        raise ValueError(f"window lengths must be positive integers (steps), got {list(window_steps)}")
-    run_steps = int(sum(window_steps))
-    good = [(float(v), n) for v, n in zip(b_simple, window_steps) if math.isfinite(float(v)) and float(v) > 0]
-    if not good:
-        raise ValueError("no window has a finite positive B_simple: measure over more steps per window "
-                         "(|G|^2 estimates were <= 0 everywhere)")
-    scale = run_steps / sum(n for _, n in good)
-    weights = [n * scale / (1.0 + v / batch_size) for v, n in good]
-    s_min = sum(weights)
-    e_min = sum(w * v for w, (v, _) in zip(weights, good))
-    mean = sum(v * n for v, n in good) / sum(n for _, n in good)
-    return CriticalBatchPrediction(batch_size=batch_size, run_steps=run_steps, s_min=s_min, e_min=e_min,
-                                   b_crit=e_min / s_min, b_simple_mean=mean, b_simple_final=good[-1][0],
-                                   windows_used=len(good), windows_dropped=len(b_simple) - len(good))

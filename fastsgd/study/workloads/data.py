@@ -14,7 +14,7 @@ goal may use either).
 
 Writing your own workload
 -------------------------
-Any :class:`fastsgd.study.workload.Workload` works with the study. Give it
+Any :class:`fastsgd.study.workloads.base.Workload` works with the study. Give it
 ``make_model`` (a fresh model after ``torch.manual_seed``), ``sample_batch``
 (draw with the generator you are given, so trials are reproducible), ``loss``
 (mean over the batch, written with plain torch ops so ``torch.func.vmap`` can
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from fastsgd.study.workload import Workload
+from fastsgd.study.workloads.base import Workload
 
 TRAIN_EVAL_SIZE = 2000  # training examples scored at each evaluation (train_loss / train_error)
 
@@ -207,21 +207,3 @@ def digits_mlp(goal: float = 0.05) -> DataWorkload:
     xt, yt, xv, yv = digits_arrays()
     return make_data_workload("digits-mlp", lambda: mlp(64, 128, 1, 10), xt, yt, xv, yv, goal=goal,
                               info={"dataset": "digits", "model": "mlp"})
-
-
-WORKLOADS: Dict[str, Callable[..., Workload]] = {
-    "mnist1d-mlp": mnist1d_mlp,
-    "mnist1d-cnn": mnist1d_cnn,
-    "digits-mlp": digits_mlp,
-}
-
-
-def get_workload(name: str, **kwargs) -> Workload:
-    """A bundled workload by name (``WORKLOADS``), plus ``least-squares`` when
-    ``fastsgd.study.least_squares`` is installed."""
-    if name == "least-squares":
-        from fastsgd.study.least_squares import least_squares_workload
-        return least_squares_workload(**kwargs)
-    if name not in WORKLOADS:
-        raise ValueError(f"Unknown workload: {name!r}; choose one of {', '.join(sorted(WORKLOADS))}, least-squares")
-    return WORKLOADS[name](**kwargs)

@@ -3,7 +3,7 @@
 :func:`run_study` takes a :class:`StudyConfig`, and for each batch size
 enqueues the quasi-random trials in the Optuna storage (once), recovers trials
 of dead runs, trains the waiting trials in vmapped groups, and finally writes
-``study_summary.json`` (schema in fastsgd.study.steps_to_result) and the plots
+``study_summary.json`` (schema in fastsgd.study.steps.analysis) and the plots
 into ``config.out``. Running the same configuration again resumes: finished
 trials are read back, not rerun.
 
@@ -28,13 +28,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from fastsgd.measure import strict_json
-from fastsgd.study import search
-from fastsgd.study.data_workloads import get_workload, restrict_eval_sets
-from fastsgd.study.steps_to_result import (INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
+from fastsgd.study.steps import search
+from fastsgd.study.workloads import get_workload
+from fastsgd.study.workloads.data import restrict_eval_sets
+from fastsgd.study.steps.analysis import (INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
                                            golmant_goal)
-from fastsgd.study.storage import StudyStorage
-from fastsgd.study.trials import RunSettings, run_trials
-from fastsgd.study.workload import Workload
+from fastsgd.study.steps.storage import StudyStorage
+from fastsgd.study.steps.trials import RunSettings, run_trials
+from fastsgd.study.workloads.base import Workload
 
 PROTOCOLS = ("tuned",) + search.SCALING_RULES
 GOAL_RULES = ("fixed", "golmant")
@@ -46,7 +47,7 @@ class StudyConfig:
 
     goal:        fixed goal value (None: the workload's default); ignored for goal_rule "golmant"
     goal_metric: metric compared with the goal (None: the workload's goal_metric), e.g. val_error, train_loss
-    space:       search space (fastsgd.study.search format; None: search.default_space(optimizer))
+    space:       search space (fastsgd.study.steps.search format; None: search.default_space(optimizer))
     group_size:  trials trained together in one vmapped group (0: all trials of a batch size)
     train_metrics: also score the training subset at every evaluation (always when the goal metric is train_*)
     """
@@ -201,7 +202,7 @@ def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progr
     """Run (or resume) the study and write ``study_summary.json`` and plots into
     ``config.out``. Returns the summary dict.
 
-    ``workload``: your own Workload object (see fastsgd.study.data_workloads for
+    ``workload``: your own Workload object (see fastsgd.study.workloads.data for
     how to write one); ``config.workload`` then only names the study.
     Default: the bundled workload named ``config.workload``."""
     config.validate()

@@ -41,8 +41,8 @@ from typing import Dict, List, Optional, Tuple
 import optuna
 from optuna.trial import TrialState
 
-from fastsgd.study.steps_to_result import FINAL_OUTCOMES, GOAL, TrialRecord
-from fastsgd.study.trials import TrialResult, TrialSpec
+from fastsgd.study.steps.analysis import FINAL_OUTCOMES, GOAL, TrialRecord
+from fastsgd.study.steps.trials import TrialResult, TrialSpec
 
 EVAL_PREFIX = "eval:"
 DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)

@@ -3,7 +3,7 @@
 Step time does not depend on what the pixels or tokens are, only on their
 shape, so these workloads draw random inputs and labels of the right shape
 instead of reading a data set (nothing is downloaded). They are ordinary
-``fastsgd.study.workload.Workload`` objects (``evaluate=None``: there is no
+``fastsgd.study.workloads.base.Workload`` objects (``evaluate=None``: there is no
 held-out data to score), so the steps-to-result study can take their models.
 
 Names (``synthetic_workload(name, **options)``):
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastsgd.study import models
-from fastsgd.study.workload import Workload
+from fastsgd.study.workloads import models
+from fastsgd.study.workloads.base import Workload
 
 # name -> (one-line description, model constructor, fixed constructor kwargs, shape of one example)
 _IMAGE_MODELS: Dict[str, Tuple[str, Callable[..., nn.Module], Dict[str, Any], Tuple[int, ...]]] = {
