@@ -250,13 +250,14 @@ def test_cli_rejects_bad_input_with_a_clear_error(args, message, capsys):
 
 
 def test_parse_batch_sizes():
-    cli = load_cli()
-    assert cli.parse_batch_sizes("1..512") == [2 ** k for k in range(10)]
-    assert cli.parse_batch_sizes("3..20") == [4, 8, 16]
-    assert cli.parse_batch_sizes("24, 8,100") == [24, 8, 100]
-    for bad in ("0..8", "9..15", "8..4", "a,b", ""):
+    from fastsgd.study.cli.args import batch_sizes
+    assert batch_sizes("1..512") == [2 ** k for k in range(10)]
+    assert batch_sizes("3..20") == [4, 8, 16]
+    assert batch_sizes("24, 8,100") == [8, 24, 100]
+    assert batch_sizes("8..32,100,16") == [8, 16, 32, 100]
+    for bad in ("0..8", "9..15", "8..4", "a,b", "", "8,-2"):
         with pytest.raises(Exception, match="invalid batch sizes"):
-            cli.parse_batch_sizes(bad)
+            batch_sizes(bad)
 
 
 # ---- workloads, optimizers, ghost batch norm, energy ----------------------------------------------------------

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from fastsgd.measure import strict_json
+from fastsgd.study.progress import Progress
 from fastsgd.study.steps import search
 from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.data import restrict_eval_sets
@@ -117,22 +118,29 @@ def step_budget(config: StudyConfig, workload: Workload, batch_size: int) -> int
 
 
 class _Progress:
-    """tqdm bar over all trials with done / running / infeasible for the current batch size."""
+    """Trials done / running / infeasible: a bar over all trials on a terminal, else one line per
+    finished batch size (fastsgd.study.progress)."""
 
     def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, unit="trial", dynamic_ncols=True)
+        self.progress = Progress(total, unit="trial", enabled=enabled)
+        self.last = None
 
     def show(self, batch_size: int, done: int, running: int, infeasible: int, advance: int = 0) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"B={batch_size}: done {done} running {running} infeasible {infeasible}")
-            self.bar.update(advance)
+        if self.last is not None and self.last[0] != batch_size:
+            self._line()
+        self.last = (batch_size, done, infeasible)
+        self.progress.status(f"B={batch_size}: done {done} running {running} infeasible {infeasible}")
+        self.progress.advance(advance)
+
+    def _line(self) -> None:
+        b, done, infeasible = self.last
+        self.progress.line(f"  batch size {b}: {done} trials finished, {infeasible} infeasible")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.last is not None:
+            self._line()
+            self.last = None
+        self.progress.close()
 
 
 def _run_batch_size(config: StudyConfig, store: StudyStorage, workload: Workload, batch_size: int,

@@ -6,7 +6,8 @@
 - :mod:`.synthetic`: random-input models for timing steps (CNNs, a Transformer, timm/torchvision)
 - :mod:`.models`: the small model definitions the synthetic workloads use
 
-:func:`get_workload` is the registry of the trainable workloads by name.
+:func:`get_workload` is the registry of the trainable workloads by name; it also loads a user's own
+workload given as ``package.module:factory`` (:mod:`.loading`).
 """
 from __future__ import annotations
 
@@ -22,12 +23,26 @@ WORKLOADS: Dict[str, Callable[..., Workload]] = {
 }
 
 
+# Synthetic timing models that also contain a colon; everything else with one is a user's module:factory.
+_ZOO_PREFIXES = ("torchvision", "timm")
+
+
+def is_user_workload(name: str) -> bool:
+    """True for ``package.module:factory`` (a user's own workload)."""
+    return ":" in name and name.split(":", 1)[0] not in _ZOO_PREFIXES
+
+
 def get_workload(name: str, **kwargs) -> Workload:
-    """A bundled workload by name (``WORKLOADS``), or ``least-squares``
-    (:func:`fastsgd.study.workloads.least_squares.least_squares_workload`)."""
+    """A bundled workload by name (``WORKLOADS``), ``least-squares``
+    (:func:`fastsgd.study.workloads.least_squares.least_squares_workload`), or a user's own
+    ``package.module:factory`` (keyword arguments such as ``goal`` then override the returned fields)."""
+    if is_user_workload(name):
+        from fastsgd.study.workloads.loading import load_workload
+        return load_workload(name, **kwargs)
     if name == "least-squares":
         from fastsgd.study.workloads.least_squares import least_squares_workload
         return least_squares_workload(**kwargs)
     if name not in WORKLOADS:
-        raise ValueError(f"Unknown workload: {name!r}; choose one of {', '.join(sorted(WORKLOADS))}, least-squares")
+        raise ValueError(f"Unknown workload: {name!r}; choose one of {', '.join(sorted(WORKLOADS))}, least-squares, "
+                         "or your own as package.module:factory")
     return WORKLOADS[name](**kwargs)

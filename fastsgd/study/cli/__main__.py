@@ -1,0 +1,5 @@
+import sys
+
+from fastsgd.study.cli import main
+
+sys.exit(main())
