@@ -29,7 +29,7 @@ from fastsgd.study.optimizers import OPTIMIZERS, parse_optimizer_spec
 from fastsgd.study.hardware.step_time import StepTimeSweep, measure_step_times, write_results
 from fastsgd.study.workloads import WORKLOADS as DATA_WORKLOADS, get_workload
 from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
-from fastsgd.study.throughput_plot import plot_throughput
+from fastsgd.study import render
 
 # Per device type: batch sizes, warm-up steps, minimum timed steps, seconds of timing per batch size.
 # The CPU values make the default run take about two minutes on 2 cores.
@@ -323,10 +323,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         plot_note = "plot skipped: matplotlib is not installed (pip install matplotlib)"
     elif sweep.records:
         env = sweep.environment
-        png = plot_throughput(sweep.records, sweep.fit, os.path.join(out_dir, "throughput.png"),
-                              title=f"{sweep.workload['name']}, {sweep.settings['optimizer']} "
-                                    f"({sweep.settings['implementation']}) on {env['device']}",
-                              subtitle=f"torch {env['torch']}, fastsgd {env['fastsgd']}, {env['date']}")
+        fig = render.throughput_figure(sweep.records, sweep.fit,
+                                       title=f"{sweep.workload['name']}, {sweep.settings['optimizer']} "
+                                             f"({sweep.settings['implementation']}) on {env['device']}",
+                                       subtitle=f"torch {env['torch']}, fastsgd {env['fastsgd']}, {env['date']}")
+        png = render.save(fig, os.path.join(out_dir, "throughput.png"))
 
     if not args.quiet:
         print()

@@ -19,12 +19,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 from fastsgd.measure import strict_json
+from fastsgd.study import render
 from fastsgd.study.combine.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
-                                          plot_time_to_result, time_to_result_table)
-from fastsgd.study.combine.whatif import CommModel, WhatIf, plot_whatif, what_if, whatif_table
+                                                  time_to_result_table)
+from fastsgd.study.combine.whatif import CommModel, WhatIf, what_if, whatif_table
 
 __all__ = ["Report", "build_report", "render_markdown", "render_html", "write_report"]
 
@@ -123,63 +122,19 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
 
 # ---------------------------------------------------------------- figures
 
-def _plot_steps_and_prediction(report: Report, path: str) -> Optional[str]:
-    """Measured steps to result with the fitted and the noise-predicted S(B); and B_simple along the run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pred = (report.noise or {}).get("prediction")
-    if not pred:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax = axes[0]
-    pts = [(b, s) for b, s in zip(report.study.batch_sizes, report.study.steps) if s is not None]
-    bs = [b for b in report.study.batch_sizes] + [report.noise.get("batch_size") or 1]
-    grid = np.geomspace(max(min(bs) / 2, 0.5), max(bs) * 2, 200)
-    if pts:
-        ax.plot(*zip(*pts), "o", label="measured (study)")
-        b0, s0 = pts[0]
-        ax.plot(grid, s0 * b0 / grid, ":", color="0.6", label="perfect scaling")
-    if report.study.fit:
-        ax.plot(grid, report.study.fit.steps(grid), "-", color="0.3",
-                label=f"study fit, B_crit = {report.study.fit.b_crit:.3g}")
-    pcurve = StepsCurve(pred["S_min"], pred["E_min"])
-    ax.plot(grid, pcurve.steps(grid), "--", color="tab:orange", label=f"noise-scale prediction, B_crit = {pred['B_crit']:.3g}")
-    ax.plot([report.noise["batch_size"]], [report.noise["steps"]], "s", color="tab:orange", label="the measured run")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("steps to result")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    traj = report.noise.get("trajectory") or []
-    ax.plot([r["step"] for r in traj], [r["b_simple"] for r in traj], ".-", label="B_simple per window")
-    if report.ttr.b_crit:
-        ax.axhline(report.ttr.b_crit, color="0.3", ls="-", lw=1, label="measured B_crit")
-    ax.axhline(pred["B_crit"], color="tab:orange", ls="--", lw=1, label="predicted B_crit")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"step (batch size {report.noise['batch_size']})")
-    ax.set_ylabel("B_simple")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def make_figures(report: Report, out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    figs = {"Steps, step time and time to result against batch size": plot_time_to_result(
-        report.ttr, report.study, report.throughput, os.path.join(out_dir, "time_to_result.png"),
-        title=str(report.numbers.get("workload") or ""))}
-    p = _plot_steps_and_prediction(report, os.path.join(out_dir, "noise_prediction.png"))
-    if p:
-        figs["Steps to result: measured, fitted and predicted from the noise scale"] = p
+    """Write the report's PNGs into ``out_dir``; returns (and keeps in ``report.figures``) caption -> path."""
+    figs = {"Steps, step time and time to result against batch size": render.save(
+        render.time_to_result_figure(report.ttr, report.study, report.throughput,
+                                     title=str(report.numbers.get("workload") or "")),
+        os.path.join(out_dir, "time_to_result.png"), dpi=110)}
+    fig = render.noise_prediction_figure(report.study, report.noise, report.ttr.b_crit)
+    if fig is not None:
+        figs["Steps to result: measured, fitted and predicted from the noise scale"] = render.save(
+            fig, os.path.join(out_dir, "noise_prediction.png"), dpi=110)
     if report.whatif is not None:
-        figs["What if N devices (model)"] = plot_whatif(report.whatif, os.path.join(out_dir, "whatif.png"))
+        figs["What if N devices (model)"] = render.save(render.whatif_figure(report.whatif),
+                                                        os.path.join(out_dir, "whatif.png"), dpi=110)
     report.figures = figs
     return figs
 
