@@ -27,9 +27,9 @@ import sys
 
 import torch
 
-from fastsgd.measure import format_table
 from fastsgd.noise_scale import NoiseScaleAccumulator
 from fastsgd.study.combine.noise_prediction import measure_noise_run, study_hparams
+from fastsgd.study.tables import format_table
 from fastsgd.study.workloads import get_workload
 
 

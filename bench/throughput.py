@@ -24,12 +24,13 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fastsgd.backends import BackendUnavailable
-from fastsgd.measure import device_name, format_table
+from fastsgd.measure import device_name
 from fastsgd.study.optimizers import OPTIMIZERS, parse_optimizer_spec
 from fastsgd.study.hardware.step_time import StepTimeSweep, measure_step_times, write_results
 from fastsgd.study.workloads import WORKLOADS as DATA_WORKLOADS, get_workload
 from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
 from fastsgd.study import render
+from fastsgd.study.tables import format_table
 
 # Per device type: batch sizes, warm-up steps, minimum timed steps, seconds of timing per batch size.
 # The CPU values make the default run take about two minutes on 2 cores.

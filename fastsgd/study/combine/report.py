@@ -14,7 +14,6 @@ import base64
 import datetime as _dt
 import html
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -24,6 +23,7 @@ from fastsgd.study import render
 from fastsgd.study.combine.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
                                                   time_to_result_table)
 from fastsgd.study.combine.whatif import CommModel, WhatIf, what_if, whatif_table
+from fastsgd.study.tables import format_table, format_value
 
 __all__ = ["Report", "build_report", "render_markdown", "render_html", "write_report"]
 
@@ -51,14 +51,8 @@ class Report:
     notes: List[str] = field(default_factory=list)          # provenance lines (commands, machine)
 
 
-def _num(v: Optional[float], spec: str = ".3g") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e9:
-        return str(int(v))
-    return format(v, spec)
+def _num(v: Optional[float]) -> str:
+    return format_value(v, missing="n/a")
 
 
 def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optional[Dict[str, Any]] = None,
@@ -175,18 +169,19 @@ def _noise_text(report: Report) -> str:
 
 def render_markdown(report: Report, title: str = "Batch size report") -> str:
     lines = [f"# {title}", "", f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.", "",
-             "| quantity | value |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in _headline(report)]
+             format_table([{"quantity": k, "value": v} for k, v in _headline(report)], ["quantity", "value"],
+                          markdown=True, align="lr")]
     if report.notes:
         lines += ["", "How this was measured:"] + [f"- {n}" for n in report.notes]
     if report.warnings:
         lines += ["", "Warnings:"] + [f"- {w}" for w in report.warnings]
     if _noise_text(report):
         lines += ["", "## Noise-scale prediction", "", _noise_text(report)]
-        cmp_rows = [(b, s, float(StepsCurve(report.numbers["predicted_s_min"], report.numbers["predicted_e_min"]).steps(b)))
+        predicted = StepsCurve(report.numbers["predicted_s_min"], report.numbers["predicted_e_min"])
+        cmp_rows = [{"batch_size": b, "measured steps": s, "predicted steps": float(predicted.steps(b))}
                     for b, s in zip(report.study.batch_sizes, report.study.steps)]
-        lines += ["", "| batch_size | measured steps | predicted steps |", "|---:|---:|---:|"]
-        lines += [f"| {b} | {_num(s)} | {_num(p)} |" for b, s, p in cmp_rows]
+        lines += ["", format_table(cmp_rows, ["batch_size", "measured steps", "predicted steps"], markdown=True,
+                                   missing="n/a")]
     lines += ["", "## Time to result T(B) = S(B) x t(B)", "", time_to_result_table(report.ttr, markdown=True)]
     lines += ["", "## What if N devices", ""]
     if report.whatif is None:

@@ -36,6 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from fastsgd.study.tables import format_table
+
 __all__ = ["StepsCurve", "StepTimeCurve", "StudyData", "ThroughputData", "TimeToResult",
            "optimal_batch_size", "interpolate_loglog", "combine", "load_study", "load_throughput",
            "time_to_result_table"]
@@ -257,24 +259,10 @@ def combine(study: StudyData, throughput: ThroughputData) -> TimeToResult:
 
 # ---------------------------------------------------------------- output
 
-def _fmt(v: Any, spec: str = ".3g") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() and abs(v) < 1e9 else format(v, spec)
-    return str(v)
-
-
 def time_to_result_table(result: TimeToResult, markdown: bool = False) -> str:
     """The T(B) rows as a text (or Markdown) table."""
     cols = ["batch_size", "steps", "step_time_s", "step_time_source", "time_to_result_s", "fit_time_to_result_s",
             "energy_to_result_j"]
     if not any(r.get("energy_to_result_j") is not None for r in result.rows):
         cols.remove("energy_to_result_j")
-    body = [[_fmt(r.get(c)) for c in cols] for r in result.rows]
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body])
+    return format_table(result.rows, cols, markdown=markdown, missing="-")

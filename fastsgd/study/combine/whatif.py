@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from fastsgd.study.combine.time_to_result import StepsCurve, StepTimeCurve
+from fastsgd.study.tables import format_table
 
 __all__ = ["CommModel", "WhatIf", "step_time", "what_if", "load_comm_model", "whatif_table"]
 
@@ -243,17 +244,7 @@ def _search_keys(d: Any, keys: Sequence[str]) -> Dict[str, Any]:
 
 
 def whatif_table(result: WhatIf, markdown: bool = False) -> str:
+    """The what-if rows as a text (or Markdown) table."""
     cols = ["devices", "global_batch", "per_device_batch", "steps", "compute_s", "comm_s", "step_time_s",
             "time_to_result_s", "speedup", "efficiency"]
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return str(int(v)) if v.is_integer() and abs(v) < 1e9 else format(v, ".3g")
-        return str(v)
-    body = [[cell(r[c]) for c in cols] for r in result.rows]
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body])
+    return format_table(result.rows, cols, markdown=markdown)

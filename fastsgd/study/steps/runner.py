@@ -281,7 +281,7 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
 
 def summary_table(summary: Dict[str, object]) -> str:
     """The per-batch-size table printed at the end of a study."""
-    from fastsgd.measure import format_table
+    from fastsgd.study.tables import format_table
 
     rows = []
     for r in summary["per_batch_size"]:
