@@ -1,6 +1,6 @@
 """One report on batch size: steps to result, step time, their product, the noise-scale
-prediction and the what-if-N-devices plan, as a self-contained HTML page (plots embedded
-as base64 PNG) and a Markdown summary (plots as PNG files next to it).
+prediction and the what-if-N-devices plan, as Markdown with the plots as PNG files next to it
+(and the numbers as JSON).
 
 Inputs are the files the other tools write: a steps-to-result summary
 (``study_summary.json``), a throughput sweep (``throughput.json``), optionally the
@@ -10,9 +10,7 @@ code can feed it synthetic data; :func:`write_report` renders and writes everyth
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from fastsgd.study.combine.time_to_result import (StepsCurve, StudyData, Through
 from fastsgd.study.combine.whatif import CommModel, WhatIf, what_if, whatif_table
 from fastsgd.study.tables import format_table, format_value
 
-__all__ = ["Report", "build_report", "render_markdown", "render_html", "write_report"]
+__all__ = ["Report", "build_report", "render_markdown", "write_report"]
 
 WHATIF_ASSUMPTIONS = (
     "The what-if table is a planning model, not a promise: the global batch is split evenly over N identical "
@@ -198,52 +196,11 @@ def render_markdown(report: Report, title: str = "Batch size report") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html_table(md_table: str) -> str:
-    rows = [r.strip().strip("|").split("|") for r in md_table.splitlines() if r.strip()]
-    head, body = rows[0], rows[2:]
-    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr></thead><tbody>"]
-    out += ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body]
-    return "\n".join(out) + "</tbody></table>"
-
-
-def render_html(report: Report, title: str = "Batch size report") -> str:
-    """A self-contained page: every figure inlined as a base64 PNG."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}.warn{color:#a40}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>",
-             "<table>" + "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                                 for k, v in _headline(report)) + "</table>"]
-    if report.notes:
-        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
-    parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in report.warnings]
-    if _noise_text(report):
-        parts += ["<h2>Noise-scale prediction</h2>", f"<p>{html.escape(_noise_text(report))}</p>"]
-    parts += ["<h2>Time to result T(B) = S(B) &times; t(B)</h2>",
-              _html_table(time_to_result_table(report.ttr, markdown=True))]
-    parts.append("<h2>What if N devices</h2>")
-    if report.whatif is None:
-        parts.append(f"<p>{html.escape(report.whatif_note)}</p>")
-    else:
-        parts += [f"<p>{html.escape(report.whatif.mode)}</p>", _html_table(whatif_table(report.whatif, markdown=True)),
-                  f"<p><em>{html.escape(WHATIF_ASSUMPTIONS)}</em></p>"]
-    for cap, path in report.figures.items():
-        with open(path, "rb") as f:
-            data = base64.b64encode(f.read()).decode("ascii")
-        parts.append(f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(cap)}</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def write_report(report: Report, out_dir: str, title: str = "Batch size report") -> Dict[str, str]:
-    """Write figures, ``report.html``, ``report.md`` and ``report.json`` (the numbers and tables) to ``out_dir``."""
+    """Write the figures (PNG), ``report.md`` (linking them by relative path) and ``report.json``
+    (the numbers and tables) to ``out_dir``: plain files that diff and review in git."""
     make_figures(report, out_dir)
-    paths = {"html": os.path.join(out_dir, "report.html"), "md": os.path.join(out_dir, "report.md"),
-             "json": os.path.join(out_dir, "report.json")}
-    with open(paths["html"], "w") as f:
-        f.write(render_html(report, title))
+    paths = {"md": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "report.json")}
     with open(paths["md"], "w") as f:
         f.write(render_markdown(report, title))
     with open(paths["json"], "w") as f:
