@@ -14,7 +14,8 @@ from fastsgd.study.combine.whatif import CommModel, what_if
 steps, time = StepsCurve(50.0, 50.0 * 256), StepTimeCurve(0.01, 1600.0)
 study = StudyData([4, 16, 64, 256], [float(steps.steps(b)) for b in (4, 16, 64, 256)])
 thr = ThroughputData([1, 8, 64, 512], [float(time.time(b)) for b in (1, 8, 64, 512)])
-noise = {"batch_size": 64, "steps": 800, "trajectory": [{"step": 400, "b_simple": 200.0}, {"step": 800, "b_simple": 300.0}],
+noise = {"batch_size": 64, "steps": 800,
+         "trajectory": [{"step": 400, "b_simple": 200.0}, {"step": 800, "b_simple": 300.0}],
          "prediction": {"B_crit": 250.0, "S_min": 60.0, "E_min": 15000.0}}
 figs = [render.time_to_result_figure(combine(study, thr), study, thr, title="t"),
         render.whatif_figure(what_if(steps, time, CommModel(1e8, 1e10, 1e-5), max_devices=64)),
