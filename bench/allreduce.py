@@ -56,6 +56,7 @@ import fastsgd
 from fastsgd import measure
 from fastsgd.distributed import BucketedDataParallel
 from fastsgd.distributed.buckets import assign_buckets
+from fastsgd.study.tables import format_table
 
 PROVIDERS = ("ddp+torch_sgd_fused", "ddp+fastsgd", "bdp", "bdp+fused_step", "bdp+fused_step_eager")
 BASELINE = "ddp+torch_sgd_fused"
@@ -276,11 +277,11 @@ def main(argv=None) -> int:
     rows, meta = result["rows"], result["meta"]
     print(f"\n{meta['device']}, {meta['backend']}, world size {meta['world_size']}, torch {meta['torch']}, "
           f"{meta['threads']} threads/rank, fastsgd cpu backend: {meta['fastsgd_cpu_backend']}")
-    print(measure.format_table(rows, ["model", "provider", "step_s", "q20_s", "q80_s", "vs_ddp", "compute_s",
+    print(format_table(rows, ["model", "provider", "step_s", "q20_s", "q80_s", "vs_ddp", "compute_s",
                                       "comm_s", "hidden_comm", "grad_MiB"]))
     print(f"\nall-reduce: latency {meta['allreduce_latency_s'] * 1e6:.1f} us, "
           f"bandwidth {meta['allreduce_bandwidth_GBps']:.2f} GB/s")
-    print(measure.format_table(meta["allreduce_sweep"], ["bytes", "time_s"]))
+    print(format_table(meta["allreduce_sweep"], ["bytes", "time_s"]))
     if args.out:
         print("wrote", measure.write_rows(args.out, rows, meta))
     return 0

@@ -39,6 +39,7 @@ from torch import nn
 
 from fastsgd import measure
 from fastsgd.nn import GhostBatchNorm2d
+from fastsgd.study.tables import format_table
 
 # (C, H=W) of the four ResNet-50 stages' batch norms.
 STAGES = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     env = measure.environment(device)
     print(f"ghost batch norm forward+backward, ghost={args.ghost}, {args.dtype}, {env['device']}, "
           f"torch {env['torch']}, {env['threads']} threads")
-    print(measure.format_table(rows, ["N", "C", "HW", "format", "provider", "ms", "q20_ms", "q80_ms", "x_bn",
+    print(format_table(rows, ["N", "C", "HW", "format", "provider", "ms", "q20_ms", "q80_ms", "x_bn",
                                       "chunk_speedup"]))
     target = 1.25 if device.type == "cuda" else 1.5
     ours = [r for r in rows if r["provider"] == "fastsgd"]

@@ -27,8 +27,9 @@ import time
 
 import torch
 
-from fastsgd.measure import environment, format_table, quantiles, time_fn, write_rows
+from fastsgd.measure import environment, quantiles, time_fn, write_rows
 from fastsgd.noise_scale import GradientNoiseScale, NoiseScaleAccumulator
+from fastsgd.study.tables import format_table
 
 TARGET = 0.02
 

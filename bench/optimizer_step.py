@@ -40,7 +40,8 @@ import layouts  # noqa: E402
 
 import fastsgd  # noqa: E402
 from fastsgd import backends  # noqa: E402
-from fastsgd.measure import memory_bandwidth, environment, format_table, time_fn, write_rows  # noqa: E402
+from fastsgd.measure import memory_bandwidth, environment, time_fn, write_rows  # noqa: E402
+from fastsgd.study.tables import format_table  # noqa: E402
 
 OPTIMIZERS = ("nesterov", "lars", "lamb")
 

@@ -20,11 +20,12 @@ import time
 import torch
 
 from fastsgd.backends import get_backend
-from fastsgd.measure import environment, format_table, write_rows
+from fastsgd.measure import environment, write_rows
 from fastsgd.study.steps import search
 from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.data import restrict_eval_sets
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, evaluation_steps, run_trials
+from fastsgd.study.tables import format_table
 
 EVAL_RATIO = 2.0  # evaluate at steps 0, 1, 2, 4, 8, ...: the benchmark is about training throughput
 

@@ -165,17 +165,3 @@ def strict_json(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [strict_json(v) for v in x]
     return x
-
-
-def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], floatfmt: str = ".3g") -> str:
-    """A plain aligned text table of ``columns`` from ``rows``."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return format(v, floatfmt)
-        return "" if v is None else str(v)
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)

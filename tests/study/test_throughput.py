@@ -20,7 +20,7 @@ from fastsgd.study.hardware.fit import fit_step_time
 from fastsgd.study.optimizers import OPTIMIZERS, implementation, make_optimizer, parse_optimizer_spec
 from fastsgd.study.hardware.step_time import RECORD_KEYS, measure_step_times, write_results
 from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
-from fastsgd.study.throughput_plot import plot_throughput
+from fastsgd.study import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "throughput.py")
@@ -197,7 +197,8 @@ def test_results_json_schema_is_stable(tiny_sweep, tmp_path):
 
 
 def test_plot_is_a_png(tiny_sweep, tmp_path):
-    path = plot_throughput(tiny_sweep.records, tiny_sweep.fit, str(tmp_path / "throughput.png"), title="tiny")
+    path = render.save(render.throughput_figure(tiny_sweep.records, tiny_sweep.fit, title="tiny"),
+                       str(tmp_path / "throughput.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(path) > 10_000

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
+from fastsgd.study import render
 from fastsgd.study.combine.noise_prediction import predict_critical_batch
 from fastsgd.study.combine.time_to_result import (StepsCurve, StepTimeCurve, StudyData, ThroughputData, combine,
-                                          interpolate_loglog, load_study, load_throughput, optimal_batch_size,
-                                          plot_time_to_result, time_to_result_table)
+                                                  interpolate_loglog, load_study, load_throughput, optimal_batch_size,
+                                                  time_to_result_table)
 from fastsgd.study.combine.whatif import CommModel, load_comm_model, step_time, what_if, whatif_table
 
 STEPS = StepsCurve(s_min=50.0, e_min=50.0 * 256)      # B_crit = 256
@@ -70,7 +71,7 @@ def test_study_and_throughput_without_fits_are_fitted(tmp_path):
     thr_b = [1, 8, 64, 512]
     thr = ThroughputData(thr_b, [float(TIME.time(b)) for b in thr_b])
     assert thr.fit.b_hw == pytest.approx(16, rel=1e-3)
-    path = plot_time_to_result(combine(study, thr), study, thr, str(tmp_path / "ttr.png"))
+    path = render.save(render.time_to_result_figure(combine(study, thr), study, thr), str(tmp_path / "ttr.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

@@ -187,7 +187,8 @@ def caveats(sweep, noise: Dict[str, Any], summary: Optional[dict], rec: Dict[str
 
 
 def write_outputs(out_dir: str, doc: Dict[str, Any]) -> Dict[str, str]:
-    from fastsgd.measure import format_table, strict_json
+    from fastsgd.measure import strict_json
+    from fastsgd.study.tables import format_table
 
     os.makedirs(out_dir, exist_ok=True)
     js = os.path.join(out_dir, "advise.json")
@@ -210,7 +211,8 @@ def write_outputs(out_dir: str, doc: Dict[str, Any]) -> Dict[str, str]:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from fastsgd.measure import environment, format_table
+    from fastsgd.measure import environment
+    from fastsgd.study.tables import format_table
     from fastsgd.study.combine.time_to_result import StepsCurve, StepTimeCurve
     from fastsgd.study.workloads import get_workload
 

@@ -26,9 +26,9 @@ import os
 import sys
 
 from fastsgd.study.cli import args as cli_args
-from fastsgd.measure import format_table
 from fastsgd.noise_scale import NoiseScaleAccumulator
 from fastsgd.study.combine.noise_prediction import measure_noise_run, study_hparams
+from fastsgd.study.tables import format_table
 from fastsgd.study.workloads import get_workload
 
 

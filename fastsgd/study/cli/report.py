@@ -8,8 +8,8 @@
 --allreduce   bench/allreduce.py's JSON: bandwidth, latency and overlap for the what-if table
               (or give --bandwidth-gbps / --latency-us / --overlap)
 
-Writes report.html (self-contained, plots embedded), report.md (+ PNGs) and report.json
-into --out and prints the headline numbers.
+Writes report.md, the PNGs it shows and report.json into --out and prints the headline
+numbers.
 """
 from __future__ import annotations
 
@@ -72,5 +72,5 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
             print(f"{k:>28}: {n[k]}")
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"wrote {paths['html']} and {paths['md']}")
+    print(f"wrote {paths['md']} and {paths['json']}")
     return 0

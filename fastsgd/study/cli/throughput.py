@@ -25,14 +25,15 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fastsgd.backends import BackendUnavailable
-from fastsgd.measure import device_name, format_table
+from fastsgd.measure import device_name
 from fastsgd.study.cli import args as cli_args
 from fastsgd.study.progress import Progress
 from fastsgd.study.optimizers import OPTIMIZERS
 from fastsgd.study.hardware.step_time import StepTimeSweep, measure_step_times, write_results
 from fastsgd.study.workloads import WORKLOADS as DATA_WORKLOADS, get_workload, is_user_workload
 from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
-from fastsgd.study.throughput_plot import plot_throughput
+from fastsgd.study import render
+from fastsgd.study.tables import format_table
 
 # Per device type: batch sizes, warm-up steps, minimum timed steps, seconds of timing per batch size.
 # The CPU values make the default run take about two minutes on 2 cores.
@@ -263,10 +264,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         plot_note = "plot skipped: matplotlib is not installed (pip install matplotlib)"
     elif sweep.records:
         env = sweep.environment
-        png = plot_throughput(sweep.records, sweep.fit, os.path.join(out_dir, "throughput.png"),
-                              title=f"{sweep.workload['name']}, {sweep.settings['optimizer']} "
-                                    f"({sweep.settings['implementation']}) on {env['device']}",
-                              subtitle=f"torch {env['torch']}, fastsgd {env['fastsgd']}, {env['date']}")
+        fig = render.throughput_figure(sweep.records, sweep.fit,
+                                       title=f"{sweep.workload['name']}, {sweep.settings['optimizer']} "
+                                             f"({sweep.settings['implementation']}) on {env['device']}",
+                                       subtitle=f"torch {env['torch']}, fastsgd {env['fastsgd']}, {env['date']}")
+        png = render.save(fig, os.path.join(out_dir, "throughput.png"))
 
     if not args.quiet:
         print()

@@ -103,6 +103,7 @@ def predict_critical_batch(b_simple: Sequence[float], window_steps: Sequence[int
 def study_hparams(study_dir: str, batch_size: int) -> Tuple[dict, Optional[dict]]:
     """(steps-to-result summary dict, its best hyperparameters at ``batch_size`` or None)."""
     import json
+
     from fastsgd.study.combine.time_to_result import find_result_file
     with open(find_result_file(study_dir, "study_summary.json")) as f:
         summary = json.load(f)

@@ -1,6 +1,6 @@
 """One report on batch size: steps to result, step time, their product, the noise-scale
-prediction and the what-if-N-devices plan, as a self-contained HTML page (plots embedded
-as base64 PNG) and a Markdown summary (plots as PNG files next to it).
+prediction and the what-if-N-devices plan, as Markdown with the plots as PNG files next to it
+(and the numbers as JSON).
 
 Inputs are the files the other tools write: a steps-to-result summary
 (``study_summary.json``), a throughput sweep (``throughput.json``), optionally the
@@ -10,23 +10,20 @@ code can feed it synthetic data; :func:`write_report` renders and writes everyth
 """
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import html
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
 from fastsgd.measure import strict_json
+from fastsgd.study import render
 from fastsgd.study.combine.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
-                                          plot_time_to_result, time_to_result_table)
-from fastsgd.study.combine.whatif import CommModel, WhatIf, plot_whatif, what_if, whatif_table
+                                                  time_to_result_table)
+from fastsgd.study.combine.whatif import CommModel, WhatIf, what_if, whatif_table
+from fastsgd.study.tables import format_table, format_value
 
-__all__ = ["Report", "build_report", "render_markdown", "render_html", "write_report"]
+__all__ = ["Report", "build_report", "render_markdown", "write_report"]
 
 WHATIF_ASSUMPTIONS = (
     "The what-if table is a planning model, not a promise: the global batch is split evenly over N identical "
@@ -52,14 +49,8 @@ class Report:
     notes: List[str] = field(default_factory=list)          # provenance lines (commands, machine)
 
 
-def _num(v: Optional[float], spec: str = ".3g") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if isinstance(v, float) and v.is_integer() and abs(v) < 1e9:
-        return str(int(v))
-    return format(v, spec)
+def _num(v: Optional[float]) -> str:
+    return format_value(v, missing="n/a")
 
 
 def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optional[Dict[str, Any]] = None,
@@ -123,63 +114,19 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
 
 # ---------------------------------------------------------------- figures
 
-def _plot_steps_and_prediction(report: Report, path: str) -> Optional[str]:
-    """Measured steps to result with the fitted and the noise-predicted S(B); and B_simple along the run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pred = (report.noise or {}).get("prediction")
-    if not pred:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax = axes[0]
-    pts = [(b, s) for b, s in zip(report.study.batch_sizes, report.study.steps) if s is not None]
-    bs = [b for b in report.study.batch_sizes] + [report.noise.get("batch_size") or 1]
-    grid = np.geomspace(max(min(bs) / 2, 0.5), max(bs) * 2, 200)
-    if pts:
-        ax.plot(*zip(*pts), "o", label="measured (study)")
-        b0, s0 = pts[0]
-        ax.plot(grid, s0 * b0 / grid, ":", color="0.6", label="perfect scaling")
-    if report.study.fit:
-        ax.plot(grid, report.study.fit.steps(grid), "-", color="0.3",
-                label=f"study fit, B_crit = {report.study.fit.b_crit:.3g}")
-    pcurve = StepsCurve(pred["S_min"], pred["E_min"])
-    ax.plot(grid, pcurve.steps(grid), "--", color="tab:orange", label=f"noise-scale prediction, B_crit = {pred['B_crit']:.3g}")
-    ax.plot([report.noise["batch_size"]], [report.noise["steps"]], "s", color="tab:orange", label="the measured run")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("steps to result")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax = axes[1]
-    traj = report.noise.get("trajectory") or []
-    ax.plot([r["step"] for r in traj], [r["b_simple"] for r in traj], ".-", label="B_simple per window")
-    if report.ttr.b_crit:
-        ax.axhline(report.ttr.b_crit, color="0.3", ls="-", lw=1, label="measured B_crit")
-    ax.axhline(pred["B_crit"], color="tab:orange", ls="--", lw=1, label="predicted B_crit")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"step (batch size {report.noise['batch_size']})")
-    ax.set_ylabel("B_simple")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def make_figures(report: Report, out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    figs = {"Steps, step time and time to result against batch size": plot_time_to_result(
-        report.ttr, report.study, report.throughput, os.path.join(out_dir, "time_to_result.png"),
-        title=str(report.numbers.get("workload") or ""))}
-    p = _plot_steps_and_prediction(report, os.path.join(out_dir, "noise_prediction.png"))
-    if p:
-        figs["Steps to result: measured, fitted and predicted from the noise scale"] = p
+    """Write the report's PNGs into ``out_dir``; returns (and keeps in ``report.figures``) caption -> path."""
+    figs = {"Steps, step time and time to result against batch size": render.save(
+        render.time_to_result_figure(report.ttr, report.study, report.throughput,
+                                     title=str(report.numbers.get("workload") or "")),
+        os.path.join(out_dir, "time_to_result.png"), dpi=110)}
+    fig = render.noise_prediction_figure(report.study, report.noise, report.ttr.b_crit)
+    if fig is not None:
+        figs["Steps to result: measured, fitted and predicted from the noise scale"] = render.save(
+            fig, os.path.join(out_dir, "noise_prediction.png"), dpi=110)
     if report.whatif is not None:
-        figs["What if N devices (model)"] = plot_whatif(report.whatif, os.path.join(out_dir, "whatif.png"))
+        figs["What if N devices (model)"] = render.save(render.whatif_figure(report.whatif),
+                                                        os.path.join(out_dir, "whatif.png"), dpi=110)
     report.figures = figs
     return figs
 
@@ -220,18 +167,19 @@ def _noise_text(report: Report) -> str:
 
 def render_markdown(report: Report, title: str = "Batch size report") -> str:
     lines = [f"# {title}", "", f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}.", "",
-             "| quantity | value |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in _headline(report)]
+             format_table([{"quantity": k, "value": v} for k, v in _headline(report)], ["quantity", "value"],
+                          markdown=True, align="lr")]
     if report.notes:
         lines += ["", "How this was measured:"] + [f"- {n}" for n in report.notes]
     if report.warnings:
         lines += ["", "Warnings:"] + [f"- {w}" for w in report.warnings]
     if _noise_text(report):
         lines += ["", "## Noise-scale prediction", "", _noise_text(report)]
-        cmp_rows = [(b, s, float(StepsCurve(report.numbers["predicted_s_min"], report.numbers["predicted_e_min"]).steps(b)))
+        predicted = StepsCurve(report.numbers["predicted_s_min"], report.numbers["predicted_e_min"])
+        cmp_rows = [{"batch_size": b, "measured steps": s, "predicted steps": float(predicted.steps(b))}
                     for b, s in zip(report.study.batch_sizes, report.study.steps)]
-        lines += ["", "| batch_size | measured steps | predicted steps |", "|---:|---:|---:|"]
-        lines += [f"| {b} | {_num(s)} | {_num(p)} |" for b, s, p in cmp_rows]
+        lines += ["", format_table(cmp_rows, ["batch_size", "measured steps", "predicted steps"], markdown=True,
+                                   missing="n/a")]
     lines += ["", "## Time to result T(B) = S(B) x t(B)", "", time_to_result_table(report.ttr, markdown=True)]
     lines += ["", "## What if N devices", ""]
     if report.whatif is None:
@@ -248,52 +196,11 @@ def render_markdown(report: Report, title: str = "Batch size report") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html_table(md_table: str) -> str:
-    rows = [r.strip().strip("|").split("|") for r in md_table.splitlines() if r.strip()]
-    head, body = rows[0], rows[2:]
-    out = ["<table><thead><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr></thead><tbody>"]
-    out += ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in body]
-    return "\n".join(out) + "</tbody></table>"
-
-
-def render_html(report: Report, title: str = "Batch size report") -> str:
-    """A self-contained page: every figure inlined as a base64 PNG."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}.warn{color:#a40}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>",
-             "<table>" + "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                                 for k, v in _headline(report)) + "</table>"]
-    if report.notes:
-        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
-    parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in report.warnings]
-    if _noise_text(report):
-        parts += ["<h2>Noise-scale prediction</h2>", f"<p>{html.escape(_noise_text(report))}</p>"]
-    parts += ["<h2>Time to result T(B) = S(B) &times; t(B)</h2>",
-              _html_table(time_to_result_table(report.ttr, markdown=True))]
-    parts.append("<h2>What if N devices</h2>")
-    if report.whatif is None:
-        parts.append(f"<p>{html.escape(report.whatif_note)}</p>")
-    else:
-        parts += [f"<p>{html.escape(report.whatif.mode)}</p>", _html_table(whatif_table(report.whatif, markdown=True)),
-                  f"<p><em>{html.escape(WHATIF_ASSUMPTIONS)}</em></p>"]
-    for cap, path in report.figures.items():
-        with open(path, "rb") as f:
-            data = base64.b64encode(f.read()).decode("ascii")
-        parts.append(f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(cap)}</figcaption></figure>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
 def write_report(report: Report, out_dir: str, title: str = "Batch size report") -> Dict[str, str]:
-    """Write figures, ``report.html``, ``report.md`` and ``report.json`` (the numbers and tables) to ``out_dir``."""
+    """Write the figures (PNG), ``report.md`` (linking them by relative path) and ``report.json``
+    (the numbers and tables) to ``out_dir``: plain files that diff and review in git."""
     make_figures(report, out_dir)
-    paths = {"html": os.path.join(out_dir, "report.html"), "md": os.path.join(out_dir, "report.md"),
-             "json": os.path.join(out_dir, "report.json")}
-    with open(paths["html"], "w") as f:
-        f.write(render_html(report, title))
+    paths = {"md": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "report.json")}
     with open(paths["md"], "w") as f:
         f.write(render_markdown(report, title))
     with open(paths["json"], "w") as f:

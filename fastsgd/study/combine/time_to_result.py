@@ -36,9 +36,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from fastsgd.study.tables import format_table
+
 __all__ = ["StepsCurve", "StepTimeCurve", "StudyData", "ThroughputData", "TimeToResult",
            "optimal_batch_size", "interpolate_loglog", "combine", "load_study", "load_throughput",
-           "time_to_result_table", "plot_time_to_result"]
+           "time_to_result_table"]
 
 
 # ---------------------------------------------------------------- fitted curves
@@ -257,78 +259,10 @@ def combine(study: StudyData, throughput: ThroughputData) -> TimeToResult:
 
 # ---------------------------------------------------------------- output
 
-def _fmt(v: Any, spec: str = ".3g") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() and abs(v) < 1e9 else format(v, spec)
-    return str(v)
-
-
 def time_to_result_table(result: TimeToResult, markdown: bool = False) -> str:
     """The T(B) rows as a text (or Markdown) table."""
     cols = ["batch_size", "steps", "step_time_s", "step_time_source", "time_to_result_s", "fit_time_to_result_s",
             "energy_to_result_j"]
     if not any(r.get("energy_to_result_j") is not None for r in result.rows):
         cols.remove("energy_to_result_j")
-    body = [[_fmt(r.get(c)) for c in cols] for r in result.rows]
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body])
-
-
-def plot_time_to_result(result: TimeToResult, study: StudyData, throughput: ThroughputData, path: str,
-                        title: str = "") -> str:
-    """Three log-log panels -- S(B), t(B), T(B) -- with fits and B_crit, B_hw, B* marked. Writes a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    all_b = [b for b in study.batch_sizes] + list(throughput.batch_sizes)
-    lo, hi = max(min(all_b) / 2, 0.5), max(all_b) * 2
-    grid = np.geomspace(lo, hi, 200)
-    marks = [("B_crit", result.b_crit, "tab:red"), ("B_hw", result.b_hw, "tab:green"),
-             ("B*", result.b_star, "tab:purple")]
-
-    pts = [(b, s) for b, s in zip(study.batch_sizes, study.steps) if s is not None]
-    ax = axes[0]
-    if pts:
-        ax.plot(*zip(*pts), "o", label="measured")
-    if study.fit:
-        ax.plot(grid, study.fit.steps(grid), "-", color="0.4", label="S_min + E_min/B")
-    ax.set_ylabel("steps to result")
-
-    ax = axes[1]
-    ax.plot(throughput.batch_sizes, throughput.step_times, "o", label="measured")
-    if throughput.fit:
-        ax.plot(grid, throughput.fit.time(grid), "-", color="0.4", label="t0 + B/X")
-    ax.set_ylabel("time per step (s)")
-
-    ax = axes[2]
-    rows = [r for r in result.rows if r["time_to_result_s"] is not None]
-    if rows:
-        ax.plot([r["batch_size"] for r in rows], [r["time_to_result_s"] for r in rows], "o", label="measured S x t")
-    if study.fit and throughput.fit:
-        ax.plot(grid, study.fit.steps(grid) * throughput.fit.time(grid), "-", color="0.4", label="fit S(B) t(B)")
-    ax.set_ylabel("time to result (s)")
-
-    for ax in axes:
-        for name, v, color in marks:
-            if v is not None and math.isfinite(v) and lo <= v <= hi:
-                ax.axvline(v, color=color, ls="--", lw=1, label=f"{name} = {v:.3g}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return format_table(result.rows, cols, markdown=markdown, missing="-")

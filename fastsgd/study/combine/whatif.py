@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from fastsgd.study.combine.time_to_result import StepsCurve, StepTimeCurve
+from fastsgd.study.tables import format_table
 
 __all__ = ["CommModel", "WhatIf", "step_time", "what_if", "load_comm_model", "whatif_table"]
 
@@ -243,46 +244,7 @@ def _search_keys(d: Any, keys: Sequence[str]) -> Dict[str, Any]:
 
 
 def whatif_table(result: WhatIf, markdown: bool = False) -> str:
+    """The what-if rows as a text (or Markdown) table."""
     cols = ["devices", "global_batch", "per_device_batch", "steps", "compute_s", "comm_s", "step_time_s",
             "time_to_result_s", "speedup", "efficiency"]
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return str(int(v)) if v.is_integer() and abs(v) < 1e9 else format(v, ".3g")
-        return str(v)
-    body = [[cell(r[c]) for c in cols] for r in result.rows]
-    if markdown:
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + ["  ".join(v.rjust(w) for v, w in zip(b, widths)) for b in body])
-
-
-def plot_whatif(result: WhatIf, path: str, title: str = "") -> str:
-    """Time to result and per-step time against N (log-log), with the ideal 1/N line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import os
-
-    ns = np.array([r["devices"] for r in result.rows], dtype=float)
-    ttr = np.array([r["time_to_result_s"] for r in result.rows])
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.plot(ns, ttr, "o-", label="time to result (model)")
-    ax.plot(ns, ttr[0] / ns, "--", color="0.5", label="perfect scaling")
-    if result.stops_paying_off is not None:
-        ax.axvline(result.stops_paying_off, color="tab:red", ls="--", lw=1,
-                   label=f"doubling gains < {result.min_gain:.0%} from N = {result.stops_paying_off}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("devices N")
-    ax.set_ylabel("time to result (s)")
-    ax.set_title(title or result.mode, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return format_table(result.rows, cols, markdown=markdown)

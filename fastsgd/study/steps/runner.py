@@ -266,7 +266,7 @@ def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progr
 def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str, space, *,
               wall_seconds: float) -> Dict[str, object]:
     """Analyse the stored trials, draw the plots and write study_summary.json."""
-    from fastsgd.study import study_plots
+    from fastsgd.study import render
 
     records = store.records()
     result = analyze(records, goal=goal, metric=metric, higher_is_better=config.higher_is_better,
@@ -278,7 +278,7 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     summary = {"schema": SCHEMA, "workload": config.workload, "optimizer": config.optimizer,
                "protocol": config.protocol, "storage": store.url, "search_space": space,
                **result, "config": config.stored(), "wall_seconds": wall_seconds, "wall_seconds_total": total}
-    summary["plots"] = study_plots.plot_all(summary, records, config.out)
+    summary["plots"] = render.write_study_figures(summary, records, config.out)
     path = os.path.join(config.out, "study_summary.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -289,7 +289,7 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
 
 def summary_table(summary: Dict[str, object]) -> str:
     """The per-batch-size table printed at the end of a study."""
-    from fastsgd.measure import format_table
+    from fastsgd.study.tables import format_table
 
     rows = []
     for r in summary["per_batch_size"]:
