@@ -197,14 +197,13 @@ def write_outputs(out_dir: str, doc: Dict[str, Any]) -> Dict[str, str]:
     os.replace(js + ".tmp", js)
     rows = [{"batch": r["batch_size"], "steps": f"{r['steps']:.0f}", "step ms": f"{r['step_time_s'] * 1e3:.3g}",
              "time to result s": f"{r['time_to_result_s']:.3g}"} for r in doc["time_to_result"]]
-    # step ms is the measured median; steps come from the S(B) curve named in the numbers above
     md = os.path.join(out_dir, "advise.md")
+    numbers = [{"quantity": k, "value": v} for k, v in doc["numbers"].items()]
     with open(md, "w") as f:
         f.write(f"# Batch size advice: {doc['workload']}\n\n{doc['summary']}\n\n")
-        f.write("| quantity | value |\n|---|---|\n")
-        for k, v in doc["numbers"].items():
-            f.write(f"| {k} | {v} |\n")
-        f.write("\n```\n" + format_table(rows, ["batch", "steps", "step ms", "time to result s"]) + "\n```\n")
+        f.write(format_table(numbers, ["quantity", "value"], markdown=True) + "\n\n")
+        f.write("Steps from the S(B) curve named above, step time measured:\n\n")
+        f.write(format_table(rows, ["batch", "steps", "step ms", "time to result s"], markdown=True) + "\n")
         if doc["caveats"]:
             f.write("\nCaveats:\n\n" + "".join(f"- {c}\n" for c in doc["caveats"]))
     return {"json": js, "md": md}
