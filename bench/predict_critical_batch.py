@@ -6,9 +6,17 @@ step into ``--micro-batches`` accumulation micro-batches so that
 B_simple along the way (McCandlish et al. 2018). Stops at the first evaluation that
 beats the goal, then predicts B_crit and S(B) = S_min + E_min/B
 (``predict_critical_batch``: the progress-weighted mean of B_simple over the run).
-With ``--study DIR`` (a steps-to-result summary) it also reports the predicted/measured
-B_crit ratio and predicted against measured steps per batch size; the run then uses the
-study's best learning rate and momentum at this batch size unless ``--lr`` is given.
+With ``--study DIR`` (a steps-to-result summary) the run uses the study's tuned learning
+rate and momentum at this batch size (the default way: B_simple depends on where training
+goes, so the prediction belongs to the settings it was measured with) and reports the
+predicted/measured B_crit ratio and predicted against measured steps per batch size.
+Without ``--study``, ``--lr`` and ``--momentum`` must be given explicitly.
+
+``--hessian-every K`` also measures the Hessian-aware noise scale
+B_noise = tr(H Sigma)/(G^T H G) every K steps from the step's micro-batch gradients and
+Hessian-vector products on one extra batch (``fastsgd.study.combine.hessian_noise``; costs
+about 2 micro-batches' backward per micro-batch on those steps); the trajectory then has
+``b_noise`` per window and ``prediction_b_noise`` predicts B_crit from it the same way.
 
     python bench/predict_critical_batch.py --workload mnist1d-mlp --batch-size 64 \\
         --out bench/results/noise_scale.json [--study bench/results/study]
@@ -30,6 +38,7 @@ import time
 import torch
 
 from fastsgd.measure import environment, format_table
+from fastsgd.study.combine.hessian_noise import HessianNoiseScale, noise_scale_estimates
 from fastsgd.study.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, predict_critical_batch
 
 SCHEMA = "fastsgd.noise_scale_run/1"
@@ -67,9 +76,15 @@ def run(args) -> dict:
     summary, hp = (None, None)
     if args.study:
         summary, hp = _study_hparams(args.study, args.batch_size)
-    lr = args.lr if args.lr is not None else (hp or {}).get("lr", 0.1)
-    momentum = args.momentum if args.momentum is not None else (hp or {}).get("momentum", 0.9)
-    lr_source = "--lr" if args.lr is not None else ("study best trial" if hp else "default")
+        if hp is None and (args.lr is None or args.momentum is None):
+            raise SystemExit(f"the study has no tuned settings at batch size {args.batch_size}: measure at one of its "
+                             "batch sizes, or give --lr and --momentum explicitly")
+    elif args.lr is None or args.momentum is None:
+        raise SystemExit("give --study DIR (its tuned lr and momentum at this batch size: the default way) or "
+                         "--lr and --momentum explicitly")
+    lr = args.lr if args.lr is not None else hp["lr"]
+    momentum = args.momentum if args.momentum is not None else hp.get("momentum", 0.0)
+    lr_source = "study best trial" if args.lr is None else "--lr"
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -82,12 +97,18 @@ def run(args) -> dict:
     sign = -1.0 if wl.higher_is_better else 1.0
 
     trajectory, evaluations = [], []
+    hess_total, hess_win = HessianNoiseScale(), HessianNoiseScale()
     win_g2 = win_tr = None
     win_steps, step, reached = 0, 0, False
     next_eval = 1
     t_start = time.perf_counter()
     while step < args.max_steps:
         x, y = wl.sample_batch(args.batch_size, gen, device)
+        if args.hessian_every and step % args.hessian_every == 0:
+            est = noise_scale_estimates(model, wl.loss, list(zip(x.split(micro), y.split(micro))),
+                                        wl.sample_batch(args.batch_size, gen, device))
+            hess_total.update(est)
+            hess_win.update(est)
         for xb, yb in zip(x.split(micro), y.split(micro)):
             (wl.loss(model(xb), yb) / args.micro_batches).backward()
             acc.micro_step(len(xb))
@@ -111,6 +132,10 @@ def run(args) -> dict:
             g2, tr = float(win_g2 / win_steps), float(win_tr / win_steps)
             trajectory.append({"step": step, "window_steps": win_steps, "g2": g2, "trace": tr,
                                "b_simple": tr / g2 if g2 > 0 else float("nan"), "b_simple_ema": noise.b_simple})
+            if hess_win.count:
+                h = hess_win.read()
+                trajectory[-1].update(b_noise=h["b_noise"], b_simple_hvp_steps=h["b_simple"], hvp_steps=h["updates"])
+                hess_win = HessianNoiseScale()
             win_g2 = win_tr = None
             win_steps = 0
         if done:
@@ -136,6 +161,19 @@ def run(args) -> dict:
     pred = predict_critical_batch([r["b_simple"] for r in trajectory], [r["window_steps"] for r in trajectory],
                                   args.batch_size)
     result["prediction"] = pred.as_dict()
+    if hess_total.count:
+        h = hess_total.read()
+        result["hessian_noise"] = {"b_noise": h["b_noise"], "b_simple_same_steps": h["b_simple"],
+                                   "hvp_steps": h["updates"], "every": args.hessian_every}
+        wins = [r for r in trajectory if "b_noise" in r]
+        try:
+            pn = predict_critical_batch([r["b_noise"] for r in wins], [r["window_steps"] for r in wins],
+                                        args.batch_size)
+            result["prediction_b_noise"] = {**pn.as_dict(), "method": "progress-weighted mean of B_noise "
+                                            "(Hessian-aware) along the run"}
+        except ValueError as e:  # no window with a usable B_noise
+            result["prediction_b_noise"] = None
+            result["hessian_noise"]["message"] = str(e)
     if summary is not None:
         result["comparison"] = compare_with_study(pred, summary)
     return result
@@ -161,8 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batches", type=int, default=4, help="accumulation micro-batches per step (>= 2)")
     p.add_argument("--optimizer", default="fastsgd-nesterov", help="optimizer spec (fastsgd.study.optimizer_factory)")
-    p.add_argument("--lr", type=float, default=None, help="default: the study's best at this batch size, else 0.1")
-    p.add_argument("--momentum", type=float, default=None, help="default: the study's best, else 0.9")
+    p.add_argument("--lr", type=float, default=None, help="default: the study's tuned lr at this batch size (--study)")
+    p.add_argument("--momentum", type=float, default=None, help="default: the study's tuned momentum (--study)")
+    p.add_argument("--hessian-every", type=int, default=0,
+                   help="also measure B_noise = tr(H Sigma)/(G^T H G) with HVPs every this many steps (0: off)")
     p.add_argument("--goal", type=float, default=None, help="goal on the workload's goal metric (default: its own)")
     p.add_argument("--max-steps", type=int, default=20000)
     p.add_argument("--window", type=int, default=25, help="steps per noise-scale window")
@@ -196,6 +236,11 @@ def main(argv=None) -> int:
               f"{result['wall_seconds']:.1f} s")
         print(f"predicted B_crit {pr['B_crit']:.4g} (mean B_simple {pr['b_simple_mean']:.4g}, at goal "
               f"{pr['b_simple_final']:.4g}); S(B) = {pr['S_min']:.4g} + {pr['E_min']:.4g}/B")
+        if result.get("prediction_b_noise"):
+            pn = result["prediction_b_noise"]
+            print(f"from B_noise (Hessian-aware, {result['hessian_noise']['hvp_steps']} steps with HVPs): predicted "
+                  f"B_crit {pn['B_crit']:.4g}; run mean B_noise {result['hessian_noise']['b_noise']:.4g} against "
+                  f"B_simple {result['hessian_noise']['b_simple_same_steps']:.4g} on the same steps")
     if result["comparison"]:
         c = result["comparison"]
         if c["ratio"] is not None:

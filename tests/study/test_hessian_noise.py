@@ -78,3 +78,14 @@ def test_bad_inputs_are_named():
         noise_scale_estimates(model, _loss, [hb, p.sample(5, gen, dtype=torch.float64)], hb)
     with pytest.raises(RuntimeError, match="no updates"):
         HessianNoiseScale().read()
+
+
+def test_estimates_leave_the_model_untouched():
+    p = _problem()
+    model = p.make_model().double()
+    seen = []
+    model.weight.register_hook(lambda g: seen.append(g))
+    gen = torch.Generator().manual_seed(0)
+    mbs = [p.sample(4, gen, dtype=torch.float64) for _ in range(3)]
+    noise_scale_estimates(model, _loss, mbs, p.sample(8, gen, dtype=torch.float64))
+    assert seen == [] and model.weight.grad is None

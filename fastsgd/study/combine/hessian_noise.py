@@ -38,16 +38,25 @@ def _flat(ts: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
 
 
-def _grad(model: nn.Module, loss_fn: LossFn, batch: Batch, params: List[Tensor], create_graph: bool = False):
+def _leaves(model: nn.Module) -> Dict[str, Tensor]:
+    """Detached copies of the trainable parameters as fresh autograd leaves: the estimates
+    differentiate these, so hooks on the model's own parameters (e.g. a
+    NoiseScaleAccumulator's) and their ``.grad`` never see the extra backward passes."""
+    return {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _grad(model: nn.Module, loss_fn: LossFn, batch: Batch, leaves: Dict[str, Tensor], create_graph: bool = False):
     x, y = batch
-    return torch.autograd.grad(loss_fn(model(x), y), params, create_graph=create_graph)
+    out = torch.func.functional_call(model, leaves, (x,))
+    return torch.autograd.grad(loss_fn(out, y), list(leaves.values()), create_graph=create_graph)
 
 
 def hvp(model: nn.Module, loss_fn: LossFn, batch: Batch, vectors: Sequence[Tensor]) -> List[Tensor]:
     """H v for each flat vector v, H the Hessian of ``loss_fn`` on ``batch`` w.r.t. the
     trainable parameters (double backward, one graph for all vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = _grad(model, loss_fn, batch, params, create_graph=True)
+    leaves = _leaves(model)
+    params = list(leaves.values())
+    grads = _grad(model, loss_fn, batch, leaves, create_graph=True)
     flat = _flat(grads)
     out = []
     for i, v in enumerate(vectors):
@@ -71,11 +80,12 @@ def noise_scale_estimates(model: nn.Module, loss_fn: LossFn, micro_batches: Sequ
     if len(sizes) != 1:
         raise ValueError(f"micro-batches must have equal sizes, got {sorted(sizes)}")
     (b,) = sizes
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    leaves = _leaves(model)
+    if not leaves:
         raise ValueError("the model has no trainable parameters")
-    gs = torch.stack([_flat(_grad(model, loss_fn, mb, params)).detach() for mb in micro_batches]).double()
-    hgs = torch.stack(hvp(model, loss_fn, hessian_batch, list(gs.to(params[0].dtype)))).double()
+    dtype = next(iter(leaves.values())).dtype
+    gs = torch.stack([_flat(_grad(model, loss_fn, mb, leaves)).detach() for mb in micro_batches]).double()
+    hgs = torch.stack(hvp(model, loss_fn, hessian_batch, list(gs.to(dtype)))).double()
     gbar, hgbar = gs.mean(0), hgs.mean(0)
     dev, hdev = gs - gbar, hgs - hgbar
     trace = float(b / (m - 1) * dev.pow(2).sum())
