@@ -123,6 +123,12 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
                            b_simple_final=pred.get("b_simple_final"))
             if ttr.b_crit:
                 numbers["ratio_predicted_measured"] = pred["B_crit"] / ttr.b_crit
+            pn = noise.get("prediction_b_noise")
+            if pn:
+                numbers["predicted_b_crit_b_noise"] = pn["B_crit"]
+                numbers["b_noise_mean"] = (noise.get("hessian_noise") or {}).get("b_noise")
+                if ttr.b_crit:
+                    numbers["ratio_b_noise_predicted_measured"] = pn["B_crit"] / ttr.b_crit
             if noise.get("workload") and sw and noise["workload"] != sw:
                 warnings.append(f"the noise-scale run's workload ({noise['workload']}) differs from the study's ({sw})")
     wi, note = None, ""
@@ -228,6 +234,9 @@ def _headline(report: Report) -> List[tuple]:
             ("S(B) fit R^2 (log space)", _num(n.get("fit_r2_log"))),
             ("Predicted B_crit (noise scale)", _num(n.get("predicted_b_crit"))),
             ("Predicted / measured B_crit", _num(n.get("ratio_predicted_measured"))),
+            ("Predicted B_crit from B_noise (Hessian-aware)", _num(n.get("predicted_b_crit_b_noise")) +
+             (f" (/ measured {_num(n.get('ratio_b_noise_predicted_measured'))})"
+              if n.get("ratio_b_noise_predicted_measured") is not None else "")),
             ("Hardware knee B_hw = t0 X", _num(n["b_hw"])),
             ("B* = sqrt(B_crit B_hw)", _num(n["b_star"]) +
              (f" (95% CI {_num(bsci[0])}..{_num(bsci[1])}, t(B) fit held fixed)" if bsci else "")),

@@ -69,6 +69,11 @@ def test_every_input_warning_reaches_the_report():
     assert "noise scale was measured at lr 0.1 (default)" in text
     md = render_markdown(rep)
     assert "poor fit" in md and "settings from: default" in md and "95% CI" in md
+    noise["prediction_b_noise"] = {**pred.as_dict(), "B_crit": 128.0}
+    noise["hessian_noise"] = {"b_noise": 120.0}
+    rep = build_report(study, thr, noise=noise)
+    assert rep.numbers["predicted_b_crit_b_noise"] == 128.0 and rep.numbers["ratio_b_noise_predicted_measured"] == 0.5
+    assert "Predicted B_crit from B_noise (Hessian-aware) | 128 (/ measured 0.5)" in render_markdown(rep)
     noise["lr_source"] = "study best trial"
     assert not any("noise scale was measured" in w for w in build_report(study, thr, noise=noise).warnings)
 
