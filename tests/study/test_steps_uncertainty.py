@@ -116,6 +116,9 @@ def test_replicate_point_resamples_seeds_and_topk():
     # the runner-up borrows the best setting's seed noise: 20 * {0.8, 1, 1.2}
     vals = [replicate_point(PointData(8, [10.0, 8.0, 12.0], [10.0, 20.0]), rng) for _ in range(400)]
     assert set(np.round(vals, 6)) <= {8.0, 10.0, 12.0, 16.0, 20.0, 24.0}
+    # a seed that missed the goal is lent as a miss; a replicate whose median misses is inf
+    vals = [replicate_point(PointData(8, [10.0, 12.0, math.inf], [10.0, 20.0]), rng) for _ in range(2000)]
+    assert math.inf in vals and set(np.round([v for v in vals if math.isfinite(v)], 6)) <= {10.0, 12.0, 16.666667, 20.0}
 
 
 def test_points_need_the_best_trial_first():

@@ -19,7 +19,8 @@ that produced the point, with the measured noise:
 2. each candidate gets a fresh single-run value: the best setting a value drawn from its
    ``seeds``; any other setting its measured steps times ``exp(d)``, d drawn from the best
    setting's log deviations ``ln seeds - ln median(seeds)`` (residual resampling of seed
-   noise: the other settings ran once, so their seed noise is borrowed from the best one);
+   noise: the other settings ran once, so their seed noise is borrowed from the best one;
+   a seed of the best setting that missed the goal lends a miss);
 3. the winner is the candidate with the fewest steps;
 4. the reported value is the median of ``len(seeds)`` fresh runs of the winner, drawn the
    same way as in step 2.
@@ -71,11 +72,12 @@ class PointData:
         return float(np.median(self.seeds))
 
     def log_deviations(self) -> np.ndarray:
-        """ln seeds - ln median over the seeds that reached the goal (empty with one seed)."""
-        finite = np.array([v for v in self.seeds if math.isfinite(v)], dtype=float)
+        """ln seeds - ln median (empty with one seed or a censored median). A seed that did not
+        reach the goal gives +inf: a setting that borrows it misses the goal on that draw, as
+        the best setting did."""
         if len(self.seeds) < 2 or not math.isfinite(self.median):
             return np.zeros(0)
-        return np.log(finite) - math.log(self.median)
+        return np.log(np.asarray(self.seeds, dtype=float)) - math.log(self.median)
 
 
 def replicate_point(p: PointData, rng: np.random.Generator, dev: Optional[np.ndarray] = None) -> float:
