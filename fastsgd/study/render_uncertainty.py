@@ -32,8 +32,12 @@ def steps_with_intervals(summary: Dict[str, object], title: str = ""):
         med = np.array([r["steps_median"] for r in meas], dtype=float)
         lo = np.array([(r["steps_ci"] or [m, m])[0] for r, m in zip(meas, med)], dtype=float)
         hi = np.array([(r["steps_ci"] or [m, m])[1] for r, m in zip(meas, med)], dtype=float)
+        open_hi = ~np.isfinite(hi)      # replicates that missed the goal: the interval is open upwards
+        hi = np.where(open_hi, med * 2.0, hi)
         ax.errorbar(b, med, yerr=[med - lo, hi - med], fmt="o", color="tab:blue", capsize=3,
                     label="median over seeds, within-point CI")
+        if open_hi.any():
+            ax.plot(b[open_hi], hi[open_hi], "^", color="tab:blue", ms=5, label="CI open upwards (seeds missed)")
         for r in meas:
             seeds = [s for s in (r.get("seeds") or []) if s is not None]
             if len(seeds) > 1:

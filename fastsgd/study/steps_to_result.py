@@ -57,7 +57,8 @@ other modules such as the time-to-result report read it). Schema
          "steps_median": 1262.0 | null,        # the point estimate (fitted)
          "seed_spread": {"median", "min", "max", "n", "not_reached", "relative_half_range"},
          "topk": [{"trial": 17, "steps": 1234}, ...],       # best search/refine trials, ascending
-         "steps_ci": [lo, hi] | null,          # within-point bootstrap interval of the point estimate
+         "steps_ci": [lo, hi] | null,          # within-point bootstrap interval of the point estimate;
+                                               # hi null: too many replicates missed the goal (open upwards)
          "fit_residual": 0.05 | null,          # steps_median / fitted S(B) - 1
          "region": "perfect scaling" | "diminishing returns" | "maximal data parallelism" | null},
         ...],
