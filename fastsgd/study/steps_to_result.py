@@ -329,6 +329,12 @@ def analyze(records: Sequence[TrialRecord], *, goal: float, metric: str, higher_
         recs = by_bs[bs]
         search_recs = [r for r in recs if r.role in SEARCH_ROLES]
         steps, best = batch_size_steps_to_result(search_recs, goal, metric, higher_is_better)
+        reseeded = {r.base_trial for r in recs if r.role == "reseed"}
+        if best is not None and best.trial_id not in reseeded:
+            # a tie for the fewest steps goes to the trial whose seeds were measured
+            tied = [r for r in search_recs if r.trial_id in reseeded
+                    and trial_steps_to_result(r, goal, metric, higher_is_better) == steps]
+            best = min(tied, key=lambda r: r.trial_id) if tied else best
         counts = {o: sum(r.outcome == o for r in search_recs) for o in FINAL_OUTCOMES}
         row = {"batch_size": bs, "steps": steps, "best_trial": best.trial_id if best else None,
                "trials": len(search_recs), "reached_goal": sum(

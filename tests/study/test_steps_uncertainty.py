@@ -231,6 +231,12 @@ def test_reseeds_of_another_trial_are_not_used_for_the_best():
     assert any("reseeds rerun trial(s) [0]" in w for w in out["warnings"])
 
 
+def test_a_tie_for_best_goes_to_the_reseeded_trial():
+    recs = [rec(8, 0, 90), rec(8, 1, 90), rec(8, 50, 100, role="reseed", base=1), rec(16, 0, 60), rec(16, 1, 70)]
+    row = analyze(recs, goal=0.2, metric="val_error", n_boot=0)["per_batch_size"][0]
+    assert row["best_trial"] == 1 and row["seeds"] == [90, 100] and row["steps"] == 90
+
+
 def test_seed_median_censored_when_most_seeds_miss():
     recs = [rec(8, 0, 100), rec(8, 50, None, role="reseed", base=0, end=400),
             rec(8, 51, None, role="reseed", base=0, end=400), rec(16, 0, 60), rec(32, 0, 40)]
