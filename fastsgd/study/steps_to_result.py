@@ -73,7 +73,7 @@ other modules such as the time-to-result report read it). Schema
                           "lack_of_fit_reasons": [...]} | null,                    # /2
       "uncertainty": {"n_boot", "ci_level", "resampled": "...", "within_point_batch_sizes", "batch_sizes",
                       "S_min_ci", "E_min_ci", "B_crit_ci", "b_steps_double_ci",
-                      "b_examples_double_ci"} | null,                              # /2
+                      "b_examples_double_ci", "bracket_replicates_not_crossed"} | null,  # /2
       "brackets": {"S_min_measured", "S_min_measured_at", "E_min_measured", "E_min_measured_at",
                    "b_steps_double", "b_steps_double_bound", "b_examples_double",
                    "b_examples_double_bound", "b_steps_double_ci", "b_examples_double_ci"} | null,  # /2

@@ -148,6 +148,10 @@ def test_within_point_noise_widens_the_intervals():
     ci = b1.point_ci[64]
     assert ci[0] < ci[1]
     assert b1.to_dict()["resampled"].startswith("batch sizes (cases")
+    assert b1.to_dict()["bracket_replicates_not_crossed"] == [0, 0]
+    # a range that never reaches 2 S_min: every replicate misses the lower bracket, and says so
+    narrow = bootstrap([PointData(b, [float(model(b))]) for b in (512, 1024, 2048)], n_boot=20)
+    assert narrow.b_steps_double_ci is None and narrow.bracket_not_crossed[0] == 20
 
 
 def test_spread_of_seeds_with_a_run_that_missed_the_goal():

@@ -33,7 +33,10 @@ replacement (case resampling, as before), each drawn batch size gets an independ
 replicate value, and S(B) = S_min + E_min/B is refitted (replicates with fewer than two
 distinct batch sizes are skipped). Per-batch-size intervals and the model-free brackets
 use replicates of every batch size (no resampling over batch sizes: they are read off
-the curve, not fitted). Percentile intervals throughout.
+the curve, not fitted); replicates whose curve never reaches a bracket's level are left out
+of that bracket's interval and counted (``bracket_replicates_not_crossed``). A replicate
+value that missed the goal (inf) is left out of that replicate's fit, as the analysis
+leaves censored points out. Percentile intervals throughout.
 """
 from __future__ import annotations
 
@@ -123,6 +126,7 @@ class BootstrapResult:
     b_steps_double_ci: Optional[Tuple[float, float]]
     b_examples_double_ci: Optional[Tuple[float, float]]
     b_crit_samples: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    bracket_not_crossed: Tuple[int, int] = (0, 0)   # replicates whose curve never reached each level
     within_point: int = 0           # batch sizes with more than one seed or top-k trial
 
     def to_dict(self) -> Dict[str, object]:
@@ -134,7 +138,8 @@ class BootstrapResult:
                 "batch_sizes": len(self.point_ci),
                 "S_min_ci": lst(self.S_min_ci), "E_min_ci": lst(self.E_min_ci), "B_crit_ci": lst(self.B_crit_ci),
                 "b_steps_double_ci": lst(self.b_steps_double_ci),
-                "b_examples_double_ci": lst(self.b_examples_double_ci)}
+                "b_examples_double_ci": lst(self.b_examples_double_ci),
+                "bracket_replicates_not_crossed": list(self.bracket_not_crossed)}
 
 
 RESAMPLED = ("batch sizes (cases, with replacement); per batch size: the top-k trials (cases) and the seed "
@@ -185,7 +190,8 @@ def bootstrap(points: Sequence[PointData], *, n_boot: int = 1000, ci_level: floa
         B_crit_ci=_quantiles(bcrit, ci_level),
         b_steps_double_ci=_quantiles(np.array(lo_br, dtype=float), ci_level) if lo_br else None,
         b_examples_double_ci=_quantiles(np.array(hi_br, dtype=float), ci_level) if hi_br else None,
-        b_crit_samples=bcrit, within_point=within)
+        b_crit_samples=bcrit, within_point=within,
+        bracket_not_crossed=(int(np.isnan(lo_br).sum()) if lo_br else 0, int(np.isnan(hi_br).sum()) if hi_br else 0))
 
 
 def spread(values: Sequence[float]) -> Dict[str, Optional[float]]:
