@@ -3,8 +3,10 @@
 Inputs
 ------
 * Steps to result S(B) from a steps-to-result study (``study_summary.json``, schema
-  ``fastsgd.steps_to_result/1``, see :mod:`fastsgd.study.steps_to_result`), as measured
-  points and as the fit ``S(B) = S_min + E_min / B`` with ``B_crit = E_min / S_min``.
+  ``fastsgd.steps_to_result/2`` or /1, see :mod:`fastsgd.study.steps_to_result`), as measured
+  points (/2: the seed median of measured batch sizes; censored and other unmeasured batch
+  sizes are left out; /1: the best trial's steps) and as the fit ``S(B) = S_min + E_min / B``
+  with ``B_crit = E_min / S_min`` (none when the study refused its fit).
 * Step time t(B) from a throughput sweep (``throughput.json``, schema
   ``fastsgd.throughput/1``, see :mod:`fastsgd.study.step_time`), as measured medians and as
   the fit ``t(B) = t0 + B / X`` with the hardware knee ``B_hw = t0 X``; energy per step where
