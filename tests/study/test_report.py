@@ -73,7 +73,7 @@ def test_report_cli_renders_markdown_and_pngs(tmp_path, capsys):
     ratio = pred.b_crit / 256.0
     assert "| Measured B_crit (study fit E_min/S_min) | 256 (95% CI 200..300) |" in md
     assert "| Hardware knee B_hw = t0 X | 16 |" in md
-    assert "| B* = sqrt(B_crit B_hw) | 64 |" in md
+    assert "| B* = sqrt(B_crit B_hw) | 64 (95% CI 56.6..69.3, t(B) fit held fixed) |" in md  # sqrt(200 x 16)..sqrt(300 x 16)
     assert f"| Predicted B_crit (noise scale) | {pred.b_crit:.3g} |" in md
     assert f"| Predicted / measured B_crit | {ratio:.3g} |" in md
     # the noise-scale comparison: predicted steps at B = 8 from the run's S(B)

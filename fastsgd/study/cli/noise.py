@@ -6,9 +6,17 @@ step into ``--micro-batches`` accumulation micro-batches so that
 B_simple along the way (McCandlish et al. 2018). Stops at the first evaluation that
 beats the goal, then predicts B_crit and S(B) = S_min + E_min/B
 (``predict_critical_batch``: the progress-weighted mean of B_simple over the run).
-With ``--study DIR`` (a steps-to-result summary) it also reports the predicted/measured
-B_crit ratio and predicted against measured steps per batch size; the run then uses the
-study's best learning rate and momentum at this batch size unless ``--lr`` is given.
+With ``--study DIR`` (a steps-to-result summary) the run uses the study's tuned learning
+rate and momentum at this batch size (the default way: B_simple depends on where training
+goes, so the prediction belongs to the settings it was measured with) and reports the
+predicted/measured B_crit ratio and predicted against measured steps per batch size.
+Without ``--study``, ``--lr`` and ``--momentum`` must be given explicitly.
+
+``--hessian-every K`` also measures the Hessian-aware noise scale
+B_noise = tr(H Sigma)/(G^T H G) every K steps from the step's micro-batch gradients and
+Hessian-vector products on one extra batch (``fastsgd.study.combine.hessian_noise``; about 2
+micro-batches' backward per micro-batch on those steps); the trajectory then has ``b_noise``
+per window and ``prediction_b_noise`` predicts B_crit from it the same way.
 
     fastsgd noise --workload mnist1d-mlp --batch-size 64 \\
         --out bench/results/noise_scale.json [--study bench/results/study]
@@ -37,16 +45,22 @@ def measure(args) -> dict:
     summary, hp = (None, None)
     if args.study:
         summary, hp = study_hparams(args.study, args.batch_size)
-    lr = args.lr if args.lr is not None else (hp or {}).get("lr", 0.1)
-    momentum = args.momentum if args.momentum is not None else (hp or {}).get("momentum", 0.9)
-    lr_source = "--lr" if args.lr is not None else ("study best trial" if hp else "default")
+        if hp is None and (args.lr is None or args.momentum is None):
+            raise SystemExit(f"the study has no tuned settings at batch size {args.batch_size}: measure at one of its "
+                             "batch sizes, or give --lr and --momentum explicitly")
+    elif args.lr is None or args.momentum is None:
+        raise SystemExit("give --study DIR (its tuned lr and momentum at this batch size: the default way) or "
+                         "--lr and --momentum explicitly")
+    lr = args.lr if args.lr is not None else hp["lr"]
+    momentum = args.momentum if args.momentum is not None else hp.get("momentum", 0.0)
+    lr_source = "study best trial" if args.lr is None else "--lr"
     try:
         result = measure_noise_run(wl, optimizer=args.optimizer, lr=lr, momentum=momentum,
                                    batch_size=args.batch_size, micro_batches=args.micro_batches,
                                    window=args.window, decay=args.decay, noise_mode=args.noise_mode,
                                    eval_resolution=args.eval_resolution, max_steps=args.max_steps,
                                    seed=args.seed, device=args.device, study_summary=summary,
-                                   progress=args.progress)
+                                   progress=args.progress, hessian_every=args.hessian_every)
     except ValueError as e:
         raise SystemExit(str(e))
     result["lr_source"] = lr_source
@@ -64,8 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batches", type=int, default=4, help="accumulation micro-batches per step (>= 2)")
     p.add_argument("--optimizer", default="fastsgd-nesterov", help="optimizer spec (fastsgd.study.optimizers)")
-    p.add_argument("--lr", type=float, default=None, help="default: the study's best at this batch size, else 0.1")
-    p.add_argument("--momentum", type=float, default=None, help="default: the study's best, else 0.9")
+    p.add_argument("--lr", type=float, default=None, help="default: the study's tuned lr at this batch size (--study)")
+    p.add_argument("--momentum", type=float, default=None, help="default: the study's tuned momentum (--study)")
+    p.add_argument("--hessian-every", type=int, default=0,
+                   help="also measure B_noise = tr(H Sigma)/(G^T H G) with HVPs every this many steps (0: off)")
     p.add_argument("--goal", type=float, default=None, help="goal on the workload's goal metric (default: its own)")
     p.add_argument("--max-steps", type=int, default=20000)
     p.add_argument("--window", type=int, default=25, help="steps per noise-scale window")
@@ -100,6 +116,11 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
               f"{result['wall_seconds']:.1f} s")
         print(f"predicted B_crit {pr['B_crit']:.4g} (mean B_simple {pr['b_simple_mean']:.4g}, at goal "
               f"{pr['b_simple_final']:.4g}); S(B) = {pr['S_min']:.4g} + {pr['E_min']:.4g}/B")
+        if result.get("prediction_b_noise"):
+            pn, hn = result["prediction_b_noise"], result["hessian_noise"]
+            print(f"from B_noise (Hessian-aware, {hn['hvp_steps']} steps with HVPs): predicted B_crit "
+                  f"{pn['B_crit']:.4g}; run mean B_noise {hn['b_noise']:.4g} against B_simple "
+                  f"{hn['b_simple_same_steps']:.4g} on the same steps")
     if result["comparison"]:
         c = result["comparison"]
         if c["ratio"] is not None:

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-us", type=float, default=None, help="latency per ring step, microseconds")
     p.add_argument("--overlap", type=float, default=None, help="fraction of communication hidden behind backward")
     p.add_argument("--max-devices", type=int, default=4096)
+    p.add_argument("--extrapolate", action="store_true",
+                   help="let the what-if table use batch sizes outside the measured ranges (rows are marked)")
     p.add_argument("--title", default="Batch size report")
     p.add_argument("--note", action="append", default=[], help="a provenance line for the report (repeatable)")
     p.add_argument("--out", required=True)
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                                bandwidth=None if args.bandwidth_gbps is None else args.bandwidth_gbps * 1e9,
                                latency=None if args.latency_us is None else args.latency_us * 1e-6,
                                overlap=args.overlap)
-    report = build_report(study, throughput, noise=noise, comm=comm, max_devices=args.max_devices)
+    report = build_report(study, throughput, noise=noise, comm=comm, max_devices=args.max_devices,
+                          extrapolate=args.extrapolate)
     report.notes = list(args.note)
     paths = write_report(report, args.out, args.title)
     n = report.numbers

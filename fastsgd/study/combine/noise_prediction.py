@@ -115,13 +115,20 @@ def study_hparams(study_dir: str, batch_size: int) -> Tuple[dict, Optional[dict]
 
 def measure_noise_run(wl, *, optimizer: str, lr: float, momentum: float, batch_size: int, micro_batches: int,
                       window: int, decay: float, noise_mode: str, eval_resolution: float, max_steps: int,
-                      seed: int, device: str, study_summary: Optional[dict] = None, progress: bool = False) -> dict:
+                      seed: int, device: str, study_summary: Optional[dict] = None, progress: bool = False,
+                      hessian_every: int = 0) -> dict:
     """Train ``wl`` at ``batch_size`` until its goal, measuring B_simple every ``window`` steps.
 
     Returns the run record of schema ``fastsgd.noise_scale_run/1`` (see
     ``bench/predict_critical_batch.py``); ``prediction`` is None when the goal was not reached, and
     ``comparison`` is :func:`compare_with_study` against ``study_summary`` when one is given.
+
+    ``hessian_every`` K > 0 also measures the Hessian-aware B_noise = tr(H Sigma)/(G^T H G) every K
+    steps from the step's micro-batch gradients and Hessian-vector products on one extra batch
+    (:mod:`fastsgd.study.combine.hessian_noise`); windows then carry ``b_noise`` and the result
+    ``hessian_noise`` and ``prediction_b_noise`` (B_crit predicted from B_noise the same way).
     """
+    from fastsgd.study.combine.hessian_noise import HessianNoiseScale, noise_scale_estimates
     from fastsgd.study.optimizers import make_optimizer
 
     if wl.evaluate is None or wl.goal is None:
@@ -140,12 +147,18 @@ def measure_noise_run(wl, *, optimizer: str, lr: float, momentum: float, batch_s
     sign = -1.0 if wl.higher_is_better else 1.0
 
     trajectory, evaluations = [], []
+    hess_total, hess_win = HessianNoiseScale(), HessianNoiseScale()
     win_g2 = win_tr = None
     win_steps, step, reached = 0, 0, False
     next_eval = 1
     t_start = time.perf_counter()
     while step < max_steps:
         x, y = wl.sample_batch(batch_size, gen, dev)
+        if hessian_every and step % hessian_every == 0:
+            est = noise_scale_estimates(model, wl.loss, list(zip(x.split(micro), y.split(micro))),
+                                        wl.sample_batch(batch_size, gen, dev))
+            hess_total.update(est)
+            hess_win.update(est)
         for xb, yb in zip(x.split(micro), y.split(micro)):
             (wl.loss(model(xb), yb) / micro_batches).backward()
             acc.micro_step(len(xb))
@@ -169,6 +182,10 @@ def measure_noise_run(wl, *, optimizer: str, lr: float, momentum: float, batch_s
             g2, tr = float(win_g2 / win_steps), float(win_tr / win_steps)
             trajectory.append({"step": step, "window_steps": win_steps, "g2": g2, "trace": tr,
                                "b_simple": tr / g2 if g2 > 0 else float("nan"), "b_simple_ema": noise.b_simple})
+            if hess_win.count:
+                h = hess_win.read()
+                trajectory[-1].update(b_noise=h["b_noise"], b_simple_hvp_steps=h["b_simple"], hvp_steps=h["updates"])
+                hess_win = HessianNoiseScale()
             win_g2 = win_tr = None
             win_steps = 0
         if done:
@@ -191,6 +208,19 @@ def measure_noise_run(wl, *, optimizer: str, lr: float, momentum: float, batch_s
         pred = predict_critical_batch([r["b_simple"] for r in trajectory], [r["window_steps"] for r in trajectory],
                                       batch_size)
         result["prediction"] = pred.as_dict()
+        if hess_total.count:
+            h = hess_total.read()
+            result["hessian_noise"] = {"b_noise": h["b_noise"], "b_simple_same_steps": h["b_simple"],
+                                       "hvp_steps": h["updates"], "every": hessian_every}
+            wins = [r for r in trajectory if "b_noise" in r]
+            try:
+                pn = predict_critical_batch([r["b_noise"] for r in wins], [r["window_steps"] for r in wins],
+                                            batch_size)
+                result["prediction_b_noise"] = {**pn.as_dict(), "method": "progress-weighted mean of B_noise "
+                                                "(Hessian-aware) along the run"}
+            except ValueError as e:  # no window with a usable B_noise
+                result["prediction_b_noise"] = None
+                result["hessian_noise"]["message"] = str(e)
         if study_summary is not None:
             result["comparison"] = compare_with_study(pred, study_summary)
     return result

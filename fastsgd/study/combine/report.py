@@ -54,14 +54,19 @@ def _num(v: Optional[float]) -> str:
 
 
 def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optional[Dict[str, Any]] = None,
-                 comm: Optional[CommModel] = None, max_devices: int = 4096, min_gain: float = 0.10) -> Report:
+                 comm: Optional[CommModel] = None, max_devices: int = 4096, min_gain: float = 0.10,
+                 extrapolate: bool = False) -> Report:
     """Combine the inputs into a :class:`Report` (no files written yet).
 
     noise: the JSON of ``bench/predict_critical_batch.py`` (schema ``fastsgd.noise_scale_run/1``)
     comm:  the communication model for the what-if table (None: no what-if table)
+    extrapolate: let the what-if table go beyond the measured batch sizes (rows are marked)
+
+    Every warning of the inputs (study, step-time fit) and of the combination reaches
+    ``Report.warnings``.
     """
     ttr = combine(study, throughput)
-    warnings: List[str] = []
+    warnings: List[str] = list(ttr.warnings)
     sw, tw = study.meta.get("workload"), throughput.meta.get("workload")
     if sw and tw and sw != tw:
         warnings.append(f"the study's workload ({sw}) and the throughput sweep's ({tw}) differ: "
@@ -75,9 +80,14 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
         warnings.append(f"step time extrapolated from the t(B) fit (outside the measured range) at batch sizes "
                         f"{extrapolated}")
     fit = study.meta.get("fit") or {}
+    brk = study.meta.get("brackets") or {}
+    diag = study.meta.get("fit_diagnostics") or {}
     numbers: Dict[str, Any] = {
         "workload": sw or tw, "device": throughput.meta.get("device"),
         "measured_b_crit": ttr.b_crit, "measured_b_crit_ci": fit.get("B_crit_ci"),
+        "b_crit_bracket": [brk.get("b_steps_double"), brk.get("b_examples_double")] if brk else None,
+        "fit_r2_log": diag.get("r2_log"), "fit_lack_of_fit": diag.get("lack_of_fit"),
+        "b_star_ci": ttr.b_star_ci, "intervals_resample": (study.meta.get("uncertainty") or {}).get("resampled"),
         "s_min": study.fit.s_min if study.fit else None, "e_min": study.fit.e_min if study.fit else None,
         "b_hw": ttr.b_hw, "t0_s": throughput.fit.t0 if throughput.fit else None,
         "throughput_examples_per_s": throughput.fit.throughput if throughput.fit else None,
@@ -91,12 +101,25 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
         if not pred:
             warnings.append("the noise-scale run did not reach its goal: no prediction")
         else:
+            lr_source = noise.get("lr_source")
+            numbers["noise_run_lr"], numbers["noise_run_lr_source"] = noise.get("lr"), lr_source
+            if lr_source != "study best trial":
+                warnings.append(f"the noise scale was measured at lr {_num(noise.get('lr'))} "
+                                f"({lr_source or 'source not recorded'}), not with the study's tuned settings at "
+                                "this batch size: B_simple depends on where training goes, so the prediction may be "
+                                "off by a factor (measure with --study for the tuned lr)")
             numbers.update(predicted_b_crit=pred["B_crit"], predicted_s_min=pred["S_min"],
                            predicted_e_min=pred["E_min"], noise_run_batch_size=noise.get("batch_size"),
                            noise_run_steps=noise.get("steps"), b_simple_mean=pred.get("b_simple_mean"),
                            b_simple_final=pred.get("b_simple_final"))
             if ttr.b_crit:
                 numbers["ratio_predicted_measured"] = pred["B_crit"] / ttr.b_crit
+            pn = noise.get("prediction_b_noise")
+            if pn:
+                numbers["predicted_b_crit_b_noise"] = pn["B_crit"]
+                numbers["b_noise_mean"] = (noise.get("hessian_noise") or {}).get("b_noise")
+                if ttr.b_crit:
+                    numbers["ratio_b_noise_predicted_measured"] = pn["B_crit"] / ttr.b_crit
             if noise.get("workload") and sw and noise["workload"] != sw:
                 warnings.append(f"the noise-scale run's workload ({noise['workload']}) differs from the study's ({sw})")
     wi, note = None, ""
@@ -105,7 +128,18 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
     elif study.fit is None or throughput.fit is None:
         note = "the what-if table needs both fits"
     else:
-        wi = what_if(study.fit, throughput.fit, comm, max_devices=max_devices, min_gain=min_gain)
+        measured = [b for b, v in zip(study.batch_sizes, study.steps) if v is not None]
+        steps_range = (min(measured), max(measured)) if measured else None
+        hw_range = (min(throughput.batch_sizes), max(throughput.batch_sizes)) if throughput.batch_sizes else None
+        wi = what_if(study.fit, throughput.fit, comm, max_devices=max_devices, min_gain=min_gain,
+                     steps_range=steps_range, hardware_range=hw_range, extrapolate=extrapolate)
+        marked = [r["devices"] for r in wi.rows if r.get("extrapolated")]
+        if marked:
+            warnings.append(f"what-if rows for N = {marked} are extrapolated beyond the measured batch sizes "
+                            "(see their 'extrapolated' reasons)")
+        elif not extrapolate and wi.rows[-1]["devices"] < max_devices:
+            note = (f"the what-if sweep stops at N = {wi.rows[-1]['devices']}: more devices need batch sizes "
+                    "outside the measured ranges (extrapolate to model them anyway)")
         numbers.update(whatif_stops_paying_off=wi.stops_paying_off, whatif_fastest_n=wi.fastest_n,
                        comm={"grad_bytes": comm.grad_bytes, "bandwidth_bytes_per_s": comm.bandwidth,
                              "latency_s": comm.latency, "overlap": comm.overlap})
@@ -136,13 +170,23 @@ def make_figures(report: Report, out_dir: str) -> Dict[str, str]:
 def _headline(report: Report) -> List[tuple]:
     n = report.numbers
     ci = n.get("measured_b_crit_ci")
+    br = n.get("b_crit_bracket")
+    bsci = n.get("b_star_ci")
     rows = [("Workload", str(n.get("workload"))), ("Device (throughput)", str(n.get("device"))),
             ("Measured B_crit (study fit E_min/S_min)", _num(n["measured_b_crit"]) +
-             (f" (95% CI {_num(ci[0])}..{_num(ci[1])})" if ci else "")),
+             (f" (95% CI {_num(ci[0])}..{_num(ci[1])})" if ci else "") +
+             ("; the fit shows lack of fit" if n.get("fit_lack_of_fit") else "")),
+            ("B_crit model-free bracket (S = 2 S_min .. B S = 2 E_min, measured)",
+             f"{_num(br[0])} .. {_num(br[1])}" if br else "n/a"),
+            ("S(B) fit R^2 (log space)", _num(n.get("fit_r2_log"))),
             ("Predicted B_crit (noise scale)", _num(n.get("predicted_b_crit"))),
             ("Predicted / measured B_crit", _num(n.get("ratio_predicted_measured"))),
+            ("Predicted B_crit from B_noise (Hessian-aware)", _num(n.get("predicted_b_crit_b_noise")) +
+             (f" (/ measured {_num(n.get('ratio_b_noise_predicted_measured'))})"
+              if n.get("ratio_b_noise_predicted_measured") is not None else "")),
             ("Hardware knee B_hw = t0 X", _num(n["b_hw"])),
-            ("B* = sqrt(B_crit B_hw)", _num(n["b_star"])),
+            ("B* = sqrt(B_crit B_hw)", _num(n["b_star"]) +
+             (f" (95% CI {_num(bsci[0])}..{_num(bsci[1])}, t(B) fit held fixed)" if bsci else "")),
             ("Fitted T(B*)", _num(n["t_star_s"]) + " s"),
             ("Best measured batch size (T)", f"{n.get('best_measured_batch_size')} "
                                               f"({_num(n.get('best_measured_time_s'))} s)")]
@@ -159,7 +203,8 @@ def _noise_text(report: Report) -> str:
     if not pred:
         return ""
     return (f"Noise scale measured during one run at batch size {nz.get('batch_size')} "
-            f"({nz.get('optimizer')}, lr {_num(nz.get('lr'))}, momentum {_num(nz.get('momentum'))}), "
+            f"({nz.get('optimizer')}, lr {_num(nz.get('lr'))}, momentum {_num(nz.get('momentum'))}, "
+            f"settings from: {nz.get('lr_source') or 'not recorded'}; the prediction holds for these settings), "
             f"goal reached in {nz.get('steps')} steps. B_simple: mean {_num(pred.get('b_simple_mean'))}, "
             f"at the goal {_num(pred.get('b_simple_final'))}; predicted B_crit = progress-weighted mean = "
             f"{_num(pred['B_crit'])}, S(B) = {_num(pred['S_min'])} + {_num(pred['E_min'])}/B.")

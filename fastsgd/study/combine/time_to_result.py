@@ -3,8 +3,10 @@
 Inputs
 ------
 * Steps to result S(B) from a steps-to-result study (``study_summary.json``, schema
-  ``fastsgd.steps_to_result/1``, see :mod:`fastsgd.study.steps.analysis`), as measured
-  points and as the fit ``S(B) = S_min + E_min / B`` with ``B_crit = E_min / S_min``.
+  ``fastsgd.steps_to_result/2`` or /1, see :mod:`fastsgd.study.steps.analysis`), as measured
+  points (/2: the seed median of measured batch sizes; censored and other unmeasured batch
+  sizes are left out; /1: the best trial's steps) and as the fit ``S(B) = S_min + E_min / B``
+  with ``B_crit = E_min / S_min`` (none when the study refused its fit).
 * Step time t(B) from a throughput sweep (``throughput.json``, schema
   ``fastsgd.throughput/1``, see :mod:`fastsgd.study.hardware.step_time`), as measured medians and as
   the fit ``t(B) = t0 + B / X`` with the hardware knee ``B_hw = t0 X``; energy per step where
@@ -17,6 +19,14 @@ The optimum of the fitted curves
 so ``B* = sqrt(B_crit x B_hw)`` (a minimum: ``d2T/dB2 = 2 E_min t0 / B^3 > 0``), and
 ``T(B*) = (sqrt(S_min t0) + sqrt(E_min / X))^2``. Below B* steps shrink faster than step time
 grows; above it, the other way round.
+
+Uncertainty and range
+---------------------
+``B*`` gets an interval from the study's B_crit interval with the hardware fit held fixed
+(B* is monotone in B_crit, so the percentile interval maps through:
+``[sqrt(B_crit_lo B_hw), sqrt(B_crit_hi B_hw)]``); it ignores the step-time fit's own
+uncertainty. A B* outside the measured batch sizes is flagged, and every warning of the
+inputs (the study's, the t(B) fit's message, e.g. a poor fit) is carried in ``warnings``.
 
 Measured points
 ---------------
@@ -39,8 +49,8 @@ import numpy as np
 from fastsgd.study.tables import format_table
 
 __all__ = ["StepsCurve", "StepTimeCurve", "StudyData", "ThroughputData", "TimeToResult",
-           "optimal_batch_size", "interpolate_loglog", "combine", "load_study", "load_throughput",
-           "time_to_result_table"]
+           "optimal_batch_size", "interpolate_loglog", "combine", "input_warnings", "load_study", "load_throughput",
+           "time_to_result_table", "plot_time_to_result"]
 
 
 # ---------------------------------------------------------------- fitted curves
@@ -116,7 +126,7 @@ class StudyData:
     def __post_init__(self) -> None:
         if len(self.batch_sizes) != len(self.steps):
             raise ValueError(f"study: {len(self.batch_sizes)} batch sizes but {len(self.steps)} step counts")
-        if self.fit is None:
+        if self.fit is None and not self.meta.get("fit_refused"):  # a study that refused its fit stays unfitted
             pts = [(b, s) for b, s in zip(self.batch_sizes, self.steps) if s is not None]
             if len({b for b, _ in pts}) >= 2:
                 from fastsgd.study.steps.analysis import fit_scaling
@@ -142,6 +152,7 @@ class ThroughputData:
         if self.fit is None and len(set(self.batch_sizes)) >= 2:
             from fastsgd.study.hardware.fit import fit_step_time
             f = fit_step_time(self.batch_sizes, self.step_times)
+            self.meta.setdefault("fit", {"message": f.message, "r2": f.r2})
             if f.ok and f.throughput > 0:
                 self.fit = StepTimeCurve(max(f.t0_s, 0.0), f.throughput)
 
@@ -169,10 +180,17 @@ def load_study(path: str) -> StudyData:
     rows = d.get("per_batch_size") or []
     fit = d.get("fit")
     curve = StepsCurve(float(fit["S_min"]), float(fit["E_min"])) if fit else None
-    meta = {k: d.get(k) for k in ("workload", "optimizer", "protocol", "goal", "regions", "wall_seconds")}
+    meta = {k: d.get(k) for k in ("workload", "optimizer", "protocol", "goal", "regions", "regions_data", "brackets",
+                                  "fit_diagnostics", "fit_refused", "uncertainty", "wall_seconds")}
     meta["fit"], meta["path"] = fit, p
-    return StudyData([int(r["batch_size"]) for r in rows],
-                     [None if r.get("steps") is None else float(r["steps"]) for r in rows], curve, meta)
+    meta["warnings"] = list(d.get("warnings") or [])
+    meta["status"] = {int(r["batch_size"]): r.get("status", "measured" if r.get("steps") is not None else "censored")
+                      for r in rows}
+
+    def point(r):  # schema /2: the seed median (the fitted value); /1: the best trial's steps
+        v = r.get("steps_median", r.get("steps"))
+        return None if v is None or r.get("status", "measured") != "measured" else float(v)
+    return StudyData([int(r["batch_size"]) for r in rows], [point(r) for r in rows], curve, meta)
 
 
 def load_throughput(path: str) -> ThroughputData:
@@ -209,9 +227,13 @@ class TimeToResult:
     b_star: Optional[float]
     t_star: Optional[float]                   # fitted T(B*) in seconds
     best_measured: Optional[Dict[str, Any]]   # the row with the smallest measured T(B)
+    b_crit_ci: Optional[List[float]] = None
+    b_star_ci: Optional[List[float]] = None   # from b_crit_ci, hardware fit held fixed
+    warnings: List[str] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         return {"rows": self.rows, "b_crit": self.b_crit, "b_hw": self.b_hw, "b_star": self.b_star,
+                "b_crit_ci": self.b_crit_ci, "b_star_ci": self.b_star_ci, "warnings": self.warnings,
                 "t_star_s": self.t_star, "best_measured": self.best_measured,
                 "steps_fit": None if self.steps_fit is None else {"S_min": self.steps_fit.s_min, "E_min": self.steps_fit.e_min},
                 "time_fit": None if self.time_fit is None else {"t0_s": self.time_fit.t0, "throughput": self.time_fit.throughput}}
@@ -249,12 +271,34 @@ def combine(study: StudyData, throughput: ThroughputData) -> TimeToResult:
     best = min(timed, key=lambda r: r["time_to_result_s"]) if timed else None
     b_crit = study.fit.b_crit if study.fit else None
     b_hw = throughput.fit.b_hw if throughput.fit else None
-    b_star = t_star = None
+    b_star = t_star = b_star_ci = None
+    b_crit_ci = (study.meta.get("fit") or {}).get("B_crit_ci")
+    warnings = input_warnings(study, throughput)
     if study.fit is not None and throughput.fit is not None:
         b_star = optimal_batch_size(study.fit, throughput.fit)
         if math.isfinite(b_star) and b_star > 0:
             t_star = float(study.fit.steps(b_star) * throughput.fit.time(b_star))
-    return TimeToResult(rows, study.fit, throughput.fit, b_crit, b_hw, b_star, t_star, best)
+            if b_crit_ci and None not in b_crit_ci:
+                b_star_ci = [math.sqrt(float(x) * throughput.fit.b_hw) for x in b_crit_ci]
+            measured = [b for b, s in zip(study.batch_sizes, study.steps) if s is not None]
+            if measured and not min(measured) <= b_star <= max(measured):
+                warnings.append(f"B* = {b_star:.3g} lies outside the measured batch sizes "
+                                f"[{min(measured)}, {max(measured)}]: the fitted curves are extrapolated there")
+    return TimeToResult(rows, study.fit, throughput.fit, b_crit, b_hw, b_star, t_star, best, b_crit_ci, b_star_ci,
+                        warnings)
+
+
+def input_warnings(study: StudyData, throughput: ThroughputData) -> List[str]:
+    """Every warning the two inputs carry: the study's own (censored points, lack of fit, refused
+    fit, ...) and the t(B) fit's message (poor fit, negative t0, two points)."""
+    out = [f"steps-to-result study: {w}" for w in study.meta.get("warnings") or []]
+    refused = study.meta.get("fit_refused")
+    if refused and not any(refused in w for w in out):
+        out.append(f"steps-to-result study: {refused}")
+    msg = (throughput.meta.get("fit") or {}).get("message")
+    if msg:
+        out.append(f"step-time fit t(B) = t0 + B/X: {msg}")
+    return out
 
 
 # ---------------------------------------------------------------- output

@@ -30,6 +30,13 @@ that depend only on the global batch (tuned metaparameters at every B).
 
 For each N, the global batch is either fixed (``global_batch``), grown with N
 (``per_device_batch``), or chosen to minimise T over powers of two (default).
+
+Range: S(B) is known between the smallest and largest batch size the study measured
+(``steps_range``) and t(b) between the smallest and largest per-device batch the
+throughput sweep measured (``hardware_range``). By default the sweep stays inside both:
+candidates outside are skipped, and a fixed batch outside them is an error. With
+``extrapolate=True`` they are used, and every such row carries ``extrapolated`` (the
+reasons; an empty list means inside both ranges).
 "Stops paying off": the smallest N (in the powers-of-two sweep) from which doubling the
 devices cuts time to result by less than ``min_gain`` (default 10 %).
 """
@@ -38,7 +45,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -118,17 +125,37 @@ def _devices(max_devices: int) -> List[int]:
     return ns
 
 
+def _outside(b: float, n: int, steps_range, hardware_range) -> List[str]:
+    """Why (global batch b, n devices) lies outside the measured ranges; [] when inside."""
+    why = []
+    if steps_range is not None and not steps_range[0] <= b <= steps_range[1]:
+        why.append(f"global batch {b:g} outside the steps-to-result measurements "
+                   f"[{steps_range[0]:g}, {steps_range[1]:g}]")
+    if hardware_range is not None and not hardware_range[0] <= b / n <= hardware_range[1]:
+        why.append(f"per-device batch {b / n:g} outside the step-time measurements "
+                   f"[{hardware_range[0]:g}, {hardware_range[1]:g}]")
+    return why
+
+
 def what_if(steps: StepsCurve, hardware: StepTimeCurve, comm: CommModel, *, max_devices: int = 4096,
             global_batch: Optional[float] = None, per_device_batch: Optional[float] = None,
-            batch_candidates: Optional[Sequence[float]] = None, min_gain: float = 0.10) -> WhatIf:
+            batch_candidates: Optional[Sequence[float]] = None, min_gain: float = 0.10,
+            steps_range: Optional[Tuple[float, float]] = None, hardware_range: Optional[Tuple[float, float]] = None,
+            extrapolate: bool = False) -> WhatIf:
     """Per-step time and time to result for N = 1, 2, 4, ..., max_devices.
 
     Exactly one way to choose the global batch per N: ``global_batch`` (fixed),
     ``per_device_batch`` (B = N x b), or neither (the best of ``batch_candidates``,
     default powers of two from 1 to 2^24, with at least one example per device).
+    ``steps_range`` / ``hardware_range`` / ``extrapolate``: see the module docstring
+    (a range of None is not checked).
     """
     if global_batch is not None and per_device_batch is not None:
         raise ValueError("give global_batch or per_device_batch, not both")
+    if global_batch is not None and not extrapolate:
+        why = _outside(global_batch, 1, steps_range, None)
+        if why:
+            raise ValueError(f"{why[0]}: pass extrapolate=True to model it anyway (rows are then marked)")
     if not 0 < min_gain < 1:
         raise ValueError(f"min_gain must lie in (0, 1), got {min_gain!r}")
     if global_batch is not None:
@@ -148,16 +175,22 @@ def what_if(steps: StepsCurve, hardware: StepTimeCurve, comm: CommModel, *, max_
             choices = [b for b in batch_candidates if b >= n]
         best = None
         for b in choices:
+            why = _outside(b, n, steps_range, hardware_range)
+            if why and not extrapolate:
+                continue
             st = step_time(hardware, comm, b, n)
             s = float(steps.steps(b))
-            cand = {"devices": n, "global_batch": b, "steps": s, **st, "time_to_result_s": s * st["step_time_s"]}
+            cand = {"devices": n, "global_batch": b, "steps": s, **st, "time_to_result_s": s * st["step_time_s"],
+                    "extrapolated": why}
             if best is None or cand["time_to_result_s"] < best["time_to_result_s"]:
                 best = cand
-        if best is None:   # fixed global batch smaller than N: stop the sweep there
+        if best is None:   # no batch fits N devices (or the measured ranges): stop the sweep there
             break
         rows.append(best)
     if not rows:
-        raise ValueError("no device count fits the requested batch (need at least one example per device)")
+        raise ValueError("no device count fits the requested batch (need at least one example per device"
+                         + ("" if extrapolate else ", inside the measured batch ranges; extrapolate=True to go "
+                            "beyond them") + ")")
     t1 = rows[0]["time_to_result_s"]
     for r in rows:
         r["speedup"] = t1 / r["time_to_result_s"]

@@ -12,21 +12,31 @@ with, and once they can no longer beat the best trial of their batch size, so
 a *harder* goal than the running goal may find truncated curves (the summary
 says so in ``goal.harder_than_run_goal``).
 
-Fit (McCandlish et al. 2018): S(B) = S_min + E_min / B, a straight line in
-1/B; B_crit = E_min / S_min. Fitted by non-negative least squares on relative
-errors (each point weighted 1/S(B), so that 10 steps and 10,000 steps count
-alike), with a case-resampling bootstrap over batch sizes for the intervals.
-Regions (from the fit): the local slope d log S / d log B equals
+Point estimate per batch size: the median of steps to result over the best setting's
+seeds (the best trial plus its reseeds, TrialRecord.role "reseed"); with no reseeds, the
+best trial's steps. ``steps`` stays batch_science's minimum over the search trials.
+A batch size where no search trial reached the goal is *censored* when trials ran out of
+budget (S(B) > ``steps_lower_bound``), *truncated* when curves stopped early (run goal,
+pruning: unknown), *diverged* or *missing*; such points are shown and never fitted.
+
+Fit (McCandlish et al. 2018): S(B) = S_min + E_min / B, a straight line in 1/B;
+B_crit = E_min / S_min (:mod:`fastsgd.study.steps.scaling`: relative-error least squares,
+residuals, R^2 in log space, lack-of-fit flag, model-free brackets, regions from the data).
+The fit refuses when batch sizes larger than every measured one are censored, truncated or
+missing: they decide S_min. Intervals: :mod:`fastsgd.study.steps.uncertainty` (bootstrap
+over batch sizes, and per batch size over the top-k trials and the best setting's seeds).
+Regions from the fit (``regions``): the local slope d log S / d log B equals
 -B_crit / (B + B_crit); *perfect scaling* while the slope is steeper than -0.9
 (B <= B_crit / 9), *maximal data parallelism* once it is flatter than -0.1
-(B >= 9 B_crit), *diminishing returns* in between.
+(B >= 9 B_crit), *diminishing returns* in between. The per-row ``region`` labels and
+``regions_data`` come from the measured points alone.
 
 On-disk summary (``study_summary.json``, written by ``fastsgd.study.steps.runner``;
 other modules such as the time-to-result report read it). Schema
-``"fastsgd.steps_to_result/1"``::
+``"fastsgd.steps_to_result/2"`` (/1 lacked everything marked "/2")::
 
     {
-      "schema": "fastsgd.steps_to_result/1",
+      "schema": "fastsgd.steps_to_result/2",
       "workload": "mnist1d-mlp", "optimizer": "nesterov",   # sgd | momentum | nesterov
       "protocol": "tuned",            # or a Golmant scaling rule: constant | sqrt | linear | linear-warmup
       "storage": "sqlite:///DIR/study.db",
@@ -39,12 +49,37 @@ other modules such as the time-to-result report read it). Schema
          "unfinished": 0, "max_steps": 20000,
          "best_hparams": {"lr": 0.1, "momentum": 0.9, ...} | null,
          "best_effective_lr": 1.0 | null,      # lr / (1 - momentum)
-         "at_edge": ["lr:high", ...]},         # best trial on the edge of the search space
+         "at_edge": ["lr:high", ...],          # best trial on the edge of the search space
+         # /2:
+         "status": "measured" | "censored" | "truncated" | "diverged" | "missing" | "excluded",
+         "steps_lower_bound": 20000 | null,    # censored: S(B) is larger than this
+         "reseeds": 3, "seeds": [1234, 1301, null, 1190],   # best trial first; null: did not reach the goal
+         "steps_median": 1262.0 | null,        # the point estimate (fitted)
+         "seed_spread": {"median", "min", "max", "n", "not_reached", "relative_half_range"},
+         "topk": [{"trial": 17, "steps": 1234}, ...],       # best search/refine trials, ascending
+         "steps_ci": [lo, hi] | null,          # within-point bootstrap interval of the point estimate;
+                                               # hi null: too many replicates missed the goal (open upwards)
+         "fit_residual": 0.05 | null,          # steps_median / fitted S(B) - 1
+         "region": "perfect scaling" | "diminishing returns" | "maximal data parallelism" | null},
         ...],
+      "steps_estimator": "...",               # /2: what the point estimate is
       "fit": {"S_min": 40.1, "E_min": 9.8e3, "B_crit": 244.0,
               "S_min_ci": [lo, hi], "E_min_ci": [lo, hi], "B_crit_ci": [lo, hi],
               "ci_level": 0.95, "n_boot": 1000, "points": 10} | null,
-      "regions": {"perfect_scaling_max": 27.1, "maximal_parallelism_min": 2196.0} | null,
+      "fit_refused": "no S(B) fit: ..." | null,                                  # /2
+      "fit_diagnostics": {"residuals": [{"batch_size", "relative", "log"}], "r2_log", "runs_p",
+                          "max_abs_relative_residual", "worst_batch_size", "within_point_checked",
+                          "outside_within_point": [...], "lack_of_fit": bool,
+                          "lack_of_fit_reasons": [...]} | null,                    # /2
+      "uncertainty": {"n_boot", "ci_level", "resampled": "...", "within_point_batch_sizes", "batch_sizes",
+                      "S_min_ci", "E_min_ci", "B_crit_ci", "b_steps_double_ci",
+                      "b_examples_double_ci", "bracket_replicates_not_crossed"} | null,  # /2
+      "brackets": {"S_min_measured", "S_min_measured_at", "E_min_measured", "E_min_measured_at",
+                   "b_steps_double", "b_steps_double_bound", "b_examples_double",
+                   "b_examples_double_bound", "b_steps_double_ci", "b_examples_double_ci"} | null,  # /2
+      "regions": {"perfect_scaling_max": 27.1, "maximal_parallelism_min": 2196.0} | null,   # from the fit
+      "regions_data": {"tolerance": 0.2, "perfect_scaling_max": 128 | null,
+                       "maximal_parallelism_min": 1024 | null} | null,          # /2, from the points
       "effective_lr": {"batch_sizes": [...], "best": [...], "linear_rule": [...], "sqrt_rule": [...]},
       "warnings": ["..."],
       "plots": ["steps_vs_batch_size.png", ...],
@@ -64,7 +99,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-SCHEMA = "fastsgd.steps_to_result/1"
+from fastsgd.study.steps.scaling import brackets, data_regions, fit_diagnostics, fit_once
+from fastsgd.study.steps.uncertainty import PointData, bootstrap, spread
+
+SCHEMA = "fastsgd.steps_to_result/2"
 
 # Trial outcomes, as stored with every trial.
 GOAL = "goal"              # beat the goal: has steps to result
@@ -95,6 +133,8 @@ class TrialRecord:
     steps: List[int] = field(default_factory=list)
     metrics: Dict[str, List[float]] = field(default_factory=dict)
     max_steps: Optional[int] = None
+    role: str = "search"  # "search", "refine" (second search stage) or "reseed" (a batch size's best setting rerun with another seed)
+    base_trial: Optional[int] = None  # role "reseed": the trial whose hyperparameters it reruns
 
     def curve(self, metric: str) -> Tuple[List[int], List[float]]:
         if not self.steps:
@@ -176,7 +216,7 @@ class ScalingFit:
         return self.S_min + self.E_min / np.asarray(batch_size, dtype=float)
 
     def regions(self) -> Dict[str, float]:
-        """Region boundaries in batch size (see the module docstring)."""
+        """Region boundaries in batch size from the fit (see the module docstring)."""
         b = self.B_crit
         lo = b * (1 - PERFECT_SCALING_SLOPE) / PERFECT_SCALING_SLOPE
         hi = b * (1 - MAXIMAL_PARALLELISM_SLOPE) / MAXIMAL_PARALLELISM_SLOPE
@@ -190,24 +230,17 @@ class ScalingFit:
                 "ci_level": self.ci_level, "n_boot": self.n_boot, "points": self.points}
 
 
-def _fit_once(batch_sizes: np.ndarray, steps: np.ndarray) -> Tuple[float, float]:
-    from scipy.optimize import nnls
-    # Relative residuals: (S_min + E_min/B)/S - 1, i.e. rows [1/S, 1/(B S)] against 1.
-    a = np.stack([1.0 / steps, 1.0 / (batch_sizes * steps)], axis=1)
-    (s_min, e_min), _ = nnls(a, np.ones_like(steps))
-    return float(s_min), float(e_min)
-
-
 def fit_scaling(batch_sizes: Sequence[float], steps: Sequence[float], *, n_boot: int = 1000,
-                ci_level: float = 0.95, seed: int = 0) -> ScalingFit:
-    """Fit S(B) = S_min + E_min/B to measured steps to result.
+                ci_level: float = 0.95, seed: int = 0,
+                points: Optional[Sequence[PointData]] = None) -> ScalingFit:
+    """Fit S(B) = S_min + E_min/B to steps to result.
 
-    Needs at least two distinct batch sizes with positive steps. The bootstrap
-    resamples (batch size, steps) pairs with replacement ``n_boot`` times
-    (resamples with fewer than two distinct batch sizes are skipped) and
-    reports percentile intervals; with only a handful of batch sizes the
-    interval is narrow for lack of resamples, not for certainty (with two
-    batch sizes it collapses to the point estimate).
+    Needs at least two distinct batch sizes with positive steps. Intervals come from
+    :func:`fastsgd.study.steps.uncertainty.bootstrap` over ``points`` (the runs behind
+    each batch size: seeds of the best setting and the top-k trials); without ``points``
+    each batch size is one value and only batch sizes are resampled. With a handful of
+    batch sizes and no within-point data the interval is narrow for lack of resamples, not
+    for certainty (with two batch sizes it collapses to the point estimate).
     """
     b = np.asarray(batch_sizes, dtype=float)
     s = np.asarray(steps, dtype=float)
@@ -217,74 +250,190 @@ def fit_scaling(batch_sizes: Sequence[float], steps: Sequence[float], *, n_boot:
         raise ValueError("fit_scaling: batch sizes and steps must be finite and positive")
     if len(np.unique(b)) < 2:
         raise ValueError(f"fit_scaling: need at least two distinct batch sizes, got {sorted(set(b.tolist()))}")
-    s_min, e_min = _fit_once(b, s)
+    s_min, e_min = fit_once(b, s)
     fit = ScalingFit(S_min=s_min, E_min=e_min, points=len(b), ci_level=ci_level)
     if n_boot <= 0:
         return fit
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(b), len(b))
-        if len(np.unique(b[idx])) < 2:
-            continue
-        samples.append(_fit_once(b[idx], s[idx]))
-    if samples:
-        arr = np.array(samples)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bcrit = np.where(arr[:, 0] > 0, arr[:, 1] / arr[:, 0], np.inf)
-        q = [(1 - ci_level) / 2, (1 + ci_level) / 2]
-        # "nearest": B_crit is inf for resamples with S_min = 0, and interpolating inf - inf is NaN
-        fit.S_min_ci = tuple(float(x) for x in np.quantile(arr[:, 0], q, method="nearest"))
-        fit.E_min_ci = tuple(float(x) for x in np.quantile(arr[:, 1], q, method="nearest"))
-        fit.B_crit_ci = tuple(float(x) for x in np.quantile(bcrit, q, method="nearest"))
-        fit.n_boot = len(samples)
+    if points is None:
+        points = [PointData(int(bi), [float(si)]) for bi, si in zip(b, s)]
+    boot = bootstrap(points, n_boot=n_boot, ci_level=ci_level, seed=seed)
+    fit.S_min_ci, fit.E_min_ci, fit.B_crit_ci, fit.n_boot = boot.S_min_ci, boot.E_min_ci, boot.B_crit_ci, boot.n_boot
     return fit
+
+
+# ---------------------------------------------------------------- one batch size
+
+MEASURED = "measured"      # some search/refine trial reached the goal
+CENSORED = "censored"      # no trial reached it within the largest budget: S(B) > steps_lower_bound
+TRUNCATED = "truncated"    # no trial reached it, but curves stopped early (run goal, pruning): unknown
+DIVERGED = "diverged"      # every trial diverged
+MISSING = "missing"        # an expected batch size without trials
+EXCLUDED = "excluded"      # left out of the fit by the caller
+SEARCH_ROLES = ("search", "refine")
+
+
+def _point_runs(recs: Sequence[TrialRecord], best: TrialRecord, goal: float, metric: str,
+                higher_is_better: bool, top_k: int):
+    """(seed values, top-k [(trial id, steps)]) of one batch size."""
+    def sr(r):
+        v = trial_steps_to_result(r, goal, metric, higher_is_better)
+        return math.inf if v is None else float(v)
+    reseeds = sorted((r for r in recs if r.role == "reseed" and r.base_trial == best.trial_id),
+                     key=lambda r: r.trial_id)
+    seeds = [sr(best)] + [sr(r) for r in reseeds if r.outcome in FINAL_OUTCOMES]
+    ranked = sorted(((sr(r), r.trial_id) for r in recs if r.role in SEARCH_ROLES), key=lambda x: (x[0], x[1]))
+    topk = [(tid, v) for v, tid in ranked if math.isfinite(v)][:top_k]
+    return seeds, topk
+
+
+def _unreached_status(recs: Sequence[TrialRecord], goal: float, metric: str, higher_is_better: bool):
+    """(status, lower bound on S(B)) for a batch size where no search trial reached the goal."""
+    search = [r for r in recs if r.role in SEARCH_ROLES]
+    if all(r.outcome == INFEASIBLE for r in search):
+        return DIVERGED, None
+    stopped_early = [r for r in search if r.outcome in (GOAL, PRUNED)]
+    ran_out = [r for r in search if r.outcome == BUDGET and r.steps]
+    if stopped_early or not ran_out:
+        return TRUNCATED, None
+    return CENSORED, int(max(r.steps[-1] for r in ran_out))
 
 
 # ---------------------------------------------------------------- whole-study analysis
 
 def analyze(records: Sequence[TrialRecord], *, goal: float, metric: str, higher_is_better: bool = False,
             space: Optional[Dict[str, object]] = None, run_goal: Optional[float] = None,
-            n_boot: int = 1000, seed: int = 0) -> Dict[str, object]:
-    """Per-batch-size steps to result, fit, regions and effective learning
-    rates for ``records`` (any number of batch sizes) at ``goal``.
+            n_boot: int = 1000, seed: int = 0, top_k: int = 5, ci_level: float = 0.95,
+            batch_sizes: Optional[Sequence[int]] = None, exclude: Sequence[int] = ()) -> Dict[str, object]:
+    """Per-batch-size steps to result with their spread and intervals, the fit with its
+    diagnostics, model-free brackets, regions and effective learning rates for ``records``
+    (any number of batch sizes) at ``goal``.
 
-    ``space`` (fastsgd.study.steps.search format) enables the edge-of-search-space
-    warning; ``run_goal`` (the goal trials were stopped at) enables the
-    truncated-curves flag. Returns the part of the study summary documented in
-    the module docstring (``per_batch_size``, ``fit``, ``regions``,
-    ``effective_lr``, ``warnings``, ``goal``).
+    ``space`` (fastsgd.study.steps.search format) enables the edge-of-search-space warning;
+    ``run_goal`` (the goal trials were stopped at) enables the truncated-curves flag;
+    ``top_k``: how many of the best search/refine trials per batch size enter the
+    bootstrap; ``batch_sizes``: the batch sizes the study meant to measure (those without
+    trials show up as "missing"); ``exclude``: batch sizes left out of the fit on purpose.
+    Returns the part of the study summary documented in the module docstring.
     """
     from fastsgd.study.steps.search import at_edge
 
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     by_bs: Dict[int, List[TrialRecord]] = {}
     for r in records:
         by_bs.setdefault(int(r.batch_size), []).append(r)
-    rows, warnings = [], []
+    for b in batch_sizes or ():
+        by_bs.setdefault(int(b), [])
+    rows, warnings, points = [], [], []
     for bs in sorted(by_bs):
         recs = by_bs[bs]
-        steps, best = batch_size_steps_to_result(recs, goal, metric, higher_is_better)
-        counts = {o: sum(r.outcome == o for r in recs) for o in FINAL_OUTCOMES}
+        search_recs = [r for r in recs if r.role in SEARCH_ROLES]
+        steps, best = batch_size_steps_to_result(search_recs, goal, metric, higher_is_better)
+        reseeded = {r.base_trial for r in recs if r.role == "reseed"}
+        if best is not None and best.trial_id not in reseeded:
+            # a tie for the fewest steps goes to the trial whose seeds were measured
+            tied = [r for r in search_recs if r.trial_id in reseeded
+                    and trial_steps_to_result(r, goal, metric, higher_is_better) == steps]
+            best = min(tied, key=lambda r: r.trial_id) if tied else best
+        counts = {o: sum(r.outcome == o for r in search_recs) for o in FINAL_OUTCOMES}
         row = {"batch_size": bs, "steps": steps, "best_trial": best.trial_id if best else None,
-               "trials": len(recs), "reached_goal": sum(
-                   trial_steps_to_result(r, goal, metric, higher_is_better) is not None for r in recs),
+               "trials": len(search_recs), "reached_goal": sum(
+                   trial_steps_to_result(r, goal, metric, higher_is_better) is not None for r in search_recs),
                "infeasible": counts[INFEASIBLE], "budget": counts[BUDGET], "pruned": counts[PRUNED],
                "unfinished": sum(r.outcome not in FINAL_OUTCOMES for r in recs),
-               "max_steps": max((r.max_steps or 0) for r in recs) or None,
+               "reseeds": sum(r.role == "reseed" for r in recs),
+               "max_steps": max((r.max_steps or 0) for r in recs) if recs else None,
                "best_hparams": dict(best.hparams) if best else None,
                "best_effective_lr": effective_lr(best.hparams) if best else None,
-               "at_edge": at_edge(best.hparams, space) if (best and space) else []}
+               "at_edge": at_edge(best.hparams, space) if (best and space) else [],
+               "status": MEASURED, "steps_lower_bound": None, "steps_median": None, "steps_ci": None,
+               "seeds": None, "seed_spread": None, "topk": None}
+        row["max_steps"] = row["max_steps"] or None
         if row["at_edge"]:
             warnings.append(f"batch size {bs}: best trial {best.trial_id} lies at the edge of the search space "
                             f"({', '.join(row['at_edge'])}); widen the space there")
-        if steps is None:
-            warnings.append(f"batch size {bs}: no trial reached {metric} {'>' if higher_is_better else '<'} {goal}")
+        if not recs:
+            row["status"] = MISSING
+            warnings.append(f"batch size {bs}: no trials stored")
+        elif steps is None:
+            row["status"], row["steps_lower_bound"] = _unreached_status(recs, goal, metric, higher_is_better)
+            op = ">" if higher_is_better else "<"
+            if row["status"] == CENSORED:
+                warnings.append(f"batch size {bs}: censored: no trial reached {metric} {op} {goal} within "
+                                f"{row['steps_lower_bound']} steps (S(B) > {row['steps_lower_bound']}); raise its "
+                                "step budget")
+            elif row["status"] == DIVERGED:
+                warnings.append(f"batch size {bs}: every trial diverged")
+            else:
+                warnings.append(f"batch size {bs}: no trial reached {metric} {op} {goal}, and curves stopped "
+                                "early (at the run goal or pruned): unknown, rerun with full curves")
+        else:
+            seeds, topk = _point_runs(recs, best, goal, metric, higher_is_better, top_k)
+            other = sorted({r.base_trial for r in recs if r.role == "reseed"} - {best.trial_id})
+            if other:
+                warnings.append(f"batch size {bs}: reseeds rerun trial(s) {other}, not trial {best.trial_id} that is "
+                                "best at this goal: its seed spread is unknown here")
+            p = PointData(bs, seeds, [v for _, v in topk])
+            sp = spread(seeds)
+            row.update(steps_median=sp["median"], seeds=[None if not math.isfinite(v) else int(v) for v in seeds],
+                       seed_spread=sp, topk=[{"trial": t, "steps": int(v)} for t, v in topk])
+            if sp["median"] is None:
+                row["status"], row["steps_lower_bound"] = CENSORED, int(steps)
+                warnings.append(f"batch size {bs}: half or more of the best setting's {len(seeds)} seeds did not "
+                                "reach the goal: its median is censored")
+            else:
+                points.append(p)
+        if bs in exclude and row["status"] == MEASURED:
+            row["status"] = EXCLUDED
+            points = [p for p in points if p.batch_size != bs]
         rows.append(row)
 
-    reached = [r for r in rows if r["steps"] is not None]
-    fit = None
-    if len(reached) >= 2:
-        fit = fit_scaling([r["batch_size"] for r in reached], [r["steps"] for r in reached], n_boot=n_boot, seed=seed)
+    # the fit: measured points only, and only when nothing unmeasured lies above them
+    fit, boot, diag, refused = None, None, None, None
+    fitted = {p.batch_size: p for p in points}
+    if len(fitted) >= 2:
+        top = max(fitted)
+        above = [r for r in rows if r["batch_size"] > top and r["batch_size"] not in exclude]
+        if above:
+            refused = (f"no S(B) fit: the largest batch size(s) {[r['batch_size'] for r in above]} have no "
+                       f"measured steps to result ({', '.join(sorted({r['status'] for r in above}))}); they decide "
+                       "S_min, so a fit without them would be extrapolation. Raise their step budget (or rerun with "
+                       "full curves), or leave them out explicitly (exclude=...)")
+            warnings.append(refused)
+        else:
+            bsz = [p.batch_size for p in points]
+            vals = [p.median for p in points]
+            fit = fit_scaling(bsz, vals, n_boot=0, ci_level=ci_level)
+            if n_boot > 0:
+                boot = bootstrap(points, n_boot=n_boot, ci_level=ci_level, seed=seed)
+                fit.S_min_ci, fit.E_min_ci, fit.B_crit_ci, fit.n_boot = (boot.S_min_ci, boot.E_min_ci,
+                                                                          boot.B_crit_ci, boot.n_boot)
+                for r in rows:
+                    ci = boot.point_ci.get(r["batch_size"])
+                    r["steps_ci"] = list(ci) if (ci and r["status"] == MEASURED) else None
+            diag = fit_diagnostics(bsz, vals, fit.S_min, fit.E_min,
+                                   [boot.point_ci.get(b) for b in bsz] if boot else None)
+            res = {d["batch_size"]: d["relative"] for d in diag["residuals"]}
+            for r in rows:
+                r["fit_residual"] = res.get(r["batch_size"])
+            if diag["lack_of_fit"]:
+                warnings.append("lack of fit: S(B) = S_min + E_min/B misses the data systematically: "
+                                + "; ".join(diag["lack_of_fit_reasons"]) + ". Read B_crit from the model-free "
+                                "brackets rather than from the fit")
+            if boot is not None and 2 * boot.within_point < len(points):
+                warnings.append(f"only {boot.within_point} of {len(points)} batch sizes have reseeds or a second "
+                                "trial that reached the goal: the noise inside the other points is missing from the "
+                                "intervals (rerun with reseeds and top-k trials)")
+    elif len(fitted) < 2 and rows:
+        refused = f"no S(B) fit: {len(fitted)} batch size(s) with measured steps to result (need 2)"
+    measured = [(p.batch_size, p.median) for p in points]
+    brk = brackets(*zip(*measured)) if len(measured) >= 2 else None
+    if brk is not None and boot is not None:
+        brk["b_steps_double_ci"] = list(boot.b_steps_double_ci) if boot.b_steps_double_ci else None
+        brk["b_examples_double_ci"] = list(boot.b_examples_double_ci) if boot.b_examples_double_ci else None
+    reg_data = data_regions(*zip(*measured)) if len(measured) >= 2 else None
+    for r in rows:
+        r["region"] = reg_data["labels"].get(r["batch_size"]) if reg_data else None
     eff = [r for r in rows if r["best_effective_lr"] is not None]
     eff_lr = {"batch_sizes": [r["batch_size"] for r in eff], "best": [r["best_effective_lr"] for r in eff]}
     if eff:
@@ -297,5 +446,38 @@ def analyze(records: Sequence[TrialRecord], *, goal: float, metric: str, higher_
                         "run goal, so steps to result may be missing or too high")
     return {"goal": {"metric": metric, "value": goal, "higher_is_better": higher_is_better,
                      "harder_than_run_goal": harder},
-            "per_batch_size": rows, "fit": fit.to_dict() if fit else None,
-            "regions": fit.regions() if fit else None, "effective_lr": eff_lr, "warnings": warnings}
+            "steps_estimator": "median over the best setting's seeds (best trial + reseeds); with one seed, the "
+                               "best trial's steps",
+            "per_batch_size": rows, "fit": fit.to_dict() if fit else None, "fit_refused": refused,
+            "fit_diagnostics": diag, "uncertainty": boot.to_dict() if boot else None, "brackets": brk,
+            "regions": fit.regions() if fit else None, "regions_data": _strip_labels(reg_data),
+            "effective_lr": eff_lr, "warnings": warnings}
+
+
+def _strip_labels(reg: Optional[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    return None if reg is None else {k: v for k, v in reg.items() if k != "labels"}
+
+
+def steps_against_goal(records: Sequence[TrialRecord], goals: Sequence[float], *, metric: str,
+                       higher_is_better: bool = False, run_goal: Optional[float] = None, n_boot: int = 200,
+                       seed: int = 0, top_k: int = 5, **kwargs) -> List[Dict[str, object]]:
+    """Steps to result per batch size, B_crit (fit, interval, brackets) at each goal,
+    recomputed from the stored curves. One entry per goal: ``goal``, ``batch_sizes``,
+    ``steps`` (point estimates, None where not measured), ``status`` per batch size,
+    ``B_crit``, ``B_crit_ci``, ``b_steps_double``, ``b_examples_double``, ``fit_refused``,
+    ``lack_of_fit``, ``harder_than_run_goal``. Goals harder than ``run_goal`` read curves that
+    stopped at the run goal: their batch sizes come out "truncated" unless the top-k trials
+    ran to their budget (full curves)."""
+    out = []
+    for g in goals:
+        a = analyze(records, goal=float(g), metric=metric, higher_is_better=higher_is_better, run_goal=run_goal,
+                    n_boot=n_boot, seed=seed, top_k=top_k, **kwargs)
+        fit, brk, diag = a["fit"], a["brackets"] or {}, a["fit_diagnostics"] or {}
+        out.append({"goal": float(g), "batch_sizes": [r["batch_size"] for r in a["per_batch_size"]],
+                    "steps": [r["steps_median"] for r in a["per_batch_size"]],
+                    "status": [r["status"] for r in a["per_batch_size"]],
+                    "B_crit": fit["B_crit"] if fit else None, "B_crit_ci": fit["B_crit_ci"] if fit else None,
+                    "b_steps_double": brk.get("b_steps_double"), "b_examples_double": brk.get("b_examples_double"),
+                    "fit_refused": a["fit_refused"], "lack_of_fit": diag.get("lack_of_fit"),
+                    "harder_than_run_goal": a["goal"]["harder_than_run_goal"]})
+    return out
