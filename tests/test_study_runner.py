@@ -21,13 +21,14 @@ from fastsgd.study.steps_to_result import FINAL_OUTCOMES, SCHEMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A fixed search (no top-ups, no budget extension, no reseeds): the storage/resume tests count trials.
+# keep_top=1: pruning at the best finished trial, so a resumed group prunes exactly as the uninterrupted one.
 # A space where most points train, so that 4 trials reach the goal at both batch sizes.
 SPACE = {"lr": {"low": 0.05, "high": 0.5, "scale": "log"}, "one_minus_momentum": {"low": 0.1, "high": 0.5, "scale": "log"}}
 TINY = dict(workload="digits-mlp", optimizer="nesterov", batch_sizes=[32, 128], trials=4, max_trials=4, goal=0.1,
-            budget=60, budget_cap=60, reseeds=0, group_size=2, space=SPACE)
+            budget=60, budget_cap=60, reseeds=0, keep_top=1, group_size=2, space=SPACE)
 CLI_ARGS = ["--workload", "digits-mlp", "--optimizer", "nesterov", "--batch-sizes", "32,128", "--trials", "4",
             "--max-trials", "4", "--goal", "0.1", "--budget", "60", "--budget-cap", "60", "--reseeds", "0",
-            "--group-size", "2", "--space", json.dumps(SPACE), "--no-progress"]
+            "--keep-top", "1", "--group-size", "2", "--space", json.dumps(SPACE), "--no-progress"]
 
 
 def by_key(records):

@@ -287,8 +287,11 @@ class _BatchSize:
     # -- stages ------------------------------------------------------------------------------------
     def search(self, space) -> None:
         """Sobol points of this batch size's sequence until ``trials`` did not diverge (or the cap)."""
-        config, taken = self.config, 0
+        config = self.config
+        self.drain()  # a resume first finishes what was enqueued, so the decisions see the same records
         while True:
+            # the stages already enqueued (by this run, an earlier one or another process) name the next one
+            taken = sum(n for stage, n in self.store.enqueued(self.study).items() if stage.startswith("search@"))
             n = config.trials if taken == 0 else search.top_up(self.records(), config.trials, config.search_cap())
             if n == 0:
                 return
@@ -299,7 +302,6 @@ class _BatchSize:
                 _trial(start + i, search.hparams(p, space), s, space, point=p,
                        max_steps=config.initial_budget(self.bs), goal_stop=self.goal is not None, prune=True)
                 for i, (p, s) in enumerate(zip(points, seeds))])
-            taken += n
 
     def refine(self, space) -> None:
         config = self.config
@@ -319,7 +321,7 @@ class _BatchSize:
         config = self.config
         while True:
             records = self.records()
-            budget = max((r.max_steps or 0) for r in records if r.role in search.SEARCH_ROLES)
+            budget = max(((r.max_steps or 0) for r in records if r.role in search.SEARCH_ROLES), default=0)
             new = search.next_budget(records, budget, self.goal, self.metric, growth=config.budget_growth,
                                      cap=config.budget_cap, higher_is_better=config.higher_is_better)
             if new is None:
