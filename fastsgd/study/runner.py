@@ -169,7 +169,8 @@ class StudyConfig:
 
 
 class _Progress:
-    """tqdm bar over all enqueued trials with done / running / infeasible for the current batch size."""
+    """tqdm bar over the trials trained by this run (its total grows with every claimed group) with
+    done / running / infeasible for the current batch size."""
 
     def __init__(self, enabled: bool):
         self.bar = None
@@ -234,8 +235,8 @@ class _BatchSize:
 
     def run_stage(self, stage: str, trials: List[Dict[str, object]]) -> None:
         """Enqueue ``trials`` as ``stage`` (once) and train every waiting trial."""
-        if trials and self.store.enqueue(self.study, trials, stage):
-            self.progress.grow(len(trials))
+        if trials:
+            self.store.enqueue(self.study, trials, stage)
         self.drain()
 
     def drain(self) -> None:
@@ -245,6 +246,7 @@ class _BatchSize:
             claimed = self.store.claim(self.study, group)
             if not claimed:
                 break
+            self.progress.grow(len(claimed))
             kinds: Dict[Tuple[int, bool, bool], list] = {}
             for trial, spec in claimed:
                 a = trial.user_attrs
@@ -460,8 +462,9 @@ def protocol_report(config: StudyConfig, records: List[TrialRecord], goal: float
         by_bs.setdefault(int(r.batch_size), []).append(r)
     rows: Dict[int, Dict[str, object]] = {}
     warnings: List[str] = []
-    target = config.trials if config.protocol == "tuned" else None
+    searched_at = set(by_bs) if config.protocol == "tuned" else {config.base_batch_size or min(by_bs, default=0)}
     for bs, recs in sorted(by_bs.items()):
+        target = config.trials if bs in searched_at else None
         searching = [r for r in recs if r.role in search.SEARCH_ROLES]
         finished = [r for r in searching if r.outcome in FINAL_OUTCOMES]
         ranked = search.rank(recs, goal, metric, config.higher_is_better)
