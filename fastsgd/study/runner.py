@@ -516,9 +516,18 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
                      space=space if config.protocol == "tuned" else None, run_goal=goal, seed=config.seed)
     result["goal"]["rule"] = config.goal_rule
     for row in result["per_batch_size"]:
-        row.update(protocol.get(row["batch_size"], {}))
-    result["warnings"] = list(result["warnings"]) + warnings
-    result["fit_refused"] = refused
+        for key, value in protocol.get(row["batch_size"], {}).items():
+            row.setdefault(key, value)  # what the analysis reports itself (e.g. steps_lower_bound) stands
+    # The analysis may flag censoring and refuse the fit itself: then its words stand and these are not repeated.
+    said = list(result["warnings"])
+
+    def repeated(w: str) -> bool:
+        if ": censored:" in w:
+            return any(x.startswith(w.split(": censored:")[0] + ": censored") for x in said)
+        return w == refused and bool(result.get("fit_refused"))
+
+    result["warnings"] = said + [w for w in warnings if not repeated(w)]
+    result["fit_refused"] = result.get("fit_refused") or refused
     if refused:  # a fit without the largest batch sizes would report an S_min they never showed
         result["fit"], result["regions"] = None, None
     # Training time adds up over the runs that completed (a resumed study counts each part once).
