@@ -446,7 +446,8 @@ def protocol_report(config: StudyConfig, records: List[TrialRecord], goal: float
     Per batch size (added to the summary's per_batch_size rows):
     ``censored`` (no search/refine trial reached the goal within the largest
     budget tried; ``steps_lower_bound`` is then that budget: steps to result is
-    larger), ``budgets`` (step budgets tried), ``search_trials`` /
+    larger), ``budgets`` (the step budgets of the search/refine trials as they stand: the initial one and,
+    after extensions, the top trials' final one), ``search_trials`` /
     ``search_feasible`` / ``search_target`` / ``search_short`` (the first stage's
     trials, those that did not diverge, the number wanted, and whether the cap
     stopped the top-ups short of it), ``refine_trials``, ``reseed_trials``,
