@@ -14,7 +14,7 @@ from fastsgd.study.batch_science import export_records, import_records
 from fastsgd.study.runner import StudyConfig, protocol_report, summary_table
 from fastsgd.study.steps_to_result import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
 from fastsgd.study.storage import StudyStorage
-from fastsgd.study.trials import TrialResult, TrialSpec
+from fastsgd.study.trials import TrialResult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPACE = search.validate_space({"lr": {"low": 1e-3, "high": 10.0, "scale": "log"},
