@@ -33,6 +33,7 @@ class Progress:
     """A progress bar over ``total`` units, or plain lines where a bar does not belong.
 
     status(text):  transient detail (shown in the bar only)
+    grow(n):       n more units of work became known
     advance(n):    n more units done (bar only)
     line(text):    a lasting line; with a bar it is printed only when ``always`` is set (the bar already
                    shows the same), so terminal users are not flooded
@@ -54,6 +55,12 @@ class Progress:
     def status(self, text: str) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(text)
+
+    def grow(self, n: int) -> None:
+        """``n`` more units of work became known (the total is not always known up front)."""
+        if self.bar is not None and n:
+            self.bar.total += n
+            self.bar.refresh()
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None and n:

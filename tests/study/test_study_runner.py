@@ -21,11 +21,15 @@ from fastsgd.study.steps.storage import EVAL_PREFIX, StudyStorage
 from fastsgd.study.steps.analysis import FINAL_OUTCOMES, SCHEMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = dict(workload="digits-mlp", optimizer="nesterov", batch_sizes=[32, 128], trials=4, goal=0.1,
-            budget_epochs=2, min_steps=30, max_steps=60, group_size=2)
+# A fixed search (no top-ups, no budget extension, no reseeds): the storage/resume tests count trials.
+# keep_top=1: pruning at the best finished trial, so a resumed group prunes exactly as the uninterrupted one.
+# A space where most points train, so that 4 trials reach the goal at both batch sizes.
+SPACE = {"lr": {"low": 0.05, "high": 0.5, "scale": "log"}, "one_minus_momentum": {"low": 0.1, "high": 0.5, "scale": "log"}}
+TINY = dict(workload="digits-mlp", optimizer="nesterov", batch_sizes=[32, 128], trials=4, max_trials=4, goal=0.1,
+            budget=60, budget_cap=60, reseeds=0, keep_top=1, group_size=2, space=SPACE)
 CLI_ARGS = ["--workload", "digits-mlp", "--optimizer", "nesterov", "--batch-sizes", "32,128", "--trials", "4",
-            "--goal", "0.1", "--budget-epochs", "2", "--min-steps", "30", "--max-steps", "60", "--group-size", "2",
-            "--no-progress"]
+            "--max-trials", "4", "--goal", "0.1", "--budget", "60", "--budget-cap", "60", "--reseeds", "0",
+            "--keep-top", "1", "--group-size", "2", "--space", json.dumps(SPACE), "--no-progress"]
 
 
 def by_key(records):
@@ -207,7 +211,8 @@ def test_least_squares_bcrit_between_noise_scales(tmp_path):
     at_start = problem.b_simple(problem.w0)
     config = StudyConfig(out=str(tmp_path), workload="least-squares", optimizer="sgd",
                          batch_sizes=[1, 2, 4, 8, 16, 32, 64], trials=8,
-                         space={"lr": {"low": 0.02, "high": 2.5, "scale": "log"}}, min_steps=500, max_steps=500)
+                         space={"lr": {"low": 0.02, "high": 2.5, "scale": "log"}}, budget=500, budget_cap=500,
+                         max_trials=8, reseeds=0)
     summary = run_study(config, workload=wl, progress=False, log=lambda s: None)
     b_crit = summary["fit"]["B_crit"]
     assert at_start < b_crit < at_goal, (at_start, b_crit, at_goal)
@@ -216,7 +221,8 @@ def test_least_squares_bcrit_between_noise_scales(tmp_path):
 def test_golmant_goal_rule(tmp_path):
     from fastsgd.study.steps.analysis import golmant_goal
 
-    config = StudyConfig(out=str(tmp_path), **dict(TINY, goal=None, goal_rule="golmant", trials=2, max_steps=40))
+    config = StudyConfig(out=str(tmp_path), **dict(TINY, goal=None, goal_rule="golmant", trials=2, max_trials=2,
+                                                        budget=40, budget_cap=40))
     summary = run_study(config, progress=False, log=lambda s: None)
     largest = [r for r in open_storage(config).records() if r.batch_size == 128]
     assert all(r.outcome in ("budget", "infeasible") and r.steps[-1] <= 40 for r in largest)  # ran without a goal
@@ -227,10 +233,11 @@ def test_golmant_goal_rule(tmp_path):
 def test_duplicate_enqueue_from_two_processes_trains_each_trial_once(tmp_path):
     url = str(tmp_path / "shared.db")
     first, second = StudyStorage(url, "x", {"k": 1}), StudyStorage(url, "x", {"k": 1})
-    trials = [({"lr": 0.1 * (i + 1)}, {"lr": 0.1 * (i + 1), "momentum": 0.0}, i) for i in range(3)]
+    trials = [{"index": i, "point": {"lr": 0.1 * (i + 1)}, "hparams": {"lr": 0.1 * (i + 1), "momentum": 0.0},
+               "seed": i} for i in range(3)]
     s1, s2 = first.batch_study(8, 10), second.batch_study(8, 10)
     first.enqueue(s1, trials)
-    s2.set_user_attr("enqueued", 0)  # as if the second process checked the flag before the first set it
+    s2.set_user_attr("enqueued:search", 0)  # as if the second process checked the flag before the first set it
     second.enqueue(s2, trials)
     claimed = first.claim(s1, 10) + second.claim(s2, 10)
     assert sorted(spec.trial_id for _, spec in claimed) == [0, 1, 2]

@@ -7,14 +7,39 @@ compared with Google's data and read by their loader::
     ROOT/<dataset>/<model>/<optimizer>/<batch_size>/<trial_id>/measurements.csv
 
 - ``study.json``: {"dataset", "model", "optimizer", "batch_size", plus any extra study info}
-- ``metadata.json``: {"trial_id", "status", "hparams", "seed", "max_steps", "fastsgd_outcome"}
-  with batch_science's status: COMPLETE (reached the goal or ran its budget),
-  INFEASIBLE (diverged) or INCOMPLETE (stopped early or interrupted); the exact
-  fastsgd outcome is kept in ``fastsgd_outcome`` so a round trip loses nothing.
+- ``metadata.json``: {"trial_id", "status", "hparams", "seed", "max_steps",
+  "fastsgd_outcome", "fastsgd_max_steps", "fastsgd_role", "fastsgd_base_trial"}
 - ``measurements.csv``: a ``step`` column, then one column per metric.
 
+Status mapping. batch_science's loader reads status COMPLETE as "ran its full
+budget" (``max_steps``) and leaves INCOMPLETE trials out, while a fastsgd trial
+stops early at the goal or when pruned; its measured curve is still exact up to
+where it stopped. So every *finished* trial is exported as a complete
+measurement of a shorter run:
+
+==================  ===========  ===========================================
+fastsgd outcome     status       metadata ``max_steps``
+==================  ===========  ===========================================
+goal, budget,       COMPLETE     the last measured step (the curve is whole
+pruned                           up to there)
+infeasible          INFEASIBLE   the last measured step
+running,            INCOMPLETE   the last measured step (not a finished run)
+interrupted
+==================  ===========  ===========================================
+
+The real budget is ``fastsgd_max_steps``, the exact outcome ``fastsgd_outcome``,
+so a round trip loses nothing. A loader computing steps to result as the
+minimum over a batch size's COMPLETE trials then gets fastsgd's answer for any
+goal the stored curves reach; a trial's curve beyond its last step is unknown,
+not bad (a harder goal than the run's needs the ``--full-curves`` reruns).
+Reseeds (``fastsgd_role`` "reseed": the best setting rerun with other seeds,
+``fastsgd_base_trial`` its original) are exported too; a loader that takes the
+minimum over trials should leave them out (``roles`` of :func:`export_records`
+does that at export time), or it counts seed luck as search.
+
 Importing accepts directories written by other tools too: a missing
-``fastsgd_outcome`` is derived from the status, a missing seed becomes -1.
+``fastsgd_outcome`` is derived from the status, missing ``fastsgd_max_steps``
+falls back to ``max_steps``, a missing role is "search", a missing seed -1.
 """
 from __future__ import annotations
 
@@ -22,11 +47,11 @@ import csv
 import json
 import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
 
-_STATUS = {GOAL: "COMPLETE", BUDGET: "COMPLETE", INFEASIBLE: "INFEASIBLE", PRUNED: "INCOMPLETE"}
+_STATUS = {GOAL: "COMPLETE", BUDGET: "COMPLETE", PRUNED: "COMPLETE", INFEASIBLE: "INFEASIBLE"}  # else INCOMPLETE
 _OUTCOME = {"COMPLETE": BUDGET, "INFEASIBLE": INFEASIBLE, "INCOMPLETE": PRUNED}
 
 
@@ -38,12 +63,14 @@ def workload_dir(root: str, dataset: str, model: str, optimizer: str) -> str:
 
 
 def export_records(records: List[TrialRecord], root: str, *, dataset: str, model: str, optimizer: str,
-                   study_info: Optional[Dict[str, object]] = None) -> str:
-    """Write ``records`` (any batch sizes) under ``root``; returns the workload directory."""
+                   study_info: Optional[Dict[str, object]] = None, roles: Optional[Sequence[str]] = None) -> str:
+    """Write ``records`` (any batch sizes; only those whose role is in ``roles``, default
+    all) under ``root``; returns the workload directory."""
     base = workload_dir(root, dataset, model, optimizer)
     by_bs: Dict[int, List[TrialRecord]] = {}
     for r in records:
-        by_bs.setdefault(int(r.batch_size), []).append(r)
+        if roles is None or r.role in roles:
+            by_bs.setdefault(int(r.batch_size), []).append(r)
     for bs, recs in by_bs.items():
         study_dir = os.path.join(base, str(bs))
         os.makedirs(study_dir, exist_ok=True)
@@ -55,8 +82,9 @@ def export_records(records: List[TrialRecord], root: str, *, dataset: str, model
             os.makedirs(trial_dir, exist_ok=True)
             with open(os.path.join(trial_dir, "metadata.json"), "w") as f:
                 json.dump({"trial_id": int(r.trial_id), "status": _STATUS.get(r.outcome, "INCOMPLETE"),
-                           "hparams": r.hparams, "seed": r.seed, "max_steps": r.max_steps,
-                           "fastsgd_outcome": r.outcome}, f, indent=2)
+                           "hparams": r.hparams, "seed": r.seed, "max_steps": int(r.steps[-1]) if r.steps else 0,
+                           "fastsgd_outcome": r.outcome, "fastsgd_max_steps": r.max_steps,
+                           "fastsgd_role": r.role, "fastsgd_base_trial": r.base_trial}, f, indent=2)
             names = sorted(r.metrics)
             with open(os.path.join(trial_dir, "measurements.csv"), "w", newline="") as f:
                 w = csv.writer(f)
@@ -97,10 +125,13 @@ def import_records(workload_path: str) -> Tuple[Dict[int, Dict[str, object]], Li
             steps = [int(float(r[0])) for r in rows[1:]]
             metrics = {n: [_float(r[j + 1]) for r in rows[1:]] for j, n in enumerate(names)}
             outcome = meta.get("fastsgd_outcome") or _OUTCOME.get(meta.get("status"), PRUNED)
+            base_trial = meta.get("fastsgd_base_trial")
             records.append(TrialRecord(batch_size=bs, trial_id=int(meta.get("trial_id", trial_name)),
                                        seed=int(meta.get("seed", -1)), hparams=dict(meta.get("hparams", {})),
                                        outcome=outcome, steps=steps, metrics=metrics,
-                                       max_steps=meta.get("max_steps")))
+                                       max_steps=meta.get("fastsgd_max_steps", meta.get("max_steps")),
+                                       role=meta.get("fastsgd_role", "search"),
+                                       base_trial=None if base_trial is None else int(base_trial)))
     if not studies:
         raise ValueError(f"batch_science import: no batch-size directories under {workload_path}")
     return studies, records

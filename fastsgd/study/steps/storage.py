@@ -8,8 +8,14 @@ PostgreSQL, lets many processes on many machines share one study):
   ``batch_size``, ``max_steps`` and ``enqueued`` (number of trials enqueued);
 - one Optuna trial per study trial, *enqueued* up front with the quasi-random
   point as its params (so even trial 0 is quasi-random) and user attrs
-  ``index`` (position in the Sobol sequence), ``seed``, ``point`` (the searched
-  values) and ``hparams`` (the full hyperparameters the trial trains with);
+  ``index`` (the trial id within the batch size), ``seed``, ``point`` (the
+  searched values), ``hparams`` (the full hyperparameters the trial trains
+  with), ``role`` (search | refine | reseed), ``base_trial`` (a reseed's
+  original), ``stage`` (the enqueue stage, see :meth:`StudyStorage.enqueue`)
+  and how it runs: ``max_steps`` (its step budget), ``goal_stop`` (stop at the
+  goal) and ``prune``. A trial rerun with a larger budget or without the goal
+  stop keeps its index in a new stage; the latest attempt per index is the
+  trial's record;
 - every evaluation as user attr ``"eval:<step, 7 digits>"`` = {metric: value, "t": unix time};
 - at the end: user attrs ``outcome`` (goal | budget | infeasible | pruned) and
   ``end_step``; state COMPLETE with value = steps to result when the goal was
@@ -48,6 +54,10 @@ EVAL_PREFIX = "eval:"
 DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)
 SPURIOUS = "spurious"    # ask() found no enqueued trial left (another process took it)
 STALE_SECONDS = 1800.0
+
+
+# User attrs that define a trial and how it runs (copied when a trial is enqueued again).
+RUN_ATTRS = ("index", "seed", "hparams", "point", "role", "base_trial", "stage", "max_steps", "goal_stop", "prune")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -139,14 +149,23 @@ class StudyStorage:
         self.meta.set_user_attr(key, value)
 
     # -- trials ----------------------------------------------------------------------------------
-    def enqueue(self, study: optuna.Study, trials: List[Tuple[Dict[str, float], Dict[str, float], int]]) -> None:
-        """Enqueue (point, hparams, seed) triples once per study; later calls do nothing."""
-        if study.user_attrs.get("enqueued"):
-            return
-        for index, (point, hp, seed) in enumerate(trials):
-            study.enqueue_trial(point, user_attrs={"index": index, "seed": int(seed), "hparams": hp,
-                                                   "point": point})
-        study.set_user_attr("enqueued", len(trials))
+    def enqueue(self, study: optuna.Study, trials: List[Dict[str, object]], stage: str = "search") -> bool:
+        """Enqueue ``trials`` (dicts of RUN_ATTRS: at least index, point, hparams, seed) once per
+        ``stage`` name; a stage already enqueued is left alone (a resume or a second process
+        computes the same stages). Returns whether anything was enqueued."""
+        key = f"enqueued:{stage}"
+        if study.user_attrs.get(key):
+            return False
+        for t in trials:
+            attrs = {"role": "search", "base_trial": None, **t, "stage": stage, "seed": int(t["seed"])}
+            study.enqueue_trial(dict(t["point"]), user_attrs=attrs)
+        study.set_user_attr(key, len(trials))
+        return True
+
+    @staticmethod
+    def enqueued(study: optuna.Study) -> Dict[str, int]:
+        """Stage name -> number of trials enqueued in it."""
+        return {k[len("enqueued:"):]: v for k, v in study.user_attrs.items() if k.startswith("enqueued:")}
 
     def _stale(self, trial: optuna.trial.FrozenTrial) -> bool:
         owner = trial.user_attrs.get("owner") or {}
@@ -169,7 +188,7 @@ class StudyStorage:
             self.storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study.enqueue_trial(t.user_attrs["point"],
-                                user_attrs={k: t.user_attrs[k] for k in ("index", "seed", "hparams", "point")})
+                                user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
             n += 1
         return n
 
@@ -196,10 +215,11 @@ class StudyStorage:
 
     @staticmethod
     def _taken(study: optuna.Study, trial: optuna.Trial) -> bool:
-        """Whether another trial with the same index already runs or has finished: two
+        """Whether another trial with the same index and stage already runs or has finished: two
         processes that reached a new batch size together may both have enqueued it."""
-        index = trial.user_attrs["index"]
+        index, stage = trial.user_attrs["index"], trial.user_attrs.get("stage")
         return any(t.number != trial.number and t.user_attrs.get("index") == index
+                   and t.user_attrs.get("stage") == stage
                    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
                                                                      TrialState.PRUNED)))
 
@@ -245,6 +265,8 @@ def frozen_to_record(batch_size: int, t: optuna.trial.FrozenTrial, max_steps: Op
     outcome = t.user_attrs.get("outcome", "running")
     if outcome not in FINAL_OUTCOMES and t.state != TrialState.RUNNING:
         outcome = "interrupted"
+    base = t.user_attrs.get("base_trial")
     return TrialRecord(batch_size=batch_size, trial_id=int(t.user_attrs["index"]), seed=int(t.user_attrs["seed"]),
                        hparams=dict(t.user_attrs["hparams"]), outcome=outcome, steps=[s for s, _ in evals],
-                       metrics=metrics, max_steps=max_steps)
+                       metrics=metrics, max_steps=t.user_attrs.get("max_steps", max_steps),
+                       role=t.user_attrs.get("role", "search"), base_trial=None if base is None else int(base))
