@@ -217,6 +217,27 @@ def test_convert_command_writes_the_curves_of_a_database(tmp_path, capsys):
     assert "6 trials, 12 rows" in capsys.readouterr().out
 
 
+def test_study_summary_writes_the_curves_file(tmp_path, monkeypatch):
+    """The runner's summarize() writes OUT/curves.csv.gz next to study_summary.json, holding what the
+    database holds, so the study re-analyses from the text file alone (plots left out for speed)."""
+    from fastsgd.study import render
+    from fastsgd.study.steps import runner
+
+    monkeypatch.setattr(render, "write_study_figures", lambda summary, records, out: [])
+    store = tiny_storage(tmp_path / "study.db")
+    config = runner.StudyConfig(out=str(tmp_path), workload="w", optimizer="nesterov", batch_sizes=[8, 32],
+                                trials=3, goal=0.4)
+    space = runner.search.validate_space(runner.search.default_space("nesterov"), "nesterov")
+    summary = runner.summarize(config, store, 0.4, "val_error", space, wall_seconds=1.0)
+    same_records(curves.read_curves(str(tmp_path / curves.FILENAME)), store.records())
+    assert curves.read_header(str(tmp_path / curves.FILENAME))["study"] == "w/nesterov/tuned"
+    os.remove(str(tmp_path / "study.db"))
+    again = curves.reanalyze(str(tmp_path))
+    assert [r["steps"] for r in again["per_batch_size"]] == [r["steps"] for r in summary["per_batch_size"]] \
+        == [8, 32]  # trial 1 (infeasible later) beats 0.4 at its second evaluation
+    assert again["fit"] == summary["fit"]
+
+
 @pytest.mark.parametrize("study_dir", COMMITTED, ids=os.path.basename)
 def test_committed_curves_reproduce_the_committed_summary(study_dir):
     """The committed curves files are the record of the MNIST-1D studies: analysed again they give
