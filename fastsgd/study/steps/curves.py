@@ -25,7 +25,8 @@ Format (schema ``"fastsgd.curves/1"``), UTF-8 text, gzip with mtime 0::
 - cells: integers in decimal, floats as Python's ``repr`` (exact; ``nan``,
   ``inf``, ``-inf``), strings as they are, ``None`` of an optional number as an
   empty cell, anything else (dicts such as ``hparams``, optional strings) as
-  compact JSON with sorted keys; a metric cell is empty where the trial has no
+  compact JSON with sorted keys (so such values must be JSON's own types: string
+  keys, lists rather than tuples); a metric cell is empty where the trial has no
   such metric;
 - rows sorted by batch size, trial id and the other fields; within a trial in
   evaluation order. The same records therefore always give the same bytes.
@@ -119,7 +120,7 @@ def _trial_fields(record_type: type) -> List[Tuple[dataclasses.Field, Codec]]:
 
 
 def _describe(r: TrialRecord) -> str:
-    return f"trial {getattr(r, 'trial_id', '?')} (batch size {getattr(r, 'batch_size', '?')})"
+    return f"trial {r.trial_id!r} (batch size {r.batch_size!r})"
 
 
 # ---------------------------------------------------------------- writing
