@@ -50,6 +50,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from fastsgd.measure import strict_json
 from fastsgd.study.progress import Progress
 from fastsgd.study.steps import search
+from fastsgd.study.steps import curves
 from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.data import restrict_eval_sets
 from fastsgd.study.steps.analysis import (FINAL_OUTCOMES, INFEASIBLE, SCHEMA, TrialRecord, analyze,
@@ -514,7 +515,7 @@ def protocol_report(config: StudyConfig, records: List[TrialRecord], goal: float
 
 def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str, space, *,
               wall_seconds: float) -> Dict[str, object]:
-    """Analyse the stored trials, draw the plots and write study_summary.json."""
+    """Analyse the stored trials, draw the plots and write study_summary.json and curves.csv.gz."""
     from fastsgd.study import render
 
     records = store.records()
@@ -545,6 +546,7 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
                "protocol": config.protocol, "storage": store.url, "search_space": space,
                **result, "config": config.stored(), "wall_seconds": wall_seconds, "wall_seconds_total": total}
     summary["plots"] = render.write_study_figures(summary, records, config.out)
+    curves.write_curves(records, os.path.join(config.out, curves.FILENAME), meta={"study": config.study_name()})
     path = os.path.join(config.out, "study_summary.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
