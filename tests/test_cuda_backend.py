@@ -357,7 +357,7 @@ def test_errors_name_the_problem(emulated):
         ck.lars_step([torch.zeros(2, 3)], [torch.zeros(2, 3)], None, lr=torch.tensor([0.1, 0.2]),
                      momentum=0.0, trust_clip=True, weight_decay=1e-4)
     with pytest.raises(ValueError, match="first dimension to be 2"):
-        ck.sgd_step([torch.zeros(3, 3)], [torch.zeros(3, 3)], None, lr=torch.tensor([0.1, 0.2]))
+        ck.sgd_step([torch.zeros(3, 3)], [torch.zeros(3, 3)], None, lr=torch.tensor([0.1, 0.2]), stacked_trials=True)
 
 
 # =============================================================================
