@@ -4,8 +4,17 @@ A step is two passes over the parameter groups:
 1. plan: collect (param, grad) pairs and check what torch does not already
    guarantee -- hyperparameters, sparse gradients, one device per step,
    backend support for the dtypes and layouts. Any problem is raised here,
-   before a single tensor or state entry is touched.
-2. run: create missing state, then one kernel call per param group.
+   before a single tensor or state entry is touched (backend limits such as
+   an unsupported momentum dtype included).
+2. run: create missing state, then one kernel call per param group. Should a
+   kernel still refuse its arguments, the state created by this step for that
+   group and the ones after it is dropped again, so a retry is a first step.
+   State tensors in another memory layout than their param are copied into
+   the param's layout first (flat kernels walk both with one index).
+
+Params with sparse gradients (SGD family only) are split off in the plan and
+updated by torch's own SGD after the fused calls; params on the meta device
+get their state and no kernel call, as in torch.optim.SGD.
 
 AMP: ``torch.amp.GradScaler`` sees ``_step_supports_amp_scaling`` and sets
 ``self.grad_scale``/``self.found_inf`` before calling ``step()``. Kernels
