@@ -333,9 +333,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(devices) > 1:
             first = grads[0].device
             gi, pi = self._locate(lambda p: p.grad is not None and p.device != first)
+            where = self.param_groups[gi]["params"][pi].device
             raise RuntimeError(f"fastsgd.{type(self).__name__}: all parameters updated in one step must be on one "
-                               f"device; parameter {pi} of param group {gi} is on {self.param_groups[gi]['params'][pi].device}, "
-                               f"others on {first}. Use one optimizer per device.")
+                               f"device; parameter {pi} of param group {gi} is on {where}, others on {first}. "
+                               "Use one optimizer per device.")
         return works
 
     @staticmethod

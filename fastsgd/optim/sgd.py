@@ -115,6 +115,8 @@ class SGD(MomentumBuffers, FusedOptimizer):
     validation messages, param groups, ``state_dict()`` layout
     (``state[i]["momentum_buffer"]``) and update, but each step runs as one
     fused kernel call per param group (see ``fastsgd.available_backends()``).
+    Params with sparse gradients are updated by torch's own SGD code, as
+    torch.optim.SGD does (weight_decay must be 0 for them, as there).
 
     Extra arguments: ``lr_in_momentum`` (see the module docstring),
     ``momentum_dtype`` (dtype of new momentum buffers; default: the param's),

@@ -357,7 +357,8 @@ def test_complex_params_on_cpu_backend_error_and_auto_uses_reference():
 
 def test_missing_native_backend_error_says_why(monkeypatch):
     import fastsgd.kernels.cpu as cpu_kernels
-    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "the native module fastsgd._C could not be imported (test)")
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason",
+                        lambda: "the native module fastsgd._C could not be imported (test)")
     assert "could not be imported" in fastsgd.available_backends()["cpu"]
     m = small_model()
     nn.functional.mse_loss(m(torch.randn(4, 7)), torch.randn(4, 3)).backward()

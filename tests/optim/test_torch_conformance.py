@@ -113,7 +113,10 @@ def test_every_torch_error_input_raises_the_same_exception(backend, device, inde
 def test_triton_backend_in_a_fresh_interpreter_process():
     """The triton configurations of this file, with TRITON_INTERPRET=1 set before triton is imported."""
     env = dict(os.environ, TRITON_INTERPRET="1")
+    # run from this folder: `python -m pytest` puts its working directory first on sys.path, and from the
+    # checkout's root that would import the source tree instead of the installed package
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "triton-cpu"], env=env, capture_output=True, text=True)
+                           "-k", "triton-cpu"], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     out = proc.stdout[-20000:] + proc.stderr[-5000:]
     assert proc.returncode == 0 and " passed" in out and " skipped" not in out, out  # 5: nothing ran
