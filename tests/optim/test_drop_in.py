@@ -268,6 +268,25 @@ def test_param_data_swapped_for_a_transposed_view(backend):
     assert_same(ps, o_fast, qs, o_torch)
 
 
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="native cpu backend not built")
+def test_lamb_moments_follow_a_channels_last_switch():
+    # against the reference backend (float64, any layout) on the same model kept contiguous
+    m_fast, m_ref = conv_net(), conv_net()
+    o_fast = fastsgd.LAMB(m_fast.parameters(), lr=0.01, backend="cpu")
+    o_ref = fastsgd.LAMB(m_ref.parameters(), lr=0.01, backend="reference")
+    conv_steps(m_fast, o_fast, 2, seed=1)
+    conv_steps(m_ref, o_ref, 2, seed=1)
+    m_fast.to(memory_format=torch.channels_last)
+    conv_steps(m_fast, o_fast, 3, seed=2)
+    conv_steps(m_ref, o_ref, 3, seed=2)
+    w = m_fast[0].weight
+    assert o_fast.state[w]["exp_avg"].stride() == w.stride() != m_ref[0].weight.stride()
+    for p, q in zip(m_fast.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(o_fast.state[p][key], o_ref.state[q][key], atol=1e-6, rtol=1e-4)
+
+
 # ---- 5. negative lr as a 0-dim tensor -------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [fastsgd.SGD, fastsgd.LARS, fastsgd.LAMB])
