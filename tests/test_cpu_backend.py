@@ -194,7 +194,7 @@ def test_stacked_trials_match_reference(stack, hp):
         lr = lrs if stack in ("lr", "both") else 0.1
         mu = mus if stack in ("momentum", "both") else 0.9
         grads = kc.make_tensors(shapes, torch.float32, "cpu", seed=50 + step)
-        kw = dict(_sgd_args(**hp), momentum=mu, first_step=step == 0)
+        kw = dict(_sgd_args(**hp), momentum=mu, first_step=step == 0, stacked_trials=True)
         cpu.sgd_step(params, grads, bufs, lr=lr, **kw)
         reference.sgd_step(rp, grads, rb, lr=lr, **kw)
     kc.assert_all_close(params, rp, torch.float32, "param")
@@ -227,7 +227,8 @@ def test_errors_before_any_change():
     _unchanged_after(lambda: sgd(params=[p, torch.randn(12)[::2]], grads=[g, torch.randn(12)[::2]]), [p, b],
                      ValueError, "gaps")
     _unchanged_after(lambda: sgd(stochastic_rounding=True), [p, q, b], ValueError, "only in the GPU backends")
-    _unchanged_after(lambda: sgd(lr=torch.tensor([0.1, 0.2])), [p, q, b], ValueError, "first dimension")
+    _unchanged_after(lambda: sgd(lr=torch.tensor([0.1, 0.2]), stacked_trials=True), [p, q, b], ValueError,
+                     "first dimension")
     _unchanged_after(lambda: sgd(first_step=[True]), [p, q, b], ValueError, "first_step has 1 entries")
     _unchanged_after(lambda: cpu.lars_step([p], [g], [b], lr=torch.tensor([0.1] * 6), momentum=0.9),
                      [p, b], ValueError, "sgd_step only")

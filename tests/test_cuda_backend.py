@@ -249,7 +249,7 @@ def test_emulated_stacked_trials_and_mixed_kinds(emulated):
     ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
     for step in range(3):
         grads = [torch.randn_like(p) for p in params]
-        kw = dict(lr=lr, momentum=mu, first_step=[step == 0, step < 2, False])
+        kw = dict(lr=lr, momentum=mu, first_step=[step == 0, step < 2, False], stacked_trials=True)
         ck.sgd_step(params, grads, bufs, **kw)
         reference.sgd_step(ref_p, grads, ref_b, **kw)
     for a, e in zip(params + bufs, ref_p + ref_b):
@@ -357,7 +357,7 @@ def test_errors_name_the_problem(emulated):
         ck.lars_step([torch.zeros(2, 3)], [torch.zeros(2, 3)], None, lr=torch.tensor([0.1, 0.2]),
                      momentum=0.0, trust_clip=True, weight_decay=1e-4)
     with pytest.raises(ValueError, match="first dimension to be 2"):
-        ck.sgd_step([torch.zeros(3, 3)], [torch.zeros(3, 3)], None, lr=torch.tensor([0.1, 0.2]))
+        ck.sgd_step([torch.zeros(3, 3)], [torch.zeros(3, 3)], None, lr=torch.tensor([0.1, 0.2]), stacked_trials=True)
 
 
 # =============================================================================
@@ -466,7 +466,7 @@ def test_stacked_trials_per_row_lr_and_momentum(dev):
     ref_b = [b.clone() for b in bufs]
     for step in range(3):
         grads = kc.make_tensors(shapes, torch.float32, dev, seed=7 + step)
-        kw = dict(lr=lr, momentum=mu, nesterov=False, first_step=step == 0)
+        kw = dict(lr=lr, momentum=mu, nesterov=False, first_step=step == 0, stacked_trials=True)
         ck.sgd_step(params, grads, bufs, **kw)
         reference.sgd_step(ref_p, grads, ref_b, **kw)
     kc.assert_all_close(params, ref_p, torch.float32, "param")

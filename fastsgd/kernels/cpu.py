@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.kernels.reference import first_step_flags
+from fastsgd.kernels.reference import first_step_flags, trial_hparams
 from fastsgd.optim.base import grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
@@ -326,13 +326,14 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
              first_step: Union[bool, Sequence[bool]] = False,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False) -> None:
+             stochastic_rounding: bool = False, stacked_trials: bool = False) -> None:
     """torch.optim.SGD's update (see ``reference.sgd_step``) for all tensors in
-    one native pass. ``lr``/``momentum`` may be 1-D CPU tensors of length T
-    (stacked trials: every param has T as its first dimension)."""
+    one native pass. With ``stacked_trials=True``, ``lr``/``momentum`` may be
+    1-D CPU tensors of length T (every param has T as its first dimension)."""
     what = "fastsgd cpu sgd_step"
     mod = _native()
     _no_stochastic_rounding(what, stochastic_rounding)
+    lr, momentum = trial_hparams(what, stacked_trials, lr=lr, momentum=momentum)
     lrs, mus = _trial_values(what, "lr", lr), _trial_values(what, "momentum", momentum)
     if lrs is not None and mus is not None and len(lrs) != len(mus):
         raise ValueError(f"{what}: lr has {len(lrs)} values but momentum has {len(mus)}")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.kernels.reference import first_step_flags
+from fastsgd.kernels.reference import first_step_flags, trial_hparams
 from fastsgd.optim.base import grad_like_param, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
@@ -402,10 +402,11 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
              first_step: Union[bool, Sequence[bool]] = False,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False) -> None:
+             stochastic_rounding: bool = False, stacked_trials: bool = False) -> None:
     """torch.optim.SGD's update in one launch (see reference.sgd_step).
     ``stochastic_rounding`` rounds bfloat16 momentum buffers stochastically
     (other buffer dtypes round to nearest as always)."""
+    lr, momentum = trial_hparams("fastsgd cuda sgd_step", stacked_trials, lr=lr, momentum=momentum)
     _sgd_like("sgd_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
               weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, lr_in_momentum=lr_in_momentum,
               first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,

@@ -17,11 +17,14 @@ Contract shared by all backends (the optimizer classes check it before calling):
 - ``params``/``grads``/state lists are aligned, tensors on one device, each
   grad with its param's shape and dtype, state tensors with the param's shape.
 - ``lr`` is a float or a 0-dim tensor.
-- Stacked trials: ``lr`` and ``momentum`` may also be 1-D tensors of length T
+- Stacked trials (``sgd_step(..., stacked_trials=True)``, an explicit opt-in):
+  ``lr`` and ``momentum`` may also be 1-D tensors of length T
   when every param has T as its first dimension (T independent models trained
   side by side, as the study harness does); row i of every param, grad and
   buffer then uses lr[i] and momentum[i]. Such hyperparameter tensors live on
   the CPU for the cpu backend and on the params' device for GPU backends.
+  Without the flag a 1-element 1-D tensor is one value for all (as
+  torch.optim takes ``lr=torch.tensor([0.1])``) and a longer one is an error.
 - ``first_step[i]`` is True when ``bufs[i]`` is new: then b = g (or lr*g in
   the lr_in_momentum form) instead of b = mu*b + (1-tau)*g.
 - ``grad_scale`` (0-dim tensor or None): gradients are divided by it.
@@ -87,6 +90,23 @@ def first_step_flags(op: str, first_step: Union[bool, Sequence[bool]], n: int) -
     return flags
 
 
+def trial_hparams(op: str, stacked_trials: bool, **hps: Scalar) -> List[Scalar]:
+    """``hps`` (lr, momentum of sgd_step) as the caller meant them: 1-D tensors
+    hold one value per trial only with ``stacked_trials=True``; otherwise a
+    1-element tensor is a single value and a longer one is an error. Every
+    backend reads the arguments through this, so stacking is never inferred
+    from a shape."""
+    out = []
+    for name, x in hps.items():
+        if not stacked_trials and isinstance(x, Tensor) and x.ndim > 0:
+            if x.numel() != 1:
+                raise ValueError(f"{op}: {name} has {x.numel()} values (shape {tuple(x.shape)}); pass "
+                                 "stacked_trials=True for one value per trial, else a float or a 1-element tensor")
+            x = x.reshape(())
+        out.append(x)
+    return out
+
+
 def _unscaled(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
     g64 = _wide(g)
     if grad_scale is not None:
@@ -121,9 +141,10 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
              first_step: Union[bool, Sequence[bool]] = False,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False) -> None:
+             stochastic_rounding: bool = False, stacked_trials: bool = False) -> None:
     """torch.optim.SGD's update (plain, momentum, Nesterov, dampening, weight
     decay, maximize), optionally in the lr-inside-momentum form."""
+    lr, momentum = trial_hparams("sgd_step", stacked_trials, lr=lr, momentum=momentum)
     if _skipped(found_inf):
         return
     firsts = first_step_flags("sgd_step", first_step, len(params))

@@ -308,8 +308,10 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
              first_step: Union[bool, Sequence[bool]] = False,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False) -> None:
+             stochastic_rounding: bool = False, stacked_trials: bool = False) -> None:
     """torch.optim.SGD's update for all tensors in one launch per dtype group."""
+    if stacked_trials:
+        raise NotImplementedError(_STACKED_ERROR.format(name="lr/momentum"))
     _momentum_step("sgd_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, lr_in_momentum=lr_in_momentum,
                    first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,

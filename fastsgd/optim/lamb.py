@@ -18,18 +18,23 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative
+from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative, lr_arg
 from fastsgd.optim.sgd import hp_float
 
 
 class LAMB(FusedOptimizer):
     """Layer-wise adaptive moments for large-batch training (You et al. 2019)."""
 
+    _HOST_HPARAMS = ("betas", "eps", "weight_decay")
+    _GROUP_DEFAULTS = {"bias_correction": True, "trust_clip": False, "always_adapt": False}
+    _STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
+    _ATTR_DEFAULTS = {"max_grad_norm": None}
+
     def __init__(self, params, lr: float | Tensor, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, *, bias_correction: bool = True,
                  max_grad_norm: Optional[float] = None, trust_clip: bool = False, always_adapt: bool = False,
                  backend: str = "auto"):
-        check_non_negative("lr", lr, "learning rate")
+        check_non_negative("lr", lr, "learning rate", read_device=True)
         check_non_negative("eps", eps, "epsilon value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
         if not 0.0 <= betas[0] < 1.0:
@@ -42,13 +47,6 @@ class LAMB(FusedOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, trust_clip=trust_clip, always_adapt=always_adapt)
         super().__init__(params, defaults, backend=backend)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("bias_correction", True)
-            group.setdefault("trust_clip", False)
-            group.setdefault("always_adapt", False)
 
     def _check_group(self, group):
         check_non_negative("lr", group["lr"], "learning rate")
@@ -91,9 +89,12 @@ class LAMB(FusedOptimizer):
                    clip_divisor=None):
         g = work.group
         st = work.states
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st]
+        self._like_params(kernels, work, "exp_avg", exp_avgs)
+        self._like_params(kernels, work, "exp_avg_sq", exp_avg_sqs)
         beta1, beta2 = (hp_float(b) for b in g["betas"])
-        kernels.lamb_step(work.params, work.grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
-                          [s["step"] for s in st], lr=g["lr"], beta1=beta1, beta2=beta2, eps=hp_float(g["eps"]),
+        kernels.lamb_step(work.params, work.grads, exp_avgs, exp_avg_sqs, [s["step"] for s in st],
+                          lr=lr_arg(g["lr"]), beta1=beta1, beta2=beta2, eps=hp_float(g["eps"]),
                           weight_decay=hp_float(g["weight_decay"]), bias_correction=bool(g["bias_correction"]),
                           trust_clip=bool(g["trust_clip"]), always_adapt=bool(g["always_adapt"]),
                           clip_divisor=clip_divisor, grad_scale=grad_scale, found_inf=found_inf)

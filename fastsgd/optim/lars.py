@@ -18,7 +18,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative
+from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative, lr_arg
 from fastsgd.optim.sgd import MomentumBuffers, check_nesterov, hp_float, rounding_kwargs
 
 
@@ -26,12 +26,15 @@ class LARS(MomentumBuffers, FusedOptimizer):
     """Layer-wise adaptive rate scaling (You et al. 2017) with timm's rule and flags.
     ``momentum_dtype`` and ``stochastic_rounding`` as in fastsgd.SGD."""
 
+    _HOST_HPARAMS = ("momentum", "dampening", "weight_decay", "trust_coeff", "eps")
+    _GROUP_DEFAULTS = {"nesterov": False, "trust_clip": False, "always_adapt": False, "lr_in_momentum": False}
+
     def __init__(self, params, lr: float | Tensor, momentum: float = 0.9, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, *, trust_coeff: float = 0.001,
                  eps: float = 1e-8, trust_clip: bool = False, always_adapt: bool = False,
                  lr_in_momentum: bool = False, momentum_dtype: Optional[torch.dtype] = None,
                  stochastic_rounding: bool = False, backend: str = "auto"):
-        check_non_negative("lr", lr, "learning rate")
+        check_non_negative("lr", lr, "learning rate", read_device=True)
         check_non_negative("momentum", momentum, "momentum value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -40,15 +43,6 @@ class LARS(MomentumBuffers, FusedOptimizer):
         self.momentum_dtype = momentum_dtype
         self.stochastic_rounding = bool(stochastic_rounding)
         super().__init__(params, defaults, backend=backend)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("stochastic_rounding", False)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("trust_clip", False)
-            group.setdefault("always_adapt", False)
-            group.setdefault("lr_in_momentum", False)
 
     def _check_group(self, group):
         check_non_negative("lr", group["lr"], "learning rate")
@@ -61,8 +55,8 @@ class LARS(MomentumBuffers, FusedOptimizer):
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf):
         g = work.group
         momentum = hp_float(g["momentum"])
-        bufs = self._momentum_buffers(work, momentum)
-        kernels.lars_step(work.params, work.grads, bufs, lr=g["lr"], momentum=momentum,
+        bufs = self._momentum_buffers(kernels, work, momentum)
+        kernels.lars_step(work.params, work.grads, bufs, lr=lr_arg(g["lr"]), momentum=momentum,
                           dampening=hp_float(g["dampening"]), weight_decay=hp_float(g["weight_decay"]),
                           nesterov=bool(g["nesterov"]), trust_coeff=hp_float(g["trust_coeff"]),
                           eps=hp_float(g["eps"]), trust_clip=bool(g["trust_clip"]),

@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
+from torch.optim.sgd import sgd as torch_sgd
 
-from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative
+from fastsgd.optim.base import FusedOptimizer, GroupWork, check_non_negative, lr_arg
 
 _DIFFERENTIABLE_ERROR = ("fastsgd optimizers do not support differentiable=True: the step is an in-place "
                          "fused kernel that autograd cannot see through. Use torch.optim.SGD(differentiable=True) "
@@ -56,6 +57,11 @@ def rounding_kwargs(opt) -> Dict[str, bool]:
     return {"stochastic_rounding": True} if getattr(opt, "stochastic_rounding", False) else {}
 
 
+# Backends whose kernels round momentum buffers to nearest only (they raise
+# when asked for stochastic rounding); checked before state is created.
+ROUND_TO_NEAREST_ONLY = frozenset({"cpu"})
+
+
 def hp_float(value: Any) -> float:
     """A hyperparameter other than lr as a Python float (tensors are read once)."""
     return float(value.item()) if isinstance(value, Tensor) else float(value)
@@ -66,7 +72,24 @@ class MomentumBuffers:
     (torch.optim.SGD's layout), created as zeros in ``momentum_dtype`` (default:
     the param's dtype) on the first step that updates the param."""
 
+    _STATE_KEYS = frozenset({"momentum_buffer"})
+    _ATTR_DEFAULTS = {"momentum_dtype": None, "stochastic_rounding": False}
     momentum_dtype: Optional[torch.dtype] = None
+
+    def _check_options(self):
+        dt = self.momentum_dtype
+        if dt is not None and not (isinstance(dt, torch.dtype) and (dt.is_floating_point or dt.is_complex)):
+            raise ValueError(f"fastsgd.{type(self).__name__}: momentum_dtype must be a floating-point torch.dtype "
+                             f"(or None for the param's dtype), got {dt}")
+
+    def _state_dtypes(self):
+        return {self.momentum_dtype} if self.momentum_dtype is not None else set()
+
+    def _check_backend(self, kernels):
+        if getattr(self, "stochastic_rounding", False) and kernels.NAME in ROUND_TO_NEAREST_ONLY:
+            raise ValueError(f"fastsgd.{type(self).__name__}: stochastic_rounding=True is implemented by the GPU "
+                             f"backends (triton, cuda) only; the {kernels.NAME!r} backend rounds to nearest. "
+                             "Set stochastic_rounding=False on this device")
 
     def _new_state(self, group, params, states):
         if group["momentum"] == 0:
@@ -77,8 +100,12 @@ class MomentumBuffers:
         self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format,
                                                             dtype=self.momentum_dtype or p.dtype)
 
-    def _momentum_buffers(self, work: GroupWork, momentum: float) -> Optional[List[Tensor]]:
-        return [st["momentum_buffer"] for st in work.states] if momentum != 0 else None
+    def _momentum_buffers(self, kernels, work: GroupWork, momentum: float) -> Optional[List[Tensor]]:
+        if momentum == 0:
+            return None
+        bufs = [st["momentum_buffer"] for st in work.states]
+        self._like_params(kernels, work, "momentum_buffer", bufs)
+        return bufs
 
 
 class SGD(MomentumBuffers, FusedOptimizer):
@@ -88,6 +115,8 @@ class SGD(MomentumBuffers, FusedOptimizer):
     validation messages, param groups, ``state_dict()`` layout
     (``state[i]["momentum_buffer"]``) and update, but each step runs as one
     fused kernel call per param group (see ``fastsgd.available_backends()``).
+    Params with sparse gradients are updated by torch's own SGD code, as
+    torch.optim.SGD does (weight_decay must be 0 for them, as there).
 
     Extra arguments: ``lr_in_momentum`` (see the module docstring),
     ``momentum_dtype`` (dtype of new momentum buffers; default: the param's),
@@ -99,12 +128,17 @@ class SGD(MomentumBuffers, FusedOptimizer):
     ``differentiable=True`` raises.
     """
 
+    _HOST_HPARAMS = ("momentum", "dampening", "weight_decay")
+    _GROUP_DEFAULTS = {"nesterov": False, "maximize": False, "foreach": None, "differentiable": False,
+                       "fused": False, "lr_in_momentum": False}
+    _SPARSE_GRADS = True
+
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  lr_in_momentum: bool = False, foreach: Optional[bool] = None, differentiable: bool = False,
                  fused: Optional[bool] = None, momentum_dtype: Optional[torch.dtype] = None,
                  stochastic_rounding: bool = False, backend: str = "auto"):
-        check_non_negative("lr", lr, "learning rate")
+        check_non_negative("lr", lr, "learning rate", read_device=True)
         check_non_negative("momentum", momentum, "momentum value")
         check_non_negative("weight_decay", weight_decay, "weight_decay value")
         check_torch_compat_flags(foreach, fused, differentiable)
@@ -115,17 +149,6 @@ class SGD(MomentumBuffers, FusedOptimizer):
         self.stochastic_rounding = bool(stochastic_rounding)
         super().__init__(params, defaults, backend=backend)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("stochastic_rounding", False)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", False)
-            group.setdefault("lr_in_momentum", False)
-
     def _check_group(self, group):
         check_non_negative("lr", group["lr"], "learning rate")
         check_non_negative("momentum", group["momentum"], "momentum value")
@@ -134,11 +157,39 @@ class SGD(MomentumBuffers, FusedOptimizer):
         if group.get("differentiable"):
             raise RuntimeError(_DIFFERENTIABLE_ERROR)
 
+    def _check_sparse(self, works: List[GroupWork]) -> None:
+        for w in works:
+            gi, pi = self._locate(lambda p: p is w.params[0])
+            where = f"fastsgd.{type(self).__name__}: parameter {pi} of param group {gi} has a sparse gradient"
+            if w.group["weight_decay"] != 0:  # torch.optim.SGD fails here too, but after earlier params moved
+                raise RuntimeError(f"{where}, and torch.optim.SGD's update cannot add weight decay to a sparse "
+                                   "gradient (add(sparse, dense) is not supported); give sparse layers a param "
+                                   "group with weight_decay=0")
+            if w.group["lr_in_momentum"] or self.momentum_dtype is not None:
+                option = "lr_in_momentum=True" if w.group["lr_in_momentum"] else "momentum_dtype"
+                raise RuntimeError(f"{where}, which is updated exactly as torch.optim.SGD does; {option} is not "
+                                   "part of that update. Put sparse layers in an optimizer without it")
+
+    def _run_sparse(self, works: List[GroupWork], grad_scale) -> None:
+        # torch's own single-tensor SGD, which is what torch.optim.SGD runs for
+        # sparse gradients: momentum buffers start as a copy of the (sparse)
+        # gradient and stay sparse, as in torch.
+        for w in works:
+            g = w.group
+            grads = w.grads if grad_scale is None else [gr / grad_scale.to(gr.device) for gr in w.grads]
+            bufs = [None if st is None else st.get("momentum_buffer") for st in w.states]
+            torch_sgd(w.params, grads, bufs, has_sparse_grad=True, foreach=False, fused=False,
+                      weight_decay=g["weight_decay"], momentum=g["momentum"], lr=g["lr"],
+                      dampening=g["dampening"], nesterov=g["nesterov"], maximize=g["maximize"])
+            if g["momentum"] != 0:
+                for p, buf in zip(w.params, bufs):
+                    self.state[p]["momentum_buffer"] = buf
+
     def _run_group(self, kernels, work: GroupWork, new_state: List[bool], *, grad_scale, found_inf):
         g = work.group
         momentum = hp_float(g["momentum"])
-        bufs = self._momentum_buffers(work, momentum)
-        kernels.sgd_step(work.params, work.grads, bufs, lr=g["lr"], momentum=momentum,
+        bufs = self._momentum_buffers(kernels, work, momentum)
+        kernels.sgd_step(work.params, work.grads, bufs, lr=lr_arg(g["lr"]), momentum=momentum,
                          dampening=hp_float(g["dampening"]), weight_decay=hp_float(g["weight_decay"]),
                          nesterov=bool(g["nesterov"]), maximize=bool(g["maximize"]),
                          lr_in_momentum=bool(g["lr_in_momentum"]), first_step=new_state,

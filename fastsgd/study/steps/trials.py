@@ -322,7 +322,7 @@ def _run(workload: Workload, specs: Sequence[TrialSpec], settings: RunSettings, 
         lr = hp.lr(t)
         if stacked:
             backend.sgd_step(stack.params, grads, stack.bufs, lr=lr, momentum=hp.momentum,
-                             nesterov=settings.optimizer == "nesterov", first_step=t == 0)
+                             nesterov=settings.optimizer == "nesterov", first_step=t == 0, stacked_trials=True)
         else:
             backend.sgd_step(stack.params, grads, stack.bufs, lr=float(lr[0]), momentum=float(hp.momentum[0]),
                              nesterov=settings.optimizer == "nesterov", first_step=t == 0)
