@@ -316,6 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     ap.add_argument("--quick", action="store_true", help="tiny layouts and 3 reps: checks the script end to end")
     ap.add_argument("--launches", action="store_true", help="count CUDA kernel launches per step (--device cuda)")
     ap.add_argument("--out", help="write rows to FILE (.json or .csv)")
+    ap.add_argument("--note", default="", help="a remark stored with the rows (e.g. how busy the machine was)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -380,7 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                 print(f"  {s['provider']}: {s['skipped']}")
     if args.out:
         meta = dict(env, timm=timm_version, memory_bandwidth_GBps=bandwidth, quick=args.quick,
-                    timing="separate" if args.separate else "round-robin per layout", benchmark="optimizer_step")
+                    timing="separate" if args.separate else "round-robin per layout", note=args.note,
+                    benchmark="optimizer_step")
         write_rows(args.out, rows + skipped, meta)
         print(f"\nwrote {args.out}")
     return rows
