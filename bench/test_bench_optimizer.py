@@ -49,6 +49,5 @@ def test_optimizer_step(benchmark, layout, kind, provider):
     n = layouts.numel(shapes)
     elem = torch.empty((), dtype=DTYPE).element_size()
     benchmark.extra_info.update(device=str(DEVICE), tensors=len(shapes), params=n,
-                                min_bytes=bench.MIN_STREAMS[kind] * n * elem,
-                                kernel_bytes=(prov.kernel_streams or 0) * n * elem or None, note=prov.note)
+                                min_bytes=bench.MIN_STREAMS[kind] * n * elem, version=prov.version, note=prov.note)
     benchmark.pedantic(step, rounds=3 if QUICK else 20, warmup_rounds=1)

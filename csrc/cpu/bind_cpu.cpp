@@ -5,6 +5,9 @@
 // fastsgd/kernels/cpu.py, which builds the tables. The layouts of the tables
 // and the dtype codes are exported so Python can check it agrees with them.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <vector>
 
 #include "cpu/lamb.h"
 #include "cpu/numeric.h"
@@ -24,6 +27,25 @@ void bind_cpu(py::module_& m) {
   codes["float16"] = int64_t(kFloat16);
   m.attr("cpu_dtype_codes") = codes;
   m.attr("cpu_chunk") = py::int_(cpu::kChunk);  // segment / work-item size, for tests at its boundary
+  m.attr("cpu_block") = py::int_(cpu::kBlock);           // update block of the tensor-by-tensor LARS/LAMB walk
+  m.attr("cpu_whole_max") = py::int_(cpu::kWholeMax);    // larger entries are split over the threads
+  m.attr("cpu_two_pass_env") = py::str(cpu::kTwoPassEnv);  // set to 1: LARS/LAMB sweep all norms, then all updates
+  m.def("cpu_two_pass_forced", &cpu::two_pass_forced, "Whether the LARS/LAMB kernels run the two-sweep form now.");
+  m.def(
+      "cpu_reduce_plan",
+      [](const std::vector<int64_t>& numel, int threads) {
+        const ReducePlan rp = make_reduce_plan(make_plan(numel), threads);
+        py::list items;
+        for (int64_t k = 0; k < rp.num_items(); ++k) {
+          py::list item;
+          for (int64_t i = rp.item_start[size_t(k)]; i < rp.item_start[size_t(k) + 1]; ++i) item.append(rp.whole[size_t(i)]);
+          items.append(item);
+        }
+        return py::make_tuple(rp.shared, items);
+      },
+      "How the LARS/LAMB kernels split entries of these sizes over `threads` threads:\n"
+      "(entries shared by all threads, work items of whole entries in the order they are handed out).",
+      py::arg("numel"), py::arg("threads"));
   m.attr("cpu_sgd_table_fields") =
       py::make_tuple("param", "grad", "buf", "numel", "param_dtype", "buf_dtype", "first_step");
   m.attr("cpu_lamb_table_fields") = py::make_tuple("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel",

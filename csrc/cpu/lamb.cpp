@@ -1,8 +1,10 @@
 // Fused LAMB step over a table of tensors.
 //
 // When the trust ratio is needed (weight_decay != 0 or always_adapt) the step
-// makes two passes, pass 1 for the per-tensor norms |p| and |u| (float64
-// partials per segment, summed in segment order), pass 2 for p -= lr * r * u,
+// makes two passes over each tensor, pass 1 for the per-tensor norms |p| and
+// |u| (float64 partials per segment, summed in segment order), pass 2 for
+// p -= lr * r * u, tensor by tensor so that pass 2 finds the tensor in cache
+// (for_each_entry_reduce_update in work.h),
 // with u = m_hat / (sqrt(v_hat) + eps) + wd * p computed from the new moments
 // before they are rounded to their storage type, as the reference does:
 //   moments stored in the math type (float32 moments with float32/16-bit
@@ -100,7 +102,6 @@ void apply_segment(P* __restrict p, const P* __restrict g, S* __restrict m, S* _
 struct Entry {
   int64_t param, grad, exp_avg, exp_avg_sq, numel, param_code, state_code;
   double inv_bc1, inv_sqrt_bc2;  // from this step's t
-  double step_size;              // lr, times the trust ratio once known
 };
 
 }  // namespace
@@ -147,67 +148,67 @@ void lamb_step(int64_t table, int64_t num_entries, double lr, double beta1, doub
     const double bc2 = bias_correction ? 1.0 - std::pow(beta2, step) : 1.0;
     entries[size_t(r)] = Entry{t.at(r, kLambParam), t.at(r, kLambGrad), t.at(r, kLambExpAvg),
                                t.at(r, kLambExpAvgSq), t.at(r, kLambNumel), t.at(r, kLambParamDtype),
-                               t.at(r, kLambStateDtype), 1.0 / bc1, 1.0 / std::sqrt(bc2), lr};
+                               t.at(r, kLambStateDtype), 1.0 / bc1, 1.0 / std::sqrt(bc2)};
     numel[size_t(r)] = entries[size_t(r)].numel;
   }
   const Plan plan = make_plan(numel);
   const bool adapt = weight_decay != 0.0 || always_adapt;
   const bool wd = weight_decay != 0.0;
 
-  auto coeffs = [&](auto math_tag, const Entry& e) {
+  auto coeffs = [&](auto math_tag, const Entry& e, double step_size) {
     using C = typename decltype(math_tag)::type;
     return LambCoeffs<C>{C(1.0 / grad_divisor), C(beta1), C(1.0 - beta1), C(beta2), C(1.0 - beta2),
-                         C(e.inv_bc1), C(e.inv_sqrt_bc2), C(eps), C(weight_decay), C(e.step_size)};
+                         C(e.inv_bc1), C(e.inv_sqrt_bc2), C(eps), C(weight_decay), C(step_size)};
   };
   // f(P tag, S tag) for the entry's storage types.
   auto with_types = [](const Entry& e, auto&& f) {
     with_dtype(e.param_code, [&](auto ptag) { with_dtype(e.state_code, [&](auto stag) { f(ptag, stag); }); });
   };
-
+  // Pass 1 over segment s: with ADAPT the moments and the partial norms, else the whole update.
   std::vector<double> p_sq(plan.segments.size()), u_sq(plan.segments.size());
-  for_each_segment(plan, threads, [&](int64_t s) {
+  auto moments = [&](auto ADAPT, int64_t s) {
     const Segment& seg = plan.segments[size_t(s)];
     const Entry& e = entries[size_t(seg.entry)];
     with_types(e, [&](auto ptag, auto stag) {
       using P = typename decltype(ptag)::type;
       using S = typename decltype(stag)::type;
-      const auto k = coeffs(TypeTag<MathOf<P, S>>{}, e);
-      with_flag(adapt, [&](auto ADAPT) {
-        with_flag(wd, [&](auto WD) {
-          moments_segment<P, S, ADAPT.value, WD.value>(
-              ptr<P>(e.param) + seg.begin, ptr<const P>(e.grad) + seg.begin, ptr<S>(e.exp_avg) + seg.begin,
-              ptr<S>(e.exp_avg_sq) + seg.begin, seg.end - seg.begin, k, &p_sq[size_t(s)], &u_sq[size_t(s)]);
+      const auto k = coeffs(TypeTag<MathOf<P, S>>{}, e, lr);
+      with_flag(wd, [&](auto WD) {
+        moments_segment<P, S, decltype(ADAPT)::value, WD.value>(
+            ptr<P>(e.param) + seg.begin, ptr<const P>(e.grad) + seg.begin, ptr<S>(e.exp_avg) + seg.begin,
+            ptr<S>(e.exp_avg_sq) + seg.begin, seg.end - seg.begin, k, &p_sq[size_t(s)], &u_sq[size_t(s)]);
+      });
+    });
+  };
+  if (!adapt) {
+    for_each_segment(plan, threads, [&](int64_t s) { moments(std::false_type{}, s); });
+    return;
+  }
+  for_each_entry_reduce_update(
+      plan, threads, [&](int64_t s) { moments(std::true_type{}, s); },
+      [&](int64_t i) {
+        double sp = 0.0, su = 0.0;
+        for (int64_t s = plan.entry_start[size_t(i)]; s < plan.entry_start[size_t(i) + 1]; ++s) {
+          sp += p_sq[size_t(s)];
+          su += u_sq[size_t(s)];
+        }
+        const double w_norm = std::sqrt(sp), u_norm = std::sqrt(su);
+        double r = (w_norm > 0.0 && u_norm > 0.0) ? w_norm / u_norm : 1.0;
+        if (trust_clip) r = std::fmin(r, 1.0);
+        return lr * r;  // the entry's step size
+      },
+      [&](int64_t i, int64_t begin, int64_t end, double step_size) {
+        const Entry& e = entries[size_t(i)];
+        with_types(e, [&](auto ptag, auto stag) {
+          using P = typename decltype(ptag)::type;
+          using S = typename decltype(stag)::type;
+          const auto k = coeffs(TypeTag<MathOf<P, S>>{}, e, step_size);
+          with_flag(wd, [&](auto WD) {
+            apply_segment<P, S, WD.value>(ptr<P>(e.param) + begin, ptr<const P>(e.grad) + begin,
+                                          ptr<S>(e.exp_avg) + begin, ptr<S>(e.exp_avg_sq) + begin, end - begin, k);
+          });
         });
       });
-    });
-  });
-  if (!adapt) return;
-
-  for (size_t i = 0; i < entries.size(); ++i) {
-    double sp = 0.0, su = 0.0;
-    for (int64_t s = plan.entry_start[i]; s < plan.entry_start[i + 1]; ++s) {
-      sp += p_sq[size_t(s)];
-      su += u_sq[size_t(s)];
-    }
-    const double w_norm = std::sqrt(sp), u_norm = std::sqrt(su);
-    double r = (w_norm > 0.0 && u_norm > 0.0) ? w_norm / u_norm : 1.0;
-    if (trust_clip) r = std::fmin(r, 1.0);
-    entries[i].step_size = lr * r;
-  }
-  for_each_segment(plan, threads, [&](int64_t s) {
-    const Segment& seg = plan.segments[size_t(s)];
-    const Entry& e = entries[size_t(seg.entry)];
-    with_types(e, [&](auto ptag, auto stag) {
-      using P = typename decltype(ptag)::type;
-      using S = typename decltype(stag)::type;
-      const auto k = coeffs(TypeTag<MathOf<P, S>>{}, e);
-      with_flag(wd, [&](auto WD) {
-        apply_segment<P, S, WD.value>(ptr<P>(e.param) + seg.begin, ptr<const P>(e.grad) + seg.begin,
-                                      ptr<S>(e.exp_avg) + seg.begin, ptr<S>(e.exp_avg_sq) + seg.begin,
-                                      seg.end - seg.begin, k);
-      });
-    });
-  });
 }
 
 }  // namespace cpu

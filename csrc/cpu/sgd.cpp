@@ -1,11 +1,11 @@
 // Fused SGD / momentum / Nesterov and LARS steps over a table of tensors.
 //
 // SGD family: one pass, per element  reads p, g (and b), writes p (and b).
-// LARS: pass 1 reduces |p|^2 and |g|^2 per tensor (float64 partials per
-// segment, summed in segment order: deterministic); the trust ratio per
-// tensor follows; pass 2 is the SGD pass with the gradient scaled by it.
-// Pass 1 is skipped when no tensor adapts (weight_decay == 0 and not
-// always_adapt).
+// LARS: |p|^2 and |g|^2 per tensor (float64 partials per segment, summed in
+// segment order: deterministic), the trust ratio per tensor, then the SGD
+// update with the gradient scaled by it, tensor by tensor while the tensor is
+// still in cache (for_each_entry_reduce_update in work.h). The norms are
+// skipped when no tensor adapts (weight_decay == 0 and not always_adapt).
 #include "cpu/sgd.h"
 
 #include <cmath>
@@ -100,43 +100,46 @@ struct StepFlags {
   bool nesterov, lr_in_momentum;
 };
 
-void run_update(const std::vector<Entry>& entries, const std::vector<EntryCoeffs>& coeffs, const Plan& plan,
-                const StepFlags& f, int threads) {
+// Updates elements [begin, end) of entry e with its coefficients.
+void update_range(const Entry& e, const EntryCoeffs& ec, int64_t begin, int64_t end, const StepFlags& f) {
   const bool wd = f.weight_decay != 0.0;
-  for_each_segment(plan, threads, [&](int64_t s) {
-    const Segment& seg = plan.segments[size_t(s)];
-    const Entry& e = entries[size_t(seg.entry)];
-    const EntryCoeffs& ec = coeffs[size_t(seg.entry)];
-    const int64_t n = seg.end - seg.begin;
-    with_dtype(e.param_code, [&](auto ptag) {
-      using P = typename decltype(ptag)::type;
-      P* p = ptr<P>(e.param) + seg.begin;
-      const P* g = ptr<const P>(e.grad) + seg.begin;
-      auto coeffs_for = [&](auto btag) {
-        using C = MathOf<P, typename decltype(btag)::type>;
-        const double in = f.lr_in_momentum ? ec.lr : 1.0, out = f.lr_in_momentum ? 1.0 : ec.lr;
-        return Coeffs<C>{C(f.grad_factor), C(f.weight_decay), C(ec.ratio), C(ec.lr),
-                         C(ec.mu),         C(1.0 - f.dampening), C(in),  C(out)};
-      };
-      if (e.buf == 0) {
-        with_flag(wd, [&](auto WD) {
-          update_segment<P, P, false, false, false, WD.value>(p, g, nullptr, n, coeffs_for(TypeTag<P>{}));
-        });
-        return;
-      }
-      with_dtype(e.buf_code, [&](auto btag) {
-        using B = typename decltype(btag)::type;
-        B* b = ptr<B>(e.buf) + seg.begin;
-        const auto k = coeffs_for(btag);
-        with_flag(e.first, [&](auto FIRST) {
-          with_flag(f.nesterov, [&](auto NEST) {
-            with_flag(wd, [&](auto WD) {
-              update_segment<P, B, true, FIRST.value, NEST.value, WD.value>(p, g, b, n, k);
-            });
+  const int64_t n = end - begin;
+  with_dtype(e.param_code, [&](auto ptag) {
+    using P = typename decltype(ptag)::type;
+    P* p = ptr<P>(e.param) + begin;
+    const P* g = ptr<const P>(e.grad) + begin;
+    auto coeffs_for = [&](auto btag) {
+      using C = MathOf<P, typename decltype(btag)::type>;
+      const double in = f.lr_in_momentum ? ec.lr : 1.0, out = f.lr_in_momentum ? 1.0 : ec.lr;
+      return Coeffs<C>{C(f.grad_factor), C(f.weight_decay), C(ec.ratio), C(ec.lr),
+                       C(ec.mu),         C(1.0 - f.dampening), C(in),  C(out)};
+    };
+    if (e.buf == 0) {
+      with_flag(wd, [&](auto WD) {
+        update_segment<P, P, false, false, false, WD.value>(p, g, nullptr, n, coeffs_for(TypeTag<P>{}));
+      });
+      return;
+    }
+    with_dtype(e.buf_code, [&](auto btag) {
+      using B = typename decltype(btag)::type;
+      B* b = ptr<B>(e.buf) + begin;
+      const auto k = coeffs_for(btag);
+      with_flag(e.first, [&](auto FIRST) {
+        with_flag(f.nesterov, [&](auto NEST) {
+          with_flag(wd, [&](auto WD) {
+            update_segment<P, B, true, FIRST.value, NEST.value, WD.value>(p, g, b, n, k);
           });
         });
       });
     });
+  });
+}
+
+void run_update(const std::vector<Entry>& entries, const std::vector<EntryCoeffs>& coeffs, const Plan& plan,
+                const StepFlags& f, int threads) {
+  for_each_segment(plan, threads, [&](int64_t s) {
+    const Segment& seg = plan.segments[size_t(s)];
+    update_range(entries[size_t(seg.entry)], coeffs[size_t(seg.entry)], seg.begin, seg.end, f);
   });
 }
 
@@ -169,35 +172,39 @@ void lars_step(int64_t table, int64_t num_entries, double lr, double momentum, d
   std::vector<int64_t> numel(entries.size());
   for (size_t i = 0; i < entries.size(); ++i) numel[i] = entries[i].numel;
   const Plan plan = make_plan(numel);
-  std::vector<EntryCoeffs> coeffs(entries.size(), EntryCoeffs{lr, momentum, 1.0});
-
-  if (weight_decay != 0.0 || always_adapt) {
-    std::vector<double> p_sq(plan.segments.size()), g_sq(plan.segments.size());
-    for_each_segment(plan, threads, [&](int64_t s) {
-      const Segment& seg = plan.segments[size_t(s)];
-      const Entry& e = entries[size_t(seg.entry)];
-      with_dtype(e.param_code, [&](auto ptag) {
-        using P = typename decltype(ptag)::type;
-        sum_squares_segment<P>(ptr<const P>(e.param) + seg.begin, ptr<const P>(e.grad) + seg.begin,
-                               seg.end - seg.begin, &p_sq[size_t(s)], &g_sq[size_t(s)]);
-      });
-    });
-    for (size_t i = 0; i < entries.size(); ++i) {
-      double sp = 0.0, sg = 0.0;
-      for (int64_t s = plan.entry_start[i]; s < plan.entry_start[i + 1]; ++s) {
-        sp += p_sq[size_t(s)];
-        sg += g_sq[size_t(s)];
-      }
-      const double w_norm = std::sqrt(sp), g_norm = std::sqrt(sg) / grad_scale;
-      // timm's rule: r = tc*|w| / (|g| + wd*|w| + eps), 1 when either norm is 0; LARC clip: min(r/lr, 1).
-      double r = (w_norm > 0.0 && g_norm > 0.0) ? trust_coeff * w_norm / (g_norm + weight_decay * w_norm + eps)
-                                                : 1.0;
-      if (trust_clip) r = std::fmin(r / lr, 1.0);
-      coeffs[i].ratio = r;
-    }
-  }
   const StepFlags f{dampening, weight_decay, 1.0 / grad_scale, nesterov, lr_in_momentum};
-  run_update(entries, coeffs, plan, f, threads);
+  if (weight_decay == 0.0 && !always_adapt) {  // no tensor adapts: plain momentum SGD, one pass
+    run_update(entries, std::vector<EntryCoeffs>(entries.size(), EntryCoeffs{lr, momentum, 1.0}), plan, f, threads);
+    return;
+  }
+  std::vector<double> p_sq(plan.segments.size()), g_sq(plan.segments.size());
+  for_each_entry_reduce_update(
+      plan, threads,
+      [&](int64_t s) {
+        const Segment& seg = plan.segments[size_t(s)];
+        const Entry& e = entries[size_t(seg.entry)];
+        with_dtype(e.param_code, [&](auto ptag) {
+          using P = typename decltype(ptag)::type;
+          sum_squares_segment<P>(ptr<const P>(e.param) + seg.begin, ptr<const P>(e.grad) + seg.begin,
+                                 seg.end - seg.begin, &p_sq[size_t(s)], &g_sq[size_t(s)]);
+        });
+      },
+      [&](int64_t e) {
+        double sp = 0.0, sg = 0.0;
+        for (int64_t s = plan.entry_start[size_t(e)]; s < plan.entry_start[size_t(e) + 1]; ++s) {
+          sp += p_sq[size_t(s)];
+          sg += g_sq[size_t(s)];
+        }
+        const double w_norm = std::sqrt(sp), g_norm = std::sqrt(sg) / grad_scale;
+        // timm's rule: r = tc*|w| / (|g| + wd*|w| + eps), 1 when either norm is 0; LARC clip: min(r/lr, 1).
+        double r = (w_norm > 0.0 && g_norm > 0.0) ? trust_coeff * w_norm / (g_norm + weight_decay * w_norm + eps)
+                                                  : 1.0;
+        if (trust_clip) r = std::fmin(r / lr, 1.0);
+        return EntryCoeffs{lr, momentum, r};
+      },
+      [&](int64_t e, int64_t begin, int64_t end, const EntryCoeffs& c) {
+        update_range(entries[size_t(e)], c, begin, end, f);
+      });
 }
 
 }  // namespace cpu
