@@ -48,8 +48,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import grads_fit, is_dense
+from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 

@@ -43,8 +43,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import grad_like_param, grads_fit, is_dense
+from fastsgd.kernels.tensors import first_step_flags, grad_like_param, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 

@@ -38,10 +38,12 @@ param/state dtype.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from fastsgd.kernels.tensors import first_step_flags  # noqa: F401  (the backends' shared reading)
 
 Scalar = Union[float, Tensor]
 
@@ -74,17 +76,6 @@ def _hp(x: Scalar, like: Tensor) -> Scalar:
 
 def _skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
-
-
-def first_step_flags(op: str, first_step: Union[bool, Sequence[bool]], n: int) -> List[bool]:
-    """``first_step`` (one flag for all, or one per param) as n flags; every
-    backend reads the argument through this."""
-    if isinstance(first_step, bool):
-        return [first_step] * n
-    flags = [bool(f) for f in first_step]
-    if len(flags) != n:
-        raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
-    return flags
 
 
 def _unscaled(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:

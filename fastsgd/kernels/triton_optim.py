@@ -69,8 +69,7 @@ if _IMPORT_ERROR is None:
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
 
-from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import grads_fit, is_dense
+from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 

@@ -1,0 +1,61 @@
+"""Small tensor helpers every kernel backend (and the layers above) share.
+
+They live here, below the optimizer layer, so that the kernels import nothing
+from ``fastsgd.optim``: the optimizers, the bucketed all-reduce and the
+backends all read tensors through the same few rules.
+"""
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import List, Sequence, Union
+
+import torch
+from torch import Tensor
+
+_dtype = attrgetter("dtype")
+_device = attrgetter("device")
+_is_contiguous = Tensor.is_contiguous
+_numel = Tensor.numel
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers its memory exactly once (contiguous,
+    channels_last, any permutation), so kernels may treat it as flat."""
+    if t.is_contiguous():
+        return True
+    if any(s == 0 for s in t.stride()):
+        return False
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+    return t.numel() == 0 or span == t.numel()
+
+
+def grad_like_param(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` laid out like ``p`` in memory (a copy only when the layouts differ),
+    so a kernel can walk param, grad and state with one flat index."""
+    if g.stride() == p.stride():
+        return g
+    out = torch.empty_like(p)
+    out.copy_(g)
+    return out
+
+
+def grads_fit(grads: Sequence[Tensor], numels: tuple, dtypes: tuple, device: torch.device) -> bool:
+    """True when every grad is contiguous, on ``device`` and has its param's
+    element count and dtype (``numels``/``dtypes``, per param). The backends'
+    table caches are keyed on params and state only, because autograd
+    re-creates grads every step with ``zero_grad(set_to_none=True)``, at
+    addresses that move; this cheap check stands in for the full one when
+    only the grads are new (a handful of attribute reads per tensor)."""
+    return (tuple(map(_numel, grads)) == numels and tuple(map(_dtype, grads)) == dtypes
+            and all(map(_is_contiguous, grads)) and set(map(_device, grads)) <= {device})
+
+
+def first_step_flags(op: str, first_step: Union[bool, Sequence[bool]], n: int) -> List[bool]:
+    """``first_step`` (one flag for all, or one per param) as n flags; every
+    backend reads the argument through this."""
+    if isinstance(first_step, bool):
+        return [first_step] * n
+    flags = [bool(f) for f in first_step]
+    if len(flags) != n:
+        raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
+    return flags
