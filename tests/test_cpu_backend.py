@@ -310,7 +310,7 @@ def test_cache_does_not_grow_in_a_training_loop():
         opt.zero_grad(set_to_none=True)
         model(torch.randn(4, 16)).square().mean().backward()
         opt.step()
-    assert len(cpu._tables) == 2  # the first step's table (new buffers) and the steady one
+    assert len(cpu.TABLES) == 2  # the first step's table (new buffers) and the steady one
     cpu.clear_cache()
 
 
@@ -337,7 +337,7 @@ def test_non_contiguous_tensors_are_checked_every_call_and_never_cached():
     g = torch.ones_like(p)
     cpu.sgd_step([p], [g], None, lr=0.5, **_sgd_args())
     cpu.sgd_step([p], [g], None, lr=0.5, **_sgd_args())
-    assert torch.all(p == -1.0) and not cpu._tables
+    assert torch.all(p == -1.0) and not cpu.TABLES
     with pytest.raises(ValueError, match="strides"):
         cpu.sgd_step([p], [torch.ones(2, 3, 4, 5)], None, lr=0.5, **_sgd_args())
 

@@ -186,6 +186,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(ck, "_capturing", lambda: False)
     monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
     monkeypatch.setattr(ck, "_stream", lambda device: 0)
+    monkeypatch.setattr(ck, "_stream_object", lambda device: None)
     monkeypatch.setattr(ck, "CHUNK_SIZE", 1024)  # several blocks per tensor even for small shapes
     ck.clear_cache()
     yield recorder
@@ -265,11 +266,11 @@ def test_emulated_table_is_cached_and_rebuilt_on_change(emulated, monkeypatch):
     bufs = [torch.zeros_like(p) for p in params]
     for first in (True, False, False):
         ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9, first_step=first)
-    assert len(ck._cache) == 2 and len(builds) == 2  # first-step flags are part of the key
+    assert len(ck.TABLES) == 2 and len(builds) == 2  # first-step flags are part of the key
     params[0].data = torch.zeros(10)  # a param re-pointed: a new table
     ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9)
-    assert len(ck._cache) == 3 and len(builds) == 3
-    decoded, blocks = _decode(next(reversed(ck._cache.values())).host, 2)
+    assert len(ck.TABLES) == 3 and len(builds) == 3
+    decoded, blocks = _decode(next(reversed(ck.TABLES.values())).host, 2)
     assert decoded[0]["ptrs"][0] == params[0].data_ptr()
     assert blocks == [(0, 0), (1, 0), (1, 1), (1, 2)]  # CHUNK_SIZE 1024 in the emulation
 
@@ -295,13 +296,28 @@ def test_emulated_new_grads_patch_the_cached_table(emulated, monkeypatch):
         kw = dict(lr=0.1, momentum=0.9, nesterov=True, first_step=step == 0)
         ck.sgd_step(params, grads, bufs, **kw)
         reference.sgd_step(ref_p, grads, ref_b, **kw)
-        entry = next(reversed(ck._cache.values()))
+        entry = next(reversed(ck.TABLES.values()))
         decoded, _ = _decode(entry.host, 2)
         assert [d["ptrs"][1] for d in decoded] == [g.data_ptr() for g in grads]
         assert [d["vec"] for d in decoded] == [True, step != 3]
     assert len(builds) == 2  # first step, then one table whatever the grads
     kc.assert_all_close(params, ref_p, torch.float32, "param")
     kc.assert_all_close(bufs, ref_b, torch.float32, "momentum_buffer")
+
+
+def test_emulated_table_built_during_capture_is_kept_for_the_graph_only(emulated, monkeypatch):
+    """A table first built inside CUDA-graph capture is uploaded by a captured
+    copy that only a replay performs: an eager step must not find it."""
+    params = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu")
+    grads = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu", seed=1)
+    builds = ck.TABLES.builds
+    monkeypatch.setattr(ck, "_capturing", lambda: True)
+    ck.sgd_step(params, grads, None, lr=0.1)
+    assert len(ck.TABLES) == 0 and len(ck.TABLES._graph_owned) == 1
+    monkeypatch.setattr(ck, "_capturing", lambda: False)
+    ck.sgd_step(params, grads, None, lr=0.1)
+    assert len(ck.TABLES) == 1 and ck.TABLES.builds == builds + 2
+    assert ck.TABLES.values()[0] is not ck.TABLES._graph_owned[0]
 
 
 def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):
@@ -312,7 +328,7 @@ def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):
     ck.sgd_step([p], [g], [buf], lr=0.1, momentum=0.9, first_step=True)
     reference.sgd_step([ref_p], [g], [ref_b], lr=0.1, momentum=0.9, first_step=True)
     kc.assert_all_close([p, buf], [ref_p, ref_b], torch.float32, "channels_last")
-    assert len(ck._cache) == 0
+    assert len(ck.TABLES) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="relies on the native call failing for want of a device")
@@ -328,6 +344,7 @@ def test_real_bindings_accept_the_python_arguments(monkeypatch, op):
     monkeypatch.setattr(ck, "_capturing", lambda: False)
     monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
     monkeypatch.setattr(ck, "_stream", lambda device: 0)
+    monkeypatch.setattr(ck, "_stream_object", lambda device: None)
     ck.clear_cache()
     p, g = [torch.zeros(5), torch.zeros(3, dtype=torch.bfloat16)], [torch.ones(5), torch.ones(3, dtype=torch.bfloat16)]
     states = [torch.zeros(5), torch.zeros(3, dtype=torch.bfloat16)]
@@ -512,7 +529,7 @@ def test_unaligned_tensors_take_the_scalar_path(dev, dtype):
     kc.assert_all_close([p1, p2], ref, dtype, "param")
     # The elements around the slices are untouched.
     assert torch.equal(storage[0], before[0]) and torch.equal(storage[4098], before[4098])
-    entries = [e for e in ck._cache.values() if e.n_tensors == 2]
+    entries = [e for e in ck.TABLES.values() if e.n_tensors == 2]
     assert entries, "table not cached"
     decoded, _ = _decode(entries[-1].host.cpu(), 2)
     assert not decoded[0]["vec"]

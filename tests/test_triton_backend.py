@@ -86,7 +86,7 @@ T = None if RUN_IN_SUBPROCESS else _import_interpreted()
 
 import fastsgd  # noqa: E402
 from fastsgd.kernels import reference  # noqa: E402
-from fastsgd.kernels.tensor_table import TableCache  # noqa: E402
+from fastsgd.kernels.triton_table import TritonTables  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import kernel_cases as K  # noqa: E402
@@ -260,7 +260,7 @@ def test_table_reused_while_tensors_unchanged_and_rebuilt_when_they_change():
 def test_program_table_offsets_are_64_bit():
     """A tensor past 2^31 elements: chunk starts are int64 and cover it exactly
     (the table is built on the host; no 2^31-element tensor needed here)."""
-    cache = TableCache()
+    cache = TritonTables()
     chunk = 1 << 24
     numels = (5, (1 << 31) + 7, 0, 3)
     first, counts, programs = cache._program_table(numels, chunk, CPU)

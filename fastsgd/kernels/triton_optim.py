@@ -6,7 +6,7 @@ CPU tensors too when the kernels run in the Triton interpreter
 tests them.
 
 How many tensors per launch: all of them. A device-side table of addresses
-(tensor_table.py) lists every param/grad/state tensor of the call, and one
+(triton_table.py) lists every param/grad/state tensor of the call, and one
 grid walks them in fixed-size chunks, so a step is one launch for 10 or
 10,000 tensors. The table is cached, keyed on the tensors' addresses and
 sizes, and rebuilt (one small asynchronous copy) only when they change.
@@ -48,7 +48,6 @@ float64 and complex tensors, strided views (use backend="reference").
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -64,11 +63,13 @@ except ImportError as exc:  # the registry reports this through unavailable_reas
 
 if _IMPORT_ERROR is None:
     from fastsgd.kernels import triton_common as common
-    from fastsgd.kernels.tensor_table import TableCache, TensorTable, addresses_of
+    from fastsgd.kernels import triton_table
+    from fastsgd.kernels.triton_table import TensorTable, addresses_of
     from fastsgd.kernels.triton_lamb import lamb_kernel
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
 
+from fastsgd.kernels.table_cache import TableCache
 from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
@@ -83,7 +84,7 @@ _STACKED_ERROR = ("fastsgd backend 'triton' does not support stacked trials (1-D
                   "use backend='reference' or 'cpu' for per-trial hyperparameters")
 
 # Tables of tensor addresses, shared by all calls (keyed on the tensors).
-TABLES = TableCache() if _IMPORT_ERROR is None else None
+TABLES = triton_table.TritonTables() if _IMPORT_ERROR is None else None
 # Stochastic-rounding state per device: int64 (seed, call counter, ticket).
 _RNG: Dict[torch.device, Tensor] = {}
 
@@ -140,7 +141,7 @@ def _check_device(device: torch.device) -> None:
 class _Tensors:
     """What a call needs from its tensors, read once: with thousands of small
     tensors the per-tensor Python work is the fixed cost of a step."""
-    addresses: Tuple[Optional[Tuple[int, ...]], ...]  # per column (params first), see tensor_table.addresses_of
+    addresses: Tuple[Optional[Tuple[int, ...]], ...]  # per column (params first), see triton_table.addresses_of
     numels: Tuple[int, ...]
     dtypes: Tuple[Optional[Tuple[torch.dtype, ...]], ...]  # per column
 
@@ -153,10 +154,9 @@ class _Tensors:
 
 
 # Tensor sets that passed _check_tensors, keyed on everything but the grads'
-# addresses (column 1), which autograd moves from step to step: value = (the
-# grad addresses last checked, whether every param is contiguous). New grads
-# of a contiguous set pass grads_fit instead of the full checks.
-_CHECKED: "OrderedDict[tuple, Tuple[Optional[Tuple[int, ...]], bool]]" = OrderedDict()
+# addresses (column 1), which autograd moves from step to step; new grads of
+# a contiguous set pass grads_fit instead of the full checks (table_cache.py).
+_CHECKED: "TableCache[bool]" = TableCache(capacity=64)
 _GRADS = 1  # the grads' column in every table
 
 
@@ -174,23 +174,18 @@ def _described(op: str, params: Sequence[Tensor], columns: Dict[str, Optional[Se
     cols = [params, *columns.values()]
     described = _Tensors(tuple(addresses_of(ts) for ts in cols), tuple(map(_numel, params)),
                          tuple(tuple(map(_dtype, ts)) if ts is not None else None for ts in cols))
-    grads = described.addresses[_GRADS]
     key = (op, device, described.addresses[:_GRADS] + described.addresses[_GRADS + 1:], described.numels,
            described.dtypes)
-    seen = _CHECKED.get(key)  # one hash of every address; no reordering (oldest evicted first)
-    if seen is not None:
-        checked_grads, contiguous = seen
-        if checked_grads == grads:
-            return described
-        if contiguous and grads_fit(cols[_GRADS], described.numels, described.dtypes[0], device):
-            _CHECKED[key] = (grads, contiguous)
-            return described
-    _check_tensors(op, params, **{k: v for k, v in columns.items() if k not in unchecked})
-    if extra_check is not None:
-        extra_check()
-    _CHECKED[key] = (grads, all(map(Tensor.is_contiguous, params)))
-    if len(_CHECKED) > 64:
-        _CHECKED.popitem(last=False)
+
+    def check() -> Tuple[bool, bool]:
+        _check_tensors(op, params, **{k: v for k, v in columns.items() if k not in unchecked})
+        if extra_check is not None:
+            extra_check()
+        contiguous = all(map(Tensor.is_contiguous, params))
+        return contiguous, contiguous
+
+    _CHECKED.get(key, described.addresses[_GRADS], check, patch=lambda contiguous, grads: contiguous,
+                 fits=lambda: grads_fit(cols[_GRADS], described.numels, described.dtypes[0], device))
     return described
 
 
