@@ -48,13 +48,15 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
 from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
 NAME = "cpu"
-STRIDED = False  # flat kernels: dense tensors only (contiguous, channels_last, ...)
+CAPABILITIES = Capabilities(NAME, "CPU tensors", FLOATS, stacked_trials=True)
+STRIDED = CAPABILITIES.strided  # flat kernels: dense tensors only (contiguous, channels_last, ...)
 
 _SGD_FIELDS = ("param", "grad", "buf", "numel", "param_dtype", "buf_dtype", "first_step")
 _LAMB_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "param_dtype", "state_dtype",
@@ -93,8 +95,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16,
-                                                           torch.float16)
+    return torch.device(device).type == "cpu" and dtype in CAPABILITIES.dtypes
 
 
 def _native():

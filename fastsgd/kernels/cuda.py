@@ -43,13 +43,16 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
 from fastsgd.kernels.tensors import first_step_flags, grad_like_param, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
 NAME = "cuda"
-STRIDED = False  # walks each tensor as flat memory: dense layouts only
+CAPABILITIES = Capabilities(NAME, "CUDA tensors", FLOATS, stacked_trials=True, stochastic_rounding=True,
+                            device_scalars=True)
+STRIDED = CAPABILITIES.strided  # walks each tensor as flat memory: dense layouts only
 
 # Elements per CUDA block (a multiple of every vector width, 8). 16K elements
 # keep each block busy for a few dozen 16-byte loads per thread while leaving

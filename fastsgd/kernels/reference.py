@@ -1,19 +1,7 @@
 """Reference kernels: plain PyTorch, computed in float64, the oracle.
 
-Every backend implements the same functions with the same signatures:
-
-    sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay,
-             nesterov, maximize, lr_in_momentum, first_step,
-             grad_scale=None, found_inf=None, stochastic_rounding=False)
-    lars_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay,
-              nesterov, trust_coeff, eps, trust_clip, always_adapt,
-              lr_in_momentum, first_step, grad_scale=None, found_inf=None,
-              stochastic_rounding=False)
-    lamb_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
-              beta2, eps, weight_decay, bias_correction, trust_clip,
-              always_adapt, clip_divisor=None, grad_scale=None, found_inf=None)
-
-Contract shared by all backends (the optimizer classes check it before calling):
+Every backend implements the ops of fastsgd/kernels/contract.py with the
+same signatures; the contract's rules, in short:
 - ``params``/``grads``/state lists are aligned, tensors on one device, each
   grad with its param's shape and dtype, state tensors with the param's shape.
 - ``lr`` is a float or a 0-dim tensor.
@@ -43,12 +31,16 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.tensors import first_step_flags  # noqa: F401  (the backends' shared reading)
 
 Scalar = Union[float, Tensor]
 
 NAME = "reference"
-STRIDED = True  # plain torch ops: any layout
+CAPABILITIES = Capabilities(
+    NAME, "tensors on any device", FLOATS + (torch.complex64, torch.complex128), strided=True,
+    stacked_trials=True, trust_clip_per_trial_lr=True)
+STRIDED = CAPABILITIES.strided  # plain torch ops: any layout
 
 
 def unavailable_reason() -> Optional[str]:
@@ -56,7 +48,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
+    return dtype in CAPABILITIES.dtypes
 
 
 def _wide(t: Tensor) -> Tensor:

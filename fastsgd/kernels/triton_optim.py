@@ -69,15 +69,19 @@ if _IMPORT_ERROR is None:
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
 
+from fastsgd.kernels.contract import Capabilities
 from fastsgd.kernels.table_cache import TableCache
 from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
 NAME = "triton"
-STRIDED = False  # kernels walk each tensor as one flat range of memory
+CAPABILITIES = Capabilities(NAME, "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)",
+                            (torch.float32, torch.bfloat16, torch.float16), stochastic_rounding=True,
+                            device_scalars=True)
+STRIDED = CAPABILITIES.strided  # kernels walk each tensor as one flat range of memory
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = CAPABILITIES.dtypes
 _numel = Tensor.numel
 _dtype = attrgetter("dtype")
 _STACKED_ERROR = ("fastsgd backend 'triton' does not support stacked trials (1-D {name} tensors); "

@@ -1,6 +1,5 @@
 """The fused C++ CPU backend (fastsgd.kernels.cpu) against the reference."""
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -8,12 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(__file__))
-import kernel_cases as kc  # noqa: E402
+import kernel_cases as kc
 
-import fastsgd  # noqa: E402
-from fastsgd._native import native  # noqa: E402
-from fastsgd.kernels import cpu, reference  # noqa: E402
+import fastsgd
+from fastsgd._native import native
+from fastsgd.kernels import cpu, reference
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None,
                                 reason=f"fused CPU kernels unavailable: {cpu.unavailable_reason()}")
