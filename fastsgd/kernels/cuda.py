@@ -45,7 +45,7 @@ from torch import Tensor
 from fastsgd._native import native, native_error
 from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import first_step_flags, grad_like_param, grads_fit, is_dense
+from fastsgd.kernels.tensors import device_guard, first_step_flags, grad_like_param, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -455,12 +455,13 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
                   stochastic_rounding=bool(stochastic_rounding), seed=_seed() if stochastic_rounding else 0,
                   stream=_stream(device), device=device.index or 0)
     mod = _native()
-    if lars is None:
-        _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
-    else:
-        partials, ratio = table.scratch(device)
-        _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
-                trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
+    with device_guard(device):  # the native set_device then changes nothing the caller sees
+        if lars is None:
+            _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
+        else:
+            partials, ratio = table.scratch(device)
+            _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
+                    trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
 
 
 @torch.no_grad()
@@ -484,14 +485,15 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     device, table = _prepare(op, params, grads, exp_avgs, exp_avg_sqs, steps, (False,) * len(params),
                              (lr, clip_divisor))
     partials, per_tensor = table.scratch(device)
-    _launch(op, _native().cuda_lamb_step, params, exp_avgs,
-            table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
-            chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep, rows_ok=True),
-            beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
-            bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
-            adapt=bool(weight_decay != 0 or always_adapt),
-            clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
-            has_clip_divisor=clip_divisor is not None,
-            grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
-            found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
-            stream=_stream(device), device=device.index or 0)
+    with device_guard(device):  # the native set_device then changes nothing the caller sees
+        _launch(op, _native().cuda_lamb_step, params, exp_avgs,
+                table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
+                chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep, rows_ok=True),
+                beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+                bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
+                adapt=bool(weight_decay != 0 or always_adapt),
+                clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
+                has_clip_divisor=clip_divisor is not None,
+                grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
+                found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
+                stream=_stream(device), device=device.index or 0)

@@ -6,6 +6,7 @@ backends all read tensors through the same few rules.
 """
 from __future__ import annotations
 
+import contextlib
 from operator import attrgetter
 from typing import List, Sequence, Union
 
@@ -59,3 +60,13 @@ def first_step_flags(op: str, first_step: Union[bool, Sequence[bool]], n: int) -
     if len(flags) != n:
         raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
     return flags
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` the current CUDA device and restores the
+    caller's afterwards (nothing to do for other devices). Every GPU op runs
+    under its params' device: launches then go to that device's context and
+    current stream, and a step on ``cuda:1`` leaves the caller on ``cuda:0``."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

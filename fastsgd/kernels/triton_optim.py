@@ -47,6 +47,7 @@ float64 and complex tensors, strided views (use backend="reference").
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from operator import attrgetter
@@ -71,7 +72,7 @@ if _IMPORT_ERROR is None:
 
 from fastsgd.kernels.contract import Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense
+from fastsgd.kernels.tensors import device_guard, first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
@@ -89,8 +90,12 @@ _STACKED_ERROR = ("fastsgd backend 'triton' does not support stacked trials (1-D
 
 # Tables of tensor addresses, shared by all calls (keyed on the tensors).
 TABLES = triton_table.TritonTables() if _IMPORT_ERROR is None else None
-# Stochastic-rounding state per device: int64 (seed, call counter, ticket).
-_RNG: Dict[torch.device, Tensor] = {}
+# Stochastic-rounding state per (device, stream): int64 (seed, call counter,
+# ticket). Per stream, because launches on one stream run one after the other:
+# two launches on different streams sharing a state could interleave their
+# tickets and bump the counter wrongly.
+_RNG: Dict[Tuple[torch.device, int], Tensor] = {}
+_SEEDS: Dict[torch.device, int] = {}  # manual_seed per device
 
 
 def unavailable_reason() -> Optional[str]:
@@ -118,13 +123,18 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def manual_seed(seed: int, device: Union[str, torch.device] = "cuda") -> None:
-    """Seed stochastic rounding on ``device`` (and restart its call counter).
-    Without it the seed is drawn once from torch's default generator, so
-    ``torch.manual_seed`` makes runs repeatable too."""
+    """Seed stochastic rounding on ``device`` (and restart its call counters).
+    Without it the seed is drawn once per stream from torch's default
+    generator, so ``torch.manual_seed`` makes runs repeatable too. Streams
+    other than the default one derive their seed from ``seed`` and the stream."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # tensors report cuda:<index>
         device = torch.device("cuda", torch.cuda.current_device())
-    _RNG[device] = _state_tensor(seed, device)
+    _SEEDS[device] = int(seed)
+    for key in [k for k in _RNG if k[0] == device]:
+        del _RNG[key]
+    stream = _stream_key(device)
+    _RNG[(device, stream)] = _state_tensor(_stream_seed(int(seed), stream), device)
 
 
 # ---- checks: everything is validated before any tensor is touched -----------
@@ -272,10 +282,23 @@ def _state_tensor(seed: int, device: torch.device) -> Tensor:
     return host.to(device)
 
 
+def _stream_key(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """The default stream (0) keeps ``seed``; other streams get distinct seeds."""
+    return (seed + 0x9E3779B97F4A7C15 * stream) % (1 << 62)
+
+
 def _rng_state(device: torch.device) -> Tensor:
-    if device not in _RNG:
-        _RNG[device] = _state_tensor(int(torch.randint(0, 2 ** 62, ()).item()), device)
-    return _RNG[device]
+    stream = _stream_key(device)
+    state = _RNG.get((device, stream))
+    if state is None:
+        seed = _SEEDS.get(device)
+        seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else _stream_seed(seed, stream)
+        state = _RNG[(device, stream)] = _state_tensor(seed, device)
+    return state
 
 
 def _rounding_flag(op: str, stochastic_rounding: bool, buf_dtypes: Optional[Sequence[torch.dtype]]) -> bool:
@@ -290,11 +313,19 @@ def _rounding_flag(op: str, stochastic_rounding: bool, buf_dtypes: Optional[Sequ
 
 
 def _outside_compiled_graphs(fn):
-    """torch.compile does not trace into the step (raw addresses, cached
-    tables and Triton launches are host-side work that a graph cannot hold):
-    a compiled training step breaks the graph here and runs the launches
-    eagerly, which is what the step costs anyway (1-3 launches)."""
-    return torch.compiler.disable(fn, recursive=True)
+    """The public entry of an op: under its params' CUDA device (launches go
+    to that device and its current stream; the caller's device is restored),
+    and not traced by torch.compile (raw addresses, cached tables and Triton
+    launches are host-side work that a graph cannot hold): a compiled training
+    step breaks the graph here and runs the launches eagerly, which is what
+    the step costs anyway (1-3 launches)."""
+    @functools.wraps(fn)
+    def on_params_device(params, *args, **kwargs):
+        if not len(params):
+            return fn(params, *args, **kwargs)
+        with device_guard(params[0].device):
+            return fn(params, *args, **kwargs)
+    return torch.compiler.disable(on_params_device, recursive=True)
 
 
 # ---- SGD family and LARS -----------------------------------------------------

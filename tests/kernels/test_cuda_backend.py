@@ -149,12 +149,14 @@ class RecordingNative:
 
     def __init__(self, module):
         self.module, self.calls = module, []
+        self.on_call = lambda: None  # tests may look around at the moment of a native call
 
     def __getattr__(self, name):
         fn = getattr(self.module, name)
 
         def call(**kw):
             self.calls.append(name[len("cuda_"):-len("_step")])
+            self.on_call()
             return fn(**kw)
         return call
 
@@ -288,6 +290,34 @@ def test_emulated_new_grads_patch_the_cached_table(emulated, monkeypatch):
     assert len(builds) == 2  # first step, then one table whatever the grads
     kc.assert_all_close(params, ref_p, torch.float32, "param")
     kc.assert_all_close(bufs, ref_b, torch.float32, "momentum_buffer")
+
+
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_emulated_native_calls_run_under_the_params_device(emulated, monkeypatch, op):
+    """Every native call happens inside device_guard(params' device): on a GPU
+    the module's set_device then finds the device current and changes
+    nothing, so the caller's current device is the same after the step."""
+    import contextlib
+    inside = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        inside.append(device)
+        yield
+        inside.append(None)
+
+    calls = []
+    monkeypatch.setattr(ck, "device_guard", guard)
+    emulated.on_call = lambda: calls.append(list(inside))
+    params = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu")
+    grads = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu", seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    if op == "lamb":
+        ck.lamb_step(params, grads, states, [s.clone() for s in states], [torch.zeros(()) for _ in params], lr=0.01)
+    else:
+        getattr(ck, f"{op}_step")(params, grads, states, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert emulated.calls == [op]
+    assert calls and all(c == [torch.device("cpu")] for c in calls), calls
 
 
 def test_emulated_table_built_during_capture_is_kept_for_the_graph_only(emulated, monkeypatch):

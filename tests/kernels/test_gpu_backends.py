@@ -8,6 +8,7 @@ fresh process where triton is imported without TRITON_INTERPRET
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -258,3 +259,54 @@ def test_triton_kernels_compile_for_gpu(arch, family):
                            family], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-10000:]
     assert int(proc.stdout.split()[-1]) == {"optimizer": 12, "ghost_bn": 8}[family]
+
+
+# ---- two devices: params on cuda:1 while the caller is on cuda:0 -------------------
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_step_on_the_second_gpu_matches_reference_and_keeps_the_callers_device(backend, op):
+    """Launches go to the params' device (not the current one), and the
+    current device is the caller's again after the step."""
+    requirements.gpu(backend, count=2)
+    kernels = get_backend(backend, torch.device("cuda", 1), {torch.float32})
+    dev1 = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    shapes = [(37,), (1000, 3), (4097,)]
+    params = K.make_tensors(shapes, torch.float32, dev1)
+    grads = K.make_tensors(shapes, torch.float32, dev1, seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    ref_p, ref_s = [p.clone() for p in params], [s.clone() for s in states]
+    if op == "lamb":
+        v, ref_v = [s.clone() for s in states], [s.clone() for s in states]
+        steps = [torch.zeros((), device=dev1) for _ in params]
+        ref_steps = [s.clone() for s in steps]
+        kernels.lamb_step(params, grads, states, v, steps, lr=0.01, weight_decay=0.01)
+        reference_ops = importlib.import_module("fastsgd.kernels.reference")
+        reference_ops.lamb_step(ref_p, grads, ref_s, ref_v, ref_steps, lr=0.01, weight_decay=0.01)
+    else:
+        kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, first_step=True)
+        getattr(kernels, f"{op}_step")(params, grads, states, **kw)
+        getattr(importlib.import_module("fastsgd.kernels.reference"), f"{op}_step")(ref_p, grads, ref_s, **kw)
+    torch.cuda.synchronize(dev1)
+    assert torch.cuda.current_device() == 0
+    K.assert_all_close(params, ref_p, torch.float32, f"{backend} {op} on cuda:1")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_optimizer_on_the_second_gpu(backend):
+    requirements.gpu(backend, count=2)
+    torch.cuda.set_device(0)
+    model = torch.nn.Linear(64, 32).to("cuda:1")
+    ref = torch.nn.Linear(64, 32).to("cuda:1")
+    ref.load_state_dict(model.state_dict())
+    opt = fastsgd.Nesterov(model.parameters(), lr=0.05, backend=backend)
+    ref_opt = fastsgd.Nesterov(ref.parameters(), lr=0.05, backend="reference")
+    for _ in range(3):
+        x = torch.randn(16, 64, device="cuda:1")
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            o.step()
+    assert torch.cuda.current_device() == 0
+    K.assert_all_close(list(model.parameters()), list(ref.parameters()), torch.float32, f"{backend} on cuda:1")

@@ -231,9 +231,45 @@ def test_stochastic_rounding_is_unbiased_and_seeded():
     sigma = (hi - lo) * (0.3 * 0.7 / n) ** 0.5
     assert abs(rounds.mean().item() - x) < 5 * sigma, (rounds.mean().item(), x)
     assert not torch.equal(rounds[0], rounds[1])  # the call counter gives fresh bits each call
-    assert int(T._RNG[CPU][1]) == 16
+    assert int(T._RNG[(CPU, 0)][1]) == 16
     T.manual_seed(1234, CPU)
     assert torch.equal(_round_once(x, 1000), rounds[0])  # same seed and counter: same result
+
+
+def test_stochastic_rounding_state_is_per_stream(monkeypatch):
+    """Launches on two streams keep separate (seed, counter, ticket) states:
+    sharing one, their tickets could interleave and bump the counter wrongly."""
+    x = 1.0 + 0.3 * 2 ** -7
+    T.manual_seed(99, CPU)
+    for stream in (0, 7, 7, 0, 7):
+        monkeypatch.setattr(T, "_stream_key", lambda device, s=stream: s)
+        _round_once(x, 300)
+    assert int(T._RNG[(CPU, 0)][1]) == 2 and int(T._RNG[(CPU, 7)][1]) == 3
+    assert int(T._RNG[(CPU, 0)][0]) == 99 and int(T._RNG[(CPU, 7)][0]) != 99  # distinct seeds per stream
+    T.manual_seed(99, CPU)  # restarts every stream of the device
+    assert list(T._RNG) == [(CPU, 7)] and int(T._RNG[(CPU, 7)][1]) == 0
+
+
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_every_op_runs_under_its_params_device(monkeypatch, op):
+    """Each op enters device_guard(params' device) (on CUDA: the launches go to
+    that device, and the caller's current device is restored)."""
+    import contextlib
+    entered = []
+
+    def guard(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(T, "device_guard", guard)
+    params = K.make_tensors([(7,), (130,)], torch.float32, CPU)
+    grads = K.make_tensors([(7,), (130,)], torch.float32, CPU, seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    if op == "lamb":
+        T.lamb_step(params, grads, states, [s.clone() for s in states], [torch.zeros(()) for _ in params], lr=0.01)
+    else:
+        getattr(T, f"{op}_step")(params, grads, states, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert entered == [CPU]
 
 
 def test_stochastic_rounding_through_the_optimizer():
