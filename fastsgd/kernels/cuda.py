@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 from operator import attrgetter
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -377,6 +377,24 @@ def clear_cache() -> None:
     TABLES.clear(graphs=True)
 
 
+# Stochastic rounding: a step counter on the device per (device, stream),
+# mixed into the kernel's hash and advanced after every launch that rounds,
+# on the same stream. A captured graph bakes the host seed into its launch;
+# the counter makes every replay draw fresh bits.
+_SR_COUNTERS: Dict[Tuple[int, int], Tensor] = {}
+
+
+def _sr_counter(device: torch.device) -> Tensor:
+    key = (device.index or 0, _stream(device))
+    counter = _SR_COUNTERS.get(key)
+    if counter is None:
+        if _capturing():
+            raise RuntimeError("fastsgd cuda: stochastic rounding keeps a step counter on the device that must exist "
+                               "before CUDA graph capture; run one eager step on this stream first")
+        counter = _SR_COUNTERS[key] = torch.zeros((), dtype=torch.int64, device=device)
+    return counter
+
+
 def _seed() -> int:
     return hash((torch.initial_seed(), next(_seed_counter))) & ((1 << 63) - 1)
 
@@ -445,6 +463,7 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
                                   "(the trust ratio is per tensor); use backend='reference'")
     flags = first_step_flags(f"fastsgd cuda {op}", first_step, len(params))
     device, table = _prepare(op, params, grads, bufs, None, None, flags, (lr, momentum))
+    counter = _sr_counter(device) if stochastic_rounding and bufs is not None else None
     common = dict(table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
                   chunk_size=table.chunk_size, lr=lr_t,
                   momentum=_scalar(op, "momentum", momentum, device, keep, rows_ok=True),
@@ -453,6 +472,7 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
                   grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
                   found_inf=found if found[1] else _NONE,
                   stochastic_rounding=bool(stochastic_rounding), seed=_seed() if stochastic_rounding else 0,
+                  seed_counter=counter.data_ptr() if counter is not None else 0,
                   stream=_stream(device), device=device.index or 0)
     mod = _native()
     with device_guard(device):  # the native set_device then changes nothing the caller sees
@@ -462,6 +482,8 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
             partials, ratio = table.scratch(device)
             _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
                     trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
+        if counter is not None:
+            counter.add_(1)  # queued after the launch on the same stream (a graph node when capturing)
 
 
 @torch.no_grad()

@@ -487,6 +487,31 @@ def test_stochastic_rounding_of_bf16_buffers_is_unbiased(dev):
     assert torch.all(buf2.float() == 1.0)
 
 
+@pytest.mark.parametrize("op", ["sgd", "lars"])
+def test_emulated_stochastic_rounding_mixes_a_device_step_counter(emulated, monkeypatch, op):
+    """The host seed is frozen in a captured launch; the device-side counter,
+    advanced after every launch, still gives each step fresh bits. A fixed
+    seed and counter replay exactly."""
+    monkeypatch.setattr(ck, "_seed", lambda: 12345)  # what a graph replay sees: the same host seed
+    ck._SR_COUNTERS.clear()
+    x = 1.0 + 0.3 * 2.0 ** -7
+    p = torch.zeros(4096)
+    g = torch.full((4096,), x)
+
+    def rounded():
+        buf = torch.zeros(4096, dtype=torch.bfloat16)
+        getattr(ck, f"{op}_step")([p], [g], [buf], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
+        return buf.float()
+
+    first, second = rounded(), rounded()
+    counter = next(iter(ck._SR_COUNTERS.values()))
+    assert int(counter) == 2
+    assert not torch.equal(first, second)  # same host seed, fresh bits
+    counter.zero_()
+    assert torch.equal(rounded(), first)  # same seed and counter: the same bits
+    ck._SR_COUNTERS.clear()
+
+
 def test_stacked_trials_per_row_lr_and_momentum(dev):
     T = 4
     shapes = [(T, 5), (T, 1023), (T, 3, 7)]
