@@ -40,7 +40,6 @@ REGISTRY: Dict[str, Dict[str, str]] = {
         "triton": "fastsgd.kernels.triton_ghost_bn",
     },
 }
-_MODULES = REGISTRY["optimizer"]
 
 # Preference per device type for backend="auto". The CUDA order is
 # provisional: no GPU run has measured triton against cuda yet. Triton comes
