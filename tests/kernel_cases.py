@@ -79,6 +79,14 @@ def _grads(shapes, dtype, device, step):
     return make_tensors(shapes, dtype, device, seed=1000 + step)
 
 
+def _not_the_reference(kernels) -> None:
+    """The cases compare a backend with the reference: the reference against
+    itself would pass whatever it computes."""
+    if kernels is reference:
+        raise ValueError("kernel_cases compare a backend with fastsgd.kernels.reference; "
+                         "passing the reference itself tests nothing")
+
+
 def _lr(lr, lr_as_tensor, device):
     return torch.tensor(lr, dtype=torch.float32, device=device) if lr_as_tensor else lr
 
@@ -86,6 +94,7 @@ def _lr(lr, lr_as_tensor, device):
 def _check_momentum_rule(step_name, kernels, device, shapes, dtype, hp, *, steps, lr_as_tensor, grad_scale):
     """``steps`` steps of sgd_step or lars_step (same arguments) with a changing
     lr on ``kernels`` and on the reference; params and momentum buffers must match."""
+    _not_the_reference(kernels)
     params = make_tensors(shapes, dtype, device)
     ref_params = _clone(params)
     has_buf = hp.get("momentum", 0.0) != 0
@@ -118,6 +127,7 @@ def check_lars(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=Fals
 
 def check_lamb(kernels, device, shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None,
                clip_divisor=None):
+    _not_the_reference(kernels)
     params = make_tensors(shapes, dtype, device)
     ref_params = _clone(params)
     state = [[torch.zeros_like(p) for p in params] for _ in range(2)]

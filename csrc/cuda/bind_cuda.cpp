@@ -47,7 +47,7 @@ TableArg to_table(uintptr_t table, int64_t n_tensors, int64_t n_blocks, int64_t 
 SgdArgs sgd_args(uintptr_t table, int64_t n_tensors, int64_t n_blocks, int64_t chunk_size, const ScalarTuple& lr,
                  const ScalarTuple& momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                  bool lr_in_momentum, bool has_buf, const ScalarTuple& grad_scale, const ScalarTuple& found_inf,
-                 bool stochastic_rounding, uint64_t seed) {
+                 bool stochastic_rounding, uint64_t seed, uintptr_t seed_counter) {
   SgdArgs a;
   a.table = to_table(table, n_tensors, n_blocks, chunk_size);
   a.lr = to_scalar(lr);
@@ -62,6 +62,7 @@ SgdArgs sgd_args(uintptr_t table, int64_t n_tensors, int64_t n_blocks, int64_t c
   a.found_inf = to_scalar(found_inf);
   a.stochastic_rounding = stochastic_rounding;
   a.seed = seed;
+  a.seed_counter = reinterpret_cast<const int64_t*>(seed_counter);
   return a;
 }
 
@@ -78,17 +79,18 @@ void bind_cuda(py::module_& m) {
       [](uintptr_t table, int64_t n_tensors, int64_t n_blocks, int64_t chunk_size, const ScalarTuple& lr,
          const ScalarTuple& momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
          bool lr_in_momentum, bool has_buf, const ScalarTuple& grad_scale, const ScalarTuple& found_inf,
-         bool stochastic_rounding, uint64_t seed, uintptr_t stream, int device) {
+         bool stochastic_rounding, uint64_t seed, uintptr_t seed_counter, uintptr_t stream, int device) {
         set_device(device, "sgd_step");
         const SgdArgs a = sgd_args(table, n_tensors, n_blocks, chunk_size, lr, momentum, dampening, weight_decay,
                                    nesterov, maximize, lr_in_momentum, has_buf, grad_scale, found_inf,
-                                   stochastic_rounding, seed);
+                                   stochastic_rounding, seed, seed_counter);
         launch_sgd(a, stream, "sgd_step");
       },
       py::arg("table"), py::arg("n_tensors"), py::arg("n_blocks"), py::arg("chunk_size"), py::arg("lr"),
       py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
       py::arg("maximize"), py::arg("lr_in_momentum"), py::arg("has_buf"), py::arg("grad_scale"),
-      py::arg("found_inf"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("stream"), py::arg("device"),
+      py::arg("found_inf"), py::arg("stochastic_rounding"), py::arg("seed"), py::arg("seed_counter"),
+      py::arg("stream"), py::arg("device"),
       R"doc(SGD / momentum / Nesterov over every tensor of the table: ONE kernel launch.
 
 table: device address of the int64 tensor table (layout in csrc/cuda/common.cuh;
@@ -99,8 +101,8 @@ lr, momentum, grad_scale, found_inf: (value, device_ptr, dtype_code, per_row)
   with device_ptr 0 for a host value (grad_scale/found_inf: 0 = absent).
   dtype codes: 0 float32, 1 float16, 2 bfloat16, 3 float64.
 has_buf: momentum buffers present (state slot 0). stochastic_rounding: round
-  bf16 momentum buffers stochastically (hash of seed, tensor, element and the
-  gradient bits). stream: cudaStream_t as int; device: its CUDA device index. Raises RuntimeError when the
+  bf16 momentum buffers stochastically (hash of seed, the int64 step counter at
+  device address seed_counter (0: none), tensor, element and the gradient bits). stream: cudaStream_t as int; device: its CUDA device index. Raises RuntimeError when the
   launch fails. Gradients are never written.)doc");
 
   m.def(
@@ -108,13 +110,14 @@ has_buf: momentum buffers present (state slot 0). stochastic_rounding: round
       [](uintptr_t table, int64_t n_tensors, int64_t n_blocks, int64_t chunk_size, const ScalarTuple& lr,
          const ScalarTuple& momentum, double dampening, double weight_decay, bool nesterov, double trust_coeff,
          double eps, bool trust_clip, bool adapt, bool lr_in_momentum, bool has_buf, const ScalarTuple& grad_scale,
-         const ScalarTuple& found_inf, bool stochastic_rounding, uint64_t seed, uintptr_t partials,
+         const ScalarTuple& found_inf, bool stochastic_rounding, uint64_t seed, uintptr_t seed_counter,
+         uintptr_t partials,
          uintptr_t ratio, uintptr_t stream, int device) {
         set_device(device, "lars_step");
         LarsArgs a;
         a.sgd = sgd_args(table, n_tensors, n_blocks, chunk_size, lr, momentum, dampening, weight_decay, nesterov,
                          /*maximize=*/false, lr_in_momentum, has_buf, grad_scale, found_inf, stochastic_rounding,
-                         seed);
+                         seed, seed_counter);
         a.trust_coeff = trust_coeff;
         a.eps = eps;
         a.trust_clip = trust_clip;
@@ -127,7 +130,8 @@ has_buf: momentum buffers present (state slot 0). stochastic_rounding: round
       py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
       py::arg("trust_coeff"), py::arg("eps"), py::arg("trust_clip"), py::arg("adapt"), py::arg("lr_in_momentum"),
       py::arg("has_buf"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("stochastic_rounding"),
-      py::arg("seed"), py::arg("partials"), py::arg("ratio"), py::arg("stream"), py::arg("device"),
+      py::arg("seed"), py::arg("seed_counter"), py::arg("partials"), py::arg("ratio"), py::arg("stream"),
+      py::arg("device"),
       R"doc(LARS (timm rule) over every tensor of the table: at most 3 launches, no host sync.
 
 With adapt (weight_decay != 0 or always_adapt): per-block partial sums of p^2

@@ -48,6 +48,10 @@ struct SgdArgs {
   ScalarArg found_inf;   // ptr == nullptr: none (the step runs)
   bool stochastic_rounding = false; // bf16 momentum buffers only
   uint64_t seed = 0;
+  // Stochastic rounding: a device-side step counter mixed into the hash with
+  // the seed (nullptr: none). The caller advances it after each launch, so
+  // replays of a captured graph (same host seed) draw fresh bits.
+  const int64_t* seed_counter = nullptr;
   // LARS: per-tensor trust ratio (double[n_tensors]) multiplying g + wd * p.
   // nullptr for plain SGD.
   const double* ratio = nullptr;

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from fastsgd.optim.base import is_dense
+from fastsgd.kernels.tensors import is_dense
 
 
 def assign_buckets(params: Sequence[Tensor], order: Sequence[int], first_cap_bytes: int,

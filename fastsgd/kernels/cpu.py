@@ -24,8 +24,8 @@ fixed order, so results do not depend on the thread count.
 
 Host-side cost: the checks read tensor shapes, which costs about 1 us per
 tensor in torch's Python API, so a call over 10,000 small params would spend
-~30 ms checking. The finished table is therefore cached (32 entries, oldest
-dropped first), keyed on what it depends on apart from the gradients: the
+~30 ms checking. The finished table is therefore cached (``table_cache.TableCache``,
+32 entries), keyed on what it depends on apart from the gradients: the
 params' and state tensors' addresses, element counts and dtypes, and the
 first-step flags. Gradients move (autograd re-creates them every step with
 ``zero_grad(set_to_none=True)``), so on a hit their addresses are written
@@ -41,20 +41,22 @@ is a wrong-shape argument going unreported, never a wrong address).
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.kernels.reference import first_step_flags, trial_hparams
-from fastsgd.optim.base import grads_fit, is_dense
+from fastsgd.kernels.contract import FLOATS, Capabilities
+from fastsgd.kernels.table_cache import TableCache
+from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense, trial_hparams
 
 Scalar = Union[float, Tensor]
 
 NAME = "cpu"
-STRIDED = False  # flat kernels: dense tensors only (contiguous, channels_last, ...)
+CAPABILITIES = Capabilities(NAME, "CPU tensors", FLOATS, stacked_trials=True)
+STRIDED = CAPABILITIES.strided  # flat kernels: dense tensors only (contiguous, channels_last, ...)
 
 _SGD_FIELDS = ("param", "grad", "buf", "numel", "param_dtype", "buf_dtype", "first_step")
 _LAMB_FIELDS = ("param", "grad", "exp_avg", "exp_avg_sq", "step", "numel", "param_dtype", "state_dtype",
@@ -73,9 +75,9 @@ _dtype = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
 _codes: dict = {}  # torch dtype -> native dtype code, filled on first use
 
-_CACHE_SIZE = 32
 _CPU = torch.device("cpu")
-_tables: Dict[tuple, np.ndarray] = {}
+# Native tables (numpy int64, read-only once cached) of recent tensor sets.
+TABLES: "TableCache[np.ndarray]" = TableCache(capacity=32)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -93,8 +95,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16,
-                                                           torch.float16)
+    return torch.device(device).type == "cpu" and dtype in CAPABILITIES.dtypes
 
 
 def _native():
@@ -241,13 +242,11 @@ def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials
 # ---- table cache -------------------------------------------------------------------
 def _cached(tag: str, flags: Sequence[bool], params: Sequence[Tensor], grads: Sequence[Tensor],
             states: Sequence[Optional[Sequence[Tensor]]], build: Callable[[], np.ndarray]) -> np.ndarray:
-    """``build()``'s table, or a copy of the one built before for the same
-    params and state tensors (see the module docstring) with this call's
-    gradient addresses filled in. Gradients are not part of the key: with
-    ``zero_grad(set_to_none=True)`` autograd allocates them anew every step,
-    at addresses that move around. Their column (the same in both table
-    layouts) is refilled on every call, after ``grads_fit`` checked each
-    grad's device, element count, dtype and contiguity against its param's."""
+    """``build()``'s table, or the one built before for the same params and
+    state tensors with this call's gradient addresses filled in (see
+    ``table_cache``). The grad column is the same in both table layouts.
+    Tensors that are not contiguous (channels_last, ...) are checked on every
+    call and never cached."""
     if not all(map(_is_contiguous, params)):
         return build()  # other layouts: checked every time
     numels, dtypes = tuple(map(_numel, params)), tuple(map(_dtype, params))
@@ -262,23 +261,26 @@ def _cached(tag: str, flags: Sequence[bool], params: Sequence[Tensor], grads: Se
                 return build()
     except TypeError:  # a None inside a list (a param without a buffer)
         return build()
-    k = tuple(key)
-    table = _tables.get(k)  # hashing and comparing k costs ~10% of building it: one lookup, no LRU reordering
-    if table is not None and grads_fit(grads, numels, dtypes, _CPU):
-        table = table.copy()
-        table[:, _S["grad"]] = np.fromiter(map(_data_ptr, grads), dtype=np.int64, count=len(grads))
-        return table
-    table = build()
-    table.setflags(write=False)  # shared between calls from now on
-    _tables[k] = table
-    if len(_tables) > _CACHE_SIZE:
-        del _tables[next(iter(_tables))]  # the oldest
+
+    def build_shared() -> Tuple[np.ndarray, bool]:
+        table = build()
+        table.setflags(write=False)  # shared between calls from now on
+        return table, True
+
+    return TABLES.get(tuple(key), tuple(map(_data_ptr, grads)), build_shared, patch=_with_grads,
+                      fits=lambda: grads_fit(grads, numels, dtypes, _CPU))
+
+
+def _with_grads(table: np.ndarray, grad_addresses: Tuple[int, ...]) -> np.ndarray:
+    table = table.copy()
+    table[:, _S["grad"]] = grad_addresses
+    table.setflags(write=False)
     return table
 
 
 def clear_cache() -> None:
     """Drops the cached tables (they hold raw addresses, never tensors)."""
-    _tables.clear()
+    TABLES.clear(graphs=True)
 
 
 # ---- SGD / LARS ------------------------------------------------------------------

@@ -29,27 +29,31 @@ lr, grad_scale, found_inf (and LAMB's clip_divisor and step counters) are
 read on the device, so a step never synchronises with the host and can be
 captured in a CUDA graph; with many small tensors, capturing also removes the
 per-tensor host cost of step 1. A table built during capture (e.g. gradients
-in the graph's memory pool) is uploaded by a captured host-to-device copy;
-tables read by a graph are never evicted, so replays read valid memory.
+in the graph's memory pool) is uploaded by a captured host-to-device copy and
+kept for that graph only, never in the eager cache; tables read by a graph are
+never evicted, so replays read valid memory (table_cache.py has the rules).
 """
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from operator import attrgetter
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
-from fastsgd.kernels.reference import first_step_flags, trial_hparams
-from fastsgd.optim.base import grad_like_param, grads_fit, is_dense
+from fastsgd.kernels.contract import FLOATS, Capabilities
+from fastsgd.kernels.table_cache import TableCache
+from fastsgd.kernels.tensors import (device_guard, first_step_flags, grad_like_param, grads_fit, is_dense,
+                                     trial_hparams)
 
 Scalar = Union[float, Tensor]
 
 NAME = "cuda"
-STRIDED = False  # walks each tensor as flat memory: dense layouts only
+CAPABILITIES = Capabilities(NAME, "CUDA tensors", FLOATS, stacked_trials=True, stochastic_rounding=True,
+                            device_scalars=True)
+STRIDED = CAPABILITIES.strided  # walks each tensor as flat memory: dense layouts only
 
 # Elements per CUDA block (a multiple of every vector width, 8). 16K elements
 # keep each block busy for a few dozen 16-byte loads per thread while leaving
@@ -70,9 +74,6 @@ _KINDS = {
     (torch.float64, torch.float64): 7,
 }
 
-_CACHE_SIZE = 32
-_cache: "OrderedDict[tuple, _Table]" = OrderedDict()
-_graph_owned: list = []  # uncached tables read by captured CUDA graphs
 _seed_counter = itertools.count()
 _NONE = (0.0, 0, 0, False)  # an absent device scalar (found_inf)
 
@@ -186,17 +187,15 @@ class _Table:
     """The device-side tensor table of one set of tensors, plus the scratch
     that LARS/LAMB need (allocated on first use)."""
 
-    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor", "captured",
-                 "grads", "grad_ptrs", "static_aligned")
+    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor",
+                 "grads", "static_aligned")
 
-    def __init__(self, dev, host, n_tensors, n_blocks, chunk_size, captured):
+    def __init__(self, dev, host, n_tensors, n_blocks, chunk_size):
         self.dev, self.host = dev, host
         self.n_tensors, self.n_blocks, self.chunk_size = n_tensors, n_blocks, chunk_size
         self.partials: Optional[Tensor] = None
         self.per_tensor: Optional[Tensor] = None
-        self.captured = captured
-        self.grads: Optional[List[Tensor]] = None
-        self.grad_ptrs: Tuple[int, ...] = ()          # the grad addresses in the table
+        self.grads: Optional[List[Tensor]] = None     # temporary grad copies the table points at
         self.static_aligned: Optional[Tensor] = None  # per tensor: param and state pointers 16-byte aligned
 
     def scratch(self, device) -> Tuple[int, int]:
@@ -205,6 +204,13 @@ class _Table:
             self.per_tensor = torch.empty(max(1, 4 * self.n_tensors), dtype=torch.float64, device=device)
         return self.partials.data_ptr(), self.per_tensor.data_ptr()
 
+
+def _device_tensors(table: _Table):
+    return table.dev, table.partials, table.per_tensor
+
+
+# Tensor tables (with their LARS/LAMB scratch) of recent tensor sets.
+TABLES: "TableCache[_Table]" = TableCache(capacity=32, tensors_of=_device_tensors)
 
 _data_ptr = Tensor.data_ptr
 _numel = Tensor.numel
@@ -275,14 +281,19 @@ def _upload(host: Tensor, device: torch.device, capturing: bool) -> Tuple[Tensor
     return host, dev
 
 
+def _stream_object(device: torch.device):
+    """The stream this call's kernels are queued on (recorded by the table cache)."""
+    return torch.cuda.current_stream(device)
+
+
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    return _stream_object(device).cuda_stream
 
 
 def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[List[Tensor]],
              s1: Optional[List[Tensor]], steps: Optional[List[Tensor]], first: Sequence[bool],
              hps) -> Tuple[torch.device, _Table]:
-    """The device and the uploaded table for these tensors.
+    """The device and the uploaded table for these tensors (see table_cache).
 
     Fast path (every step of a training loop): the cache key -- device,
     param and state addresses, param numels and dtypes, state dtypes,
@@ -298,23 +309,25 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
     n_trials = _n_trials(op, hps)
     cols = (_ptrs(params, n), _ptrs(grads, n), _ptrs(s0, n), _ptrs(s1, n), _ptrs(steps, n))
     numels, dtypes = tuple(map(_numel, params)), tuple(map(_dtype, params))
-    # Grads are not in the key: autograd re-creates them (set_to_none) at
-    # addresses that may move from step to step; see _with_grads.
     key = (device.index, CHUNK_SIZE, n_trials, tuple(first), numels, dtypes,
            tuple(map(_dtype, s0)) if s0 is not None else None,
            tuple(map(_dtype, s1)) if s1 is not None else None, cols[0]) + cols[2:]
-    entry = _cache.get(key)  # one hash of every address; no LRU reordering on a hit
-    if entry is not None:
-        if entry.grad_ptrs != cols[1]:
-            if entry.static_aligned is None or not grads_fit(grads, numels, dtypes, device):
-                entry = None  # e.g. grads in another layout than their params: the full path below
-            else:
-                entry = _with_grads(key, entry, cols[1], device)
-    if entry is not None:
-        if not entry.captured and _capturing():
-            entry.captured = True  # a graph now reads this table: never evict it
-        return device, entry
+    capturing = _capturing()
 
+    def build() -> Tuple[_Table, Optional[bool]]:
+        return _build(op, params, grads, s0, s1, steps, first, cols, numels, n_trials, device, capturing)
+
+    table = TABLES.get(key, cols[1], build, patch=lambda old, ptrs: _with_grads(old, ptrs, device, capturing),
+                       fits=lambda: grads_fit(grads, numels, dtypes, device), capturing=capturing,
+                       stream=_stream_object(device))
+    return device, table
+
+
+def _build(op, params, grads, s0, s1, steps, first, cols, numels, n_trials, device,
+           capturing) -> Tuple[_Table, Optional[bool]]:
+    """Checks the tensors and uploads a new table; (table, patchable) as
+    TableCache.get expects (None: temporary grad copies, use once)."""
+    n = len(params)
     checked = _check(op, params, grads, [s0, s1])
     if steps is not None:
         for i, st in enumerate(steps):
@@ -330,55 +343,57 @@ def _prepare(op: str, params: List[Tensor], grads: List[Tensor], s0: Optional[Li
             if v.dtype != m.dtype:
                 raise TypeError(f"fastsgd cuda {op}: exp_avg {i} is {m.dtype} but exp_avg_sq {i} is {v.dtype}")
     host, n_blocks = build_host_table(cols, numels, kinds, first, _row_lens(op, params, n_trials), CHUNK_SIZE)
-    capturing = _capturing()
     host, dev = _upload(host, device, capturing)
-    entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE, capturing)
-    entry.grad_ptrs = cols[1]
+    entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE)
     if copied:
         # Not cached (the copies are temporary); alive until the launch is
         # queued, or for good when a graph being captured will read them.
         entry.grads = checked
-        if capturing:
-            _graph_owned.append(entry)
-        return device, entry
+        return entry, None
     if all(map(_is_contiguous, params)):  # then grads_fit (contiguous grads) may stand in for _check
         entry.static_aligned = torch.tensor([c0 % _ALIGN == 0 and c2 % _ALIGN == 0 and c3 % _ALIGN == 0
                                              for c0, c2, c3 in zip(cols[0], cols[2], cols[3])], dtype=torch.bool)
-    _cache[key] = entry
-    while len(_cache) > _CACHE_SIZE:
-        old = next((k for k, v in _cache.items() if not v.captured), None)
-        if old is None:
-            break
-        del _cache[old]
-    return device, entry
+    return entry, entry.static_aligned is not None
 
 
-def _with_grads(key: tuple, old: _Table, grad_ptrs: Tuple[int, ...], device: torch.device) -> _Table:
+def _with_grads(old: _Table, grad_ptrs: Tuple[int, ...], device: torch.device, capturing: bool) -> _Table:
     """``old``'s table with new grad addresses (word 1 of each tensor's entry)
     and the vectorised bits recomputed for them: one small asynchronous
-    upload instead of the full checks and rebuild. A table a captured graph
-    reads is left as it is (and kept alive); a new one takes its place."""
+    upload instead of the full checks and rebuild."""
     n = old.n_tensors
     host = old.host.clone()
     g = torch.tensor(grad_ptrs, dtype=torch.int64)
     host[1:n * 8:8] = g
     vec = (old.static_aligned & (g % _ALIGN == 0)).to(torch.int64)
     host[7:n * 8:8] = (host[7:n * 8:8] & ~(1 << 41)) | (vec << 41)
-    capturing = _capturing()
     host, dev = _upload(host, device, capturing)
-    entry = _Table(dev, host, n, old.n_blocks, old.chunk_size, capturing)
-    entry.grad_ptrs, entry.static_aligned = grad_ptrs, old.static_aligned
-    if old.captured:
-        _graph_owned.append(old)
-    _cache[key] = entry
+    entry = _Table(dev, host, n, old.n_blocks, old.chunk_size)
+    entry.static_aligned = old.static_aligned
     return entry
 
 
 def clear_cache() -> None:
     """Drops every cached tensor table, those read by captured CUDA graphs
     included: call it only when no such graph will be replayed again."""
-    _cache.clear()
-    _graph_owned.clear()
+    TABLES.clear(graphs=True)
+
+
+# Stochastic rounding: a step counter on the device per (device, stream),
+# mixed into the kernel's hash and advanced after every launch that rounds,
+# on the same stream. A captured graph bakes the host seed into its launch;
+# the counter makes every replay draw fresh bits.
+_SR_COUNTERS: Dict[Tuple[int, int], Tensor] = {}
+
+
+def _sr_counter(device: torch.device) -> Tensor:
+    key = (device.index or 0, _stream(device))
+    counter = _SR_COUNTERS.get(key)
+    if counter is None:
+        if _capturing():
+            raise RuntimeError("fastsgd cuda: stochastic rounding keeps a step counter on the device that must exist "
+                               "before CUDA graph capture; run one eager step on this stream first")
+        counter = _SR_COUNTERS[key] = torch.zeros((), dtype=torch.int64, device=device)
+    return counter
 
 
 def _seed() -> int:
@@ -450,6 +465,7 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
                                   "(the trust ratio is per tensor); use backend='reference'")
     flags = first_step_flags(f"fastsgd cuda {op}", first_step, len(params))
     device, table = _prepare(op, params, grads, bufs, None, None, flags, (lr, momentum))
+    counter = _sr_counter(device) if stochastic_rounding and bufs is not None else None
     common = dict(table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
                   chunk_size=table.chunk_size, lr=lr_t,
                   momentum=_scalar(op, "momentum", momentum, device, keep, rows_ok=True),
@@ -458,14 +474,18 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
                   grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
                   found_inf=found if found[1] else _NONE,
                   stochastic_rounding=bool(stochastic_rounding), seed=_seed() if stochastic_rounding else 0,
+                  seed_counter=counter.data_ptr() if counter is not None else 0,
                   stream=_stream(device), device=device.index or 0)
     mod = _native()
-    if lars is None:
-        _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
-    else:
-        partials, ratio = table.scratch(device)
-        _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
-                trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
+    with device_guard(device):  # the native set_device then changes nothing the caller sees
+        if lars is None:
+            _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
+        else:
+            partials, ratio = table.scratch(device)
+            _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
+                    trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
+        if counter is not None:
+            counter.add_(1)  # queued after the launch on the same stream (a graph node when capturing)
 
 
 @torch.no_grad()
@@ -489,14 +509,15 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     device, table = _prepare(op, params, grads, exp_avgs, exp_avg_sqs, steps, (False,) * len(params),
                              (lr, clip_divisor))
     partials, per_tensor = table.scratch(device)
-    _launch(op, _native().cuda_lamb_step, params, exp_avgs,
-            table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
-            chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep, rows_ok=True),
-            beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
-            bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
-            adapt=bool(weight_decay != 0 or always_adapt),
-            clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
-            has_clip_divisor=clip_divisor is not None,
-            grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
-            found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
-            stream=_stream(device), device=device.index or 0)
+    with device_guard(device):  # the native set_device then changes nothing the caller sees
+        _launch(op, _native().cuda_lamb_step, params, exp_avgs,
+                table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
+                chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep, rows_ok=True),
+                beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+                bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
+                adapt=bool(weight_decay != 0 or always_adapt),
+                clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
+                has_clip_divisor=clip_divisor is not None,
+                grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
+                found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
+                stream=_stream(device), device=device.index or 0)

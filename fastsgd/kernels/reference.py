@@ -1,19 +1,7 @@
 """Reference kernels: plain PyTorch, computed in float64, the oracle.
 
-Every backend implements the same functions with the same signatures:
-
-    sgd_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay,
-             nesterov, maximize, lr_in_momentum, first_step,
-             grad_scale=None, found_inf=None, stochastic_rounding=False)
-    lars_step(params, grads, bufs, *, lr, momentum, dampening, weight_decay,
-              nesterov, trust_coeff, eps, trust_clip, always_adapt,
-              lr_in_momentum, first_step, grad_scale=None, found_inf=None,
-              stochastic_rounding=False)
-    lamb_step(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1,
-              beta2, eps, weight_decay, bias_correction, trust_clip,
-              always_adapt, clip_divisor=None, grad_scale=None, found_inf=None)
-
-Contract shared by all backends (the optimizer classes check it before calling):
+Every backend implements the ops of fastsgd/kernels/contract.py with the
+same signatures; the contract's rules, in short:
 - ``params``/``grads``/state lists are aligned, tensors on one device, each
   grad with its param's shape and dtype, state tensors with the param's shape.
 - ``lr`` is a float or a 0-dim tensor.
@@ -41,15 +29,21 @@ param/state dtype.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from fastsgd.kernels.contract import FLOATS, Capabilities
+from fastsgd.kernels.tensors import first_step_flags, trial_hparams  # noqa: F401  (the backends' shared reading)
+
 Scalar = Union[float, Tensor]
 
 NAME = "reference"
-STRIDED = True  # plain torch ops: any layout
+CAPABILITIES = Capabilities(
+    NAME, "tensors on any device", FLOATS + (torch.complex64, torch.complex128), strided=True,
+    stacked_trials=True, trust_clip_per_trial_lr=True)
+STRIDED = CAPABILITIES.strided  # plain torch ops: any layout
 
 
 def unavailable_reason() -> Optional[str]:
@@ -57,7 +51,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
+    return dtype in CAPABILITIES.dtypes
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -77,34 +71,6 @@ def _hp(x: Scalar, like: Tensor) -> Scalar:
 
 def _skipped(found_inf: Optional[Tensor]) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
-
-
-def first_step_flags(op: str, first_step: Union[bool, Sequence[bool]], n: int) -> List[bool]:
-    """``first_step`` (one flag for all, or one per param) as n flags; every
-    backend reads the argument through this."""
-    if isinstance(first_step, bool):
-        return [first_step] * n
-    flags = [bool(f) for f in first_step]
-    if len(flags) != n:
-        raise ValueError(f"{op}: first_step has {len(flags)} entries for {n} params")
-    return flags
-
-
-def trial_hparams(op: str, stacked_trials: bool, **hps: Scalar) -> List[Scalar]:
-    """``hps`` (lr, momentum of sgd_step) as the caller meant them: 1-D tensors
-    hold one value per trial only with ``stacked_trials=True``; otherwise a
-    1-element tensor is a single value and a longer one is an error. Every
-    backend reads the arguments through this, so stacking is never inferred
-    from a shape."""
-    out = []
-    for name, x in hps.items():
-        if not stacked_trials and isinstance(x, Tensor) and x.ndim > 0:
-            if x.numel() != 1:
-                raise ValueError(f"{op}: {name} has {x.numel()} values (shape {tuple(x.shape)}); pass "
-                                 "stacked_trials=True for one value per trial, else a float or a 1-element tensor")
-            x = x.reshape(())
-        out.append(x)
-    return out
 
 
 def _unscaled(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:

@@ -17,14 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsgd.kernels import tensor_table
+from fastsgd.kernels import triton_table
 
-# Column indices of the tensor table (see tensor_table.py), as compile-time constants.
-TABLE_WIDTH = tl.constexpr(tensor_table.TABLE_WIDTH)
-COL_NUMEL = tl.constexpr(tensor_table.COL_NUMEL)
-COL_FIRST_PROGRAM = tl.constexpr(tensor_table.COL_FIRST_PROGRAM)
-COL_NUM_PROGRAMS = tl.constexpr(tensor_table.COL_NUM_PROGRAMS)
-COL_FLAG = tl.constexpr(tensor_table.COL_FLAG)
+# Column indices of the tensor table (see triton_table.py), as compile-time constants.
+TABLE_WIDTH = tl.constexpr(triton_table.TABLE_WIDTH)
+COL_NUMEL = tl.constexpr(triton_table.COL_NUMEL)
+COL_FIRST_PROGRAM = tl.constexpr(triton_table.COL_FIRST_PROGRAM)
+COL_NUM_PROGRAMS = tl.constexpr(triton_table.COL_NUM_PROGRAMS)
+COL_FLAG = tl.constexpr(triton_table.COL_FLAG)
 
 TORCH_TO_TRITON = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

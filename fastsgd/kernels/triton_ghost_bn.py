@@ -37,21 +37,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastsgd.kernels.contract import Capabilities
+
+NAME = "triton"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CAPABILITIES = Capabilities(NAME, "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)", DTYPES, strided=True,
+                            device_scalars=True)
 _TILE = 2048                 # values per tile
 _MAX_INNER = 1024            # widest tile along a plane (NCHW); longer planes loop
 _VALUES_PER_PROGRAM = 32768  # target work per program; sets the chunk count
 
 
-def unavailable_reason(x: Tensor) -> Optional[str]:
-    """None when these kernels can run on x, else why not."""
-    if x.dtype not in DTYPES:
-        return f"triton ghost batch norm supports float32/bfloat16/float16 input, got {x.dtype}"
-    if x.device.type == "cuda":
-        return None
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got a {x.device.type} tensor"
+def unavailable_reason() -> Optional[str]:
+    """None: imported means usable (``supports`` says for which tensors)."""
+    return None
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """CUDA tensors, or CPU tensors when the kernels run in the interpreter."""
+    device = torch.device(device)
+    on_device = device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return on_device and dtype in DTYPES
 
 
 @triton.jit

@@ -5,7 +5,7 @@ reduction in two launches without atomics (so results are deterministic).
    below; LAMB: ``triton_lamb.lamb_kernel`` with NORMS_ONLY) writes
    (sum p^2, sum d^2) of its chunk into ``partials[program]``;
 2. ``trust_ratio_kernel``, one program per tensor, adds the partials of its
-   tensor's programs (a contiguous range, see tensor_table.py) and turns the
+   tensor's programs (a contiguous range, see triton_table.py) and turns the
    two norms into the tensor's trust ratio. For LAMB it also advances the
    tensor's step count, once, before the update kernel reads it.
 

@@ -6,7 +6,7 @@ CPU tensors too when the kernels run in the Triton interpreter
 tests them.
 
 How many tensors per launch: all of them. A device-side table of addresses
-(tensor_table.py) lists every param/grad/state tensor of the call, and one
+(triton_table.py) lists every param/grad/state tensor of the call, and one
 grid walks them in fixed-size chunks, so a step is one launch for 10 or
 10,000 tensors. The table is cached, keyed on the tensors' addresses and
 sizes, and rebuilt (one small asynchronous copy) only when they change.
@@ -47,8 +47,8 @@ float64 and complex tensors, strided views (use backend="reference").
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -64,29 +64,38 @@ except ImportError as exc:  # the registry reports this through unavailable_reas
 
 if _IMPORT_ERROR is None:
     from fastsgd.kernels import triton_common as common
-    from fastsgd.kernels.tensor_table import TableCache, TensorTable, addresses_of
+    from fastsgd.kernels import triton_table
+    from fastsgd.kernels.triton_table import TensorTable, addresses_of
     from fastsgd.kernels.triton_lamb import lamb_kernel
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
 
-from fastsgd.kernels.reference import first_step_flags
-from fastsgd.optim.base import grads_fit, is_dense
+from fastsgd.kernels.contract import Capabilities
+from fastsgd.kernels.table_cache import TableCache
+from fastsgd.kernels.tensors import device_guard, first_step_flags, grads_fit, is_dense
 
 Scalar = Union[float, Tensor]
 
 NAME = "triton"
-STRIDED = False  # kernels walk each tensor as one flat range of memory
+CAPABILITIES = Capabilities(NAME, "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)",
+                            (torch.float32, torch.bfloat16, torch.float16), stochastic_rounding=True,
+                            device_scalars=True)
+STRIDED = CAPABILITIES.strided  # kernels walk each tensor as one flat range of memory
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = CAPABILITIES.dtypes
 _numel = Tensor.numel
 _dtype = attrgetter("dtype")
 _STACKED_ERROR = ("fastsgd backend 'triton' does not support stacked trials (1-D {name} tensors); "
                   "use backend='reference' or 'cpu' for per-trial hyperparameters")
 
 # Tables of tensor addresses, shared by all calls (keyed on the tensors).
-TABLES = TableCache() if _IMPORT_ERROR is None else None
-# Stochastic-rounding state per device: int64 (seed, call counter, ticket).
-_RNG: Dict[torch.device, Tensor] = {}
+TABLES = triton_table.TritonTables() if _IMPORT_ERROR is None else None
+# Stochastic-rounding state per (device, stream): int64 (seed, call counter,
+# ticket). Per stream, because launches on one stream run one after the other:
+# two launches on different streams sharing a state could interleave their
+# tickets and bump the counter wrongly.
+_RNG: Dict[Tuple[torch.device, int], Tensor] = {}
+_SEEDS: Dict[torch.device, int] = {}  # manual_seed per device
 
 
 def unavailable_reason() -> Optional[str]:
@@ -114,13 +123,18 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def manual_seed(seed: int, device: Union[str, torch.device] = "cuda") -> None:
-    """Seed stochastic rounding on ``device`` (and restart its call counter).
-    Without it the seed is drawn once from torch's default generator, so
-    ``torch.manual_seed`` makes runs repeatable too."""
+    """Seed stochastic rounding on ``device`` (and restart its call counters).
+    Without it the seed is drawn once per stream from torch's default
+    generator, so ``torch.manual_seed`` makes runs repeatable too. Streams
+    other than the default one derive their seed from ``seed`` and the stream."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # tensors report cuda:<index>
         device = torch.device("cuda", torch.cuda.current_device())
-    _RNG[device] = _state_tensor(seed, device)
+    _SEEDS[device] = int(seed)
+    for key in [k for k in _RNG if k[0] == device]:
+        del _RNG[key]
+    stream = _stream_key(device)
+    _RNG[(device, stream)] = _state_tensor(_stream_seed(int(seed), stream), device)
 
 
 # ---- checks: everything is validated before any tensor is touched -----------
@@ -141,7 +155,7 @@ def _check_device(device: torch.device) -> None:
 class _Tensors:
     """What a call needs from its tensors, read once: with thousands of small
     tensors the per-tensor Python work is the fixed cost of a step."""
-    addresses: Tuple[Optional[Tuple[int, ...]], ...]  # per column (params first), see tensor_table.addresses_of
+    addresses: Tuple[Optional[Tuple[int, ...]], ...]  # per column (params first), see triton_table.addresses_of
     numels: Tuple[int, ...]
     dtypes: Tuple[Optional[Tuple[torch.dtype, ...]], ...]  # per column
 
@@ -154,10 +168,9 @@ class _Tensors:
 
 
 # Tensor sets that passed _check_tensors, keyed on everything but the grads'
-# addresses (column 1), which autograd moves from step to step: value = (the
-# grad addresses last checked, whether every param is contiguous). New grads
-# of a contiguous set pass grads_fit instead of the full checks.
-_CHECKED: "OrderedDict[tuple, Tuple[Optional[Tuple[int, ...]], bool]]" = OrderedDict()
+# addresses (column 1), which autograd moves from step to step; new grads of
+# a contiguous set pass grads_fit instead of the full checks (table_cache.py).
+_CHECKED: "TableCache[bool]" = TableCache(capacity=64)
 _GRADS = 1  # the grads' column in every table
 
 
@@ -175,23 +188,18 @@ def _described(op: str, params: Sequence[Tensor], columns: Dict[str, Optional[Se
     cols = [params, *columns.values()]
     described = _Tensors(tuple(addresses_of(ts) for ts in cols), tuple(map(_numel, params)),
                          tuple(tuple(map(_dtype, ts)) if ts is not None else None for ts in cols))
-    grads = described.addresses[_GRADS]
     key = (op, device, described.addresses[:_GRADS] + described.addresses[_GRADS + 1:], described.numels,
            described.dtypes)
-    seen = _CHECKED.get(key)  # one hash of every address; no reordering (oldest evicted first)
-    if seen is not None:
-        checked_grads, contiguous = seen
-        if checked_grads == grads:
-            return described
-        if contiguous and grads_fit(cols[_GRADS], described.numels, described.dtypes[0], device):
-            _CHECKED[key] = (grads, contiguous)
-            return described
-    _check_tensors(op, params, **{k: v for k, v in columns.items() if k not in unchecked})
-    if extra_check is not None:
-        extra_check()
-    _CHECKED[key] = (grads, all(map(Tensor.is_contiguous, params)))
-    if len(_CHECKED) > 64:
-        _CHECKED.popitem(last=False)
+
+    def check() -> Tuple[bool, bool]:
+        _check_tensors(op, params, **{k: v for k, v in columns.items() if k not in unchecked})
+        if extra_check is not None:
+            extra_check()
+        contiguous = all(map(Tensor.is_contiguous, params))
+        return contiguous, contiguous
+
+    _CHECKED.get(key, described.addresses[_GRADS], check, patch=lambda contiguous, grads: contiguous,
+                 fits=lambda: grads_fit(cols[_GRADS], described.numels, described.dtypes[0], device))
     return described
 
 
@@ -274,10 +282,23 @@ def _state_tensor(seed: int, device: torch.device) -> Tensor:
     return host.to(device)
 
 
+def _stream_key(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """The default stream (0) keeps ``seed``; other streams get distinct seeds."""
+    return (seed + 0x9E3779B97F4A7C15 * stream) % (1 << 62)
+
+
 def _rng_state(device: torch.device) -> Tensor:
-    if device not in _RNG:
-        _RNG[device] = _state_tensor(int(torch.randint(0, 2 ** 62, ()).item()), device)
-    return _RNG[device]
+    stream = _stream_key(device)
+    state = _RNG.get((device, stream))
+    if state is None:
+        seed = _SEEDS.get(device)
+        seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else _stream_seed(seed, stream)
+        state = _RNG[(device, stream)] = _state_tensor(seed, device)
+    return state
 
 
 def _rounding_flag(op: str, stochastic_rounding: bool, buf_dtypes: Optional[Sequence[torch.dtype]]) -> bool:
@@ -292,11 +313,19 @@ def _rounding_flag(op: str, stochastic_rounding: bool, buf_dtypes: Optional[Sequ
 
 
 def _outside_compiled_graphs(fn):
-    """torch.compile does not trace into the step (raw addresses, cached
-    tables and Triton launches are host-side work that a graph cannot hold):
-    a compiled training step breaks the graph here and runs the launches
-    eagerly, which is what the step costs anyway (1-3 launches)."""
-    return torch.compiler.disable(fn, recursive=True)
+    """The public entry of an op: under its params' CUDA device (launches go
+    to that device and its current stream; the caller's device is restored),
+    and not traced by torch.compile (raw addresses, cached tables and Triton
+    launches are host-side work that a graph cannot hold): a compiled training
+    step breaks the graph here and runs the launches eagerly, which is what
+    the step costs anyway (1-3 launches)."""
+    @functools.wraps(fn)
+    def on_params_device(params, *args, **kwargs):
+        if not len(params):
+            return fn(params, *args, **kwargs)
+        with device_guard(params[0].device):
+            return fn(params, *args, **kwargs)
+    return torch.compiler.disable(on_params_device, recursive=True)
 
 
 # ---- SGD family and LARS -----------------------------------------------------

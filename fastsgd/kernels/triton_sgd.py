@@ -4,7 +4,7 @@ LARS's update (the same rule applied to a trust-ratio-scaled gradient).
 
 One launch covers every tensor of one dtype combination: program i updates
 the chunk of tensor ``programs[i, 0]`` starting at element ``programs[i, 1]``
-(see tensor_table.py). Math is fp32 whatever the storage dtype; each result
+(see triton_table.py). Math is fp32 whatever the storage dtype; each result
 is rounded once into its storage dtype. Full blocks run without a mask (and
 with 16-byte vector accesses when the table says every address is aligned);
 only a tensor's last, partial block is masked.

@@ -53,33 +53,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastsgd.backends import GHOST_BN_BACKENDS, BackendUnavailable, get_backend
 from fastsgd.nn import ghost_bn_torch
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _triton_impl():
-    """The Triton backend module, or ImportError with the reason."""
-    from fastsgd.kernels import triton_ghost_bn
-    return triton_ghost_bn
+BACKENDS = ("auto",) + GHOST_BN_BACKENDS
 
 
 def _pick_backend(backend: str, x: Tensor):
-    if backend == "torch":
-        return ghost_bn_torch
-    if backend == "triton":
-        impl = _triton_impl()
-        reason = impl.unavailable_reason(x)
-        if reason:
-            raise RuntimeError(f"ghost batch norm backend 'triton' cannot run here: {reason}")
-        return impl
-    if x.is_cuda:
-        try:
-            impl = _triton_impl()
-        except ImportError:
-            return ghost_bn_torch
-        return ghost_bn_torch if impl.unavailable_reason(x) else impl
-    return ghost_bn_torch
+    """The ghost-BN module for ``x`` from the backend registry (family
+    "ghost_bn"); a named backend that cannot run raises RuntimeError with why."""
+    try:
+        return get_backend(backend, x.device, (x.dtype,), family="ghost_bn")
+    except (BackendUnavailable, TypeError) as exc:
+        raise RuntimeError(f"ghost batch norm backend {backend!r} cannot run here: {exc}") from exc
 
 
 def as_ncl(x: Tensor) -> Tensor:

@@ -38,9 +38,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastsgd.kernels.contract import Capabilities
+
 # The one-pass variance keeps about 7 - log10(mean^2/var) digits in float32;
 # below var = 1e-3 * mean^2 that is fewer than 4, so recompute.
 _CANCELLATION = 1e-3
+
+
+NAME = "torch"
+CAPABILITIES = Capabilities(NAME, "tensors on any device", (torch.float32, torch.float64, torch.bfloat16,
+                                                            torch.float16), strided=True)
+
+
+def unavailable_reason() -> Optional[str]:
+    return None  # plain PyTorch: always there
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in CAPABILITIES.dtypes
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

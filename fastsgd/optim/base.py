@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fastsgd.backends import get_backend, requested_backend
+from fastsgd.kernels.tensors import grad_like_param, grads_fit, is_dense  # noqa: F401  (re-exported)
 
 
 # Per-tensor reads go through C-level map() with these: a step over 10,000
@@ -55,38 +56,6 @@ class GroupWork:
     grads: List[Tensor] = field(default_factory=list)
     states: List[Optional[Dict[str, Any]]] = field(default_factory=list)
     contiguous: bool = True  # every param of the step is contiguous
-
-
-def is_dense(t: Tensor) -> bool:
-    """True when ``t`` covers its memory exactly once (contiguous,
-    channels_last, any permutation), so kernels may treat it as flat."""
-    if t.is_contiguous():
-        return True
-    if any(s == 0 for s in t.stride()):
-        return False
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-    return t.numel() == 0 or span == t.numel()
-
-
-def grad_like_param(g: Tensor, p: Tensor) -> Tensor:
-    """``g`` laid out like ``p`` in memory (a copy only when the layouts differ),
-    so a kernel can walk param, grad and state with one flat index."""
-    if g.stride() == p.stride():
-        return g
-    out = torch.empty_like(p)
-    out.copy_(g)
-    return out
-
-
-def grads_fit(grads: List[Tensor], numels: tuple, dtypes: tuple, device: torch.device) -> bool:
-    """True when every grad is contiguous, on ``device`` and has its param's
-    element count and dtype (``numels``/``dtypes``, per param). The backends'
-    table caches are keyed on params and state only, because autograd
-    re-creates grads every step with ``zero_grad(set_to_none=True)``, at
-    addresses that move; this cheap check stands in for the full one when
-    only the grads are new (a handful of attribute reads per tensor)."""
-    return (tuple(map(_numel, grads)) == numels and tuple(map(_dtype, grads)) == dtypes
-            and all(map(_is_contiguous, grads)) and set(map(_device, grads)) <= {device})
 
 
 # The hyperparameters that may be tensors on the params' device: kernels read

@@ -1,95 +1,33 @@
 """The triton backend on CPU tensors through the Triton interpreter (runs in CI).
 
-Triton decides compiled vs interpreted when a kernel is defined -- its own
-library functions (tl.sum, tl.philox) included -- so TRITON_INTERPRET=1 must
-be set before triton is first imported. This module sets it only while it
-imports triton and the kernels, then restores it, so other test modules are
-unaffected. If triton was already imported without it (by an earlier test
-module), the whole module re-runs itself in a fresh interpreter process.
-Block and chunk sizes are small under the interpreter
+tests/conftest.py sets TRITON_INTERPRET=1 before triton is first imported on
+a machine without CUDA, so the kernels here run in the interpreter. Block and
+chunk sizes are small under the interpreter
 (triton_common.INTERPRETER_CONFIG: block 64, chunk 128), so the shapes below
 cross block, chunk and program boundaries and run the same kernel bodies as a
 GPU.
 
 On a machine with CUDA the kernels are compiled for the GPU and these tests
-skip; tests/test_gpu_optim.py covers that case.
+skip; tests/kernels/test_gpu_backends.py covers that case.
 """
 from __future__ import annotations
-
-import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 if torch.cuda.is_available():
-    pytest.skip("CUDA present: the Triton kernels are compiled for the GPU (see tests/test_gpu_optim.py)",
+    pytest.skip("CUDA present: the Triton kernels are compiled for the GPU (see tests/kernels/test_gpu_backends.py)",
                 allow_module_level=True)
 
+import kernel_cases as K  # noqa: E402
+import requirements  # noqa: E402
 
-def _triton_imported_compiled() -> bool:
-    if "triton" not in sys.modules:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return not isinstance(sys.modules["triton"].language.sum, InterpretedFunction)
-
-
-RUN_IN_SUBPROCESS = _triton_imported_compiled()
-
-
-def test_in_a_fresh_interpreter_process():
-    if not RUN_IN_SUBPROCESS:
-        pytest.skip("this process runs the interpreter tests itself")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_mode(request, monkeypatch):
-    """Skip here when the subprocess runs the tests; else keep TRITON_INTERPRET=1
-    set during each test (Triton reads it again on first launch) and restore it after."""
-    if RUN_IN_SUBPROCESS and request.node.name != "test_in_a_fresh_interpreter_process":
-        pytest.skip("ran in a fresh interpreter process (test_in_a_fresh_interpreter_process)")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-_KERNEL_MODULES = ("fastsgd.kernels.triton_common", "fastsgd.kernels.triton_sgd", "fastsgd.kernels.triton_norms",
-                   "fastsgd.kernels.triton_lamb", "fastsgd.kernels.triton_optim")
-
-
-def _import_interpreted():
-    """fastsgd.kernels.triton_optim with triton and every kernel in interpreter mode."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        pytest.importorskip("triton")
-        module = importlib.import_module("fastsgd.kernels.triton_optim")
-        if module.common.kernel_mode() == "mixed":
-            # An earlier module imported our kernels (e.g. through
-            # fastsgd.available_backends()) after triton was imported in
-            # interpreter mode but without TRITON_INTERPRET set: define them again.
-            for name in _KERNEL_MODULES:
-                importlib.reload(sys.modules[name])
-        return sys.modules["fastsgd.kernels.triton_optim"]
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-T = None if RUN_IN_SUBPROCESS else _import_interpreted()
+requirements.triton()
 
 import fastsgd  # noqa: E402
 from fastsgd.kernels import reference  # noqa: E402
-from fastsgd.kernels.tensor_table import TableCache  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))
-import kernel_cases as K  # noqa: E402
+from fastsgd.kernels import triton_optim as T  # noqa: E402
+from fastsgd.kernels.triton_table import TritonTables  # noqa: E402
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -260,7 +198,7 @@ def test_table_reused_while_tensors_unchanged_and_rebuilt_when_they_change():
 def test_program_table_offsets_are_64_bit():
     """A tensor past 2^31 elements: chunk starts are int64 and cover it exactly
     (the table is built on the host; no 2^31-element tensor needed here)."""
-    cache = TableCache()
+    cache = TritonTables()
     chunk = 1 << 24
     numels = (5, (1 << 31) + 7, 0, 3)
     first, counts, programs = cache._program_table(numels, chunk, CPU)
@@ -293,9 +231,45 @@ def test_stochastic_rounding_is_unbiased_and_seeded():
     sigma = (hi - lo) * (0.3 * 0.7 / n) ** 0.5
     assert abs(rounds.mean().item() - x) < 5 * sigma, (rounds.mean().item(), x)
     assert not torch.equal(rounds[0], rounds[1])  # the call counter gives fresh bits each call
-    assert int(T._RNG[CPU][1]) == 16
+    assert int(T._RNG[(CPU, 0)][1]) == 16
     T.manual_seed(1234, CPU)
     assert torch.equal(_round_once(x, 1000), rounds[0])  # same seed and counter: same result
+
+
+def test_stochastic_rounding_state_is_per_stream(monkeypatch):
+    """Launches on two streams keep separate (seed, counter, ticket) states:
+    sharing one, their tickets could interleave and bump the counter wrongly."""
+    x = 1.0 + 0.3 * 2 ** -7
+    T.manual_seed(99, CPU)
+    for stream in (0, 7, 7, 0, 7):
+        monkeypatch.setattr(T, "_stream_key", lambda device, s=stream: s)
+        _round_once(x, 300)
+    assert int(T._RNG[(CPU, 0)][1]) == 2 and int(T._RNG[(CPU, 7)][1]) == 3
+    assert int(T._RNG[(CPU, 0)][0]) == 99 and int(T._RNG[(CPU, 7)][0]) != 99  # distinct seeds per stream
+    T.manual_seed(99, CPU)  # restarts every stream of the device
+    assert list(T._RNG) == [(CPU, 7)] and int(T._RNG[(CPU, 7)][1]) == 0
+
+
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_every_op_runs_under_its_params_device(monkeypatch, op):
+    """Each op enters device_guard(params' device) (on CUDA: the launches go to
+    that device, and the caller's current device is restored)."""
+    import contextlib
+    entered = []
+
+    def guard(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(T, "device_guard", guard)
+    params = K.make_tensors([(7,), (130,)], torch.float32, CPU)
+    grads = K.make_tensors([(7,), (130,)], torch.float32, CPU, seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    if op == "lamb":
+        T.lamb_step(params, grads, states, [s.clone() for s in states], [torch.zeros(()) for _ in params], lr=0.01)
+    else:
+        getattr(T, f"{op}_step")(params, grads, states, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert entered == [CPU]
 
 
 def test_stochastic_rounding_through_the_optimizer():

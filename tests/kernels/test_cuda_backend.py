@@ -17,7 +17,6 @@ Three kinds of tests:
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 import shutil
 
@@ -25,15 +24,16 @@ import pytest
 import torch
 
 import kernel_cases as kc
+import requirements
 from fastsgd import backends
 from fastsgd._native import native
 from fastsgd.kernels import cuda as ck
 from fastsgd.kernels import reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HAS_GPU = torch.cuda.is_available() and ck.unavailable_reason() is None
-gpu = pytest.mark.skipif(not HAS_GPU, reason=f"needs a CUDA device and the cuda backend: {ck.unavailable_reason()}")
+gpu = pytest.mark.gpu(backend="cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -53,7 +53,7 @@ def test_unavailable_reason_is_precise_without_gpu():
 
 def _build_configured_without_cuda() -> bool:
     """True when this checkout's CMake build was configured with FASTSGD_WITH_CUDA=OFF
-    (an editable install of a helper that skips CUDA on purpose)."""
+    (a development install that leaves the CUDA kernels out on purpose)."""
     for cache in glob.glob(os.path.join(REPO, "build", "*", "CMakeCache.txt")):
         with open(cache, errors="replace") as fh:
             if any(line.strip().startswith("FASTSGD_WITH_CUDA:BOOL=OFF") for line in fh):
@@ -66,28 +66,14 @@ def test_native_module_built_with_cuda_when_nvcc_exists():
     mod = native()
     assert mod is not None, "fastsgd._C is missing although nvcc is installed"
     if not mod.has_cuda and _build_configured_without_cuda():
-        pytest.skip("this checkout's build was configured with FASTSGD_WITH_CUDA=OFF")
+        requirements.missing("this checkout's build was configured with FASTSGD_WITH_CUDA=OFF")
     assert mod.has_cuda, "nvcc is installed but fastsgd._C was built without the CUDA kernels"
     assert mod.cuda_runtime_version() >= 12000
     for name in ("cuda_sgd_step", "cuda_lars_step", "cuda_lamb_step"):
         doc = getattr(mod, name).__doc__
         assert doc and "launch" in doc, f"{name} has no docstring"
-    # Importing and querying must work without a GPU (static cudart, no driver needed).
-    assert mod.cuda_device_count() >= 0
-
-
-@pytest.mark.parametrize("op", ["sgd_step", "lars_step", "lamb_step"])
-def test_signatures_match_reference(op):
-    ref = inspect.signature(getattr(reference, op)).parameters
-    ours = dict(inspect.signature(getattr(ck, op)).parameters)
-    extra = {k: ours.pop(k) for k in list(ours) if k not in ref}
-    assert list(ours) == list(ref)
-    for name, p in ref.items():
-        assert ours[name].default == p.default and ours[name].kind == p.kind, name
-    # sgd/lars also take stochastic_rounding (bf16 momentum buffers), keyword-only, off by default.
-    assert set(extra) <= {"stochastic_rounding"}
-    for p in extra.values():
-        assert p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is False
+    # Importing and querying must work without a GPU (static cudart, no driver needed), and agree with torch.
+    assert mod.cuda_device_count() == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 def test_supports():
@@ -163,12 +149,14 @@ class RecordingNative:
 
     def __init__(self, module):
         self.module, self.calls = module, []
+        self.on_call = lambda: None  # tests may look around at the moment of a native call
 
     def __getattr__(self, name):
         fn = getattr(self.module, name)
 
         def call(**kw):
             self.calls.append(name[len("cuda_"):-len("_step")])
+            self.on_call()
             return fn(**kw)
         return call
 
@@ -186,6 +174,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(ck, "_capturing", lambda: False)
     monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
     monkeypatch.setattr(ck, "_stream", lambda device: 0)
+    monkeypatch.setattr(ck, "_stream_object", lambda device: None)
     monkeypatch.setattr(ck, "CHUNK_SIZE", 1024)  # several blocks per tensor even for small shapes
     ck.clear_cache()
     yield recorder
@@ -197,8 +186,7 @@ def dev(request):
     """Where a kernel test runs: the emulated kernels on CPU tensors (always),
     and the real ones on a GPU (skipped without one). Returns the device."""
     if request.param == "gpu":
-        if not HAS_GPU:
-            pytest.skip(f"needs a CUDA device and the cuda backend: {ck.unavailable_reason()}")
+        requirements.gpu("cuda")
         return "cuda"
     request.getfixturevalue("emulated")
     return "cpu"
@@ -265,11 +253,11 @@ def test_emulated_table_is_cached_and_rebuilt_on_change(emulated, monkeypatch):
     bufs = [torch.zeros_like(p) for p in params]
     for first in (True, False, False):
         ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9, first_step=first)
-    assert len(ck._cache) == 2 and len(builds) == 2  # first-step flags are part of the key
+    assert len(ck.TABLES) == 2 and len(builds) == 2  # first-step flags are part of the key
     params[0].data = torch.zeros(10)  # a param re-pointed: a new table
     ck.sgd_step(params, grads, bufs, lr=0.1, momentum=0.9)
-    assert len(ck._cache) == 3 and len(builds) == 3
-    decoded, blocks = _decode(next(reversed(ck._cache.values())).host, 2)
+    assert len(ck.TABLES) == 3 and len(builds) == 3
+    decoded, blocks = _decode(next(reversed(ck.TABLES.values())).host, 2)
     assert decoded[0]["ptrs"][0] == params[0].data_ptr()
     assert blocks == [(0, 0), (1, 0), (1, 1), (1, 2)]  # CHUNK_SIZE 1024 in the emulation
 
@@ -295,13 +283,56 @@ def test_emulated_new_grads_patch_the_cached_table(emulated, monkeypatch):
         kw = dict(lr=0.1, momentum=0.9, nesterov=True, first_step=step == 0)
         ck.sgd_step(params, grads, bufs, **kw)
         reference.sgd_step(ref_p, grads, ref_b, **kw)
-        entry = next(reversed(ck._cache.values()))
+        entry = next(reversed(ck.TABLES.values()))
         decoded, _ = _decode(entry.host, 2)
         assert [d["ptrs"][1] for d in decoded] == [g.data_ptr() for g in grads]
         assert [d["vec"] for d in decoded] == [True, step != 3]
     assert len(builds) == 2  # first step, then one table whatever the grads
     kc.assert_all_close(params, ref_p, torch.float32, "param")
     kc.assert_all_close(bufs, ref_b, torch.float32, "momentum_buffer")
+
+
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_emulated_native_calls_run_under_the_params_device(emulated, monkeypatch, op):
+    """Every native call happens inside device_guard(params' device): on a GPU
+    the module's set_device then finds the device current and changes
+    nothing, so the caller's current device is the same after the step."""
+    import contextlib
+    inside = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        inside.append(device)
+        yield
+        inside.append(None)
+
+    calls = []
+    monkeypatch.setattr(ck, "device_guard", guard)
+    emulated.on_call = lambda: calls.append(list(inside))
+    params = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu")
+    grads = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu", seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    if op == "lamb":
+        ck.lamb_step(params, grads, states, [s.clone() for s in states], [torch.zeros(()) for _ in params], lr=0.01)
+    else:
+        getattr(ck, f"{op}_step")(params, grads, states, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert emulated.calls == [op]
+    assert calls and all(c == [torch.device("cpu")] for c in calls), calls
+
+
+def test_emulated_table_built_during_capture_is_kept_for_the_graph_only(emulated, monkeypatch):
+    """A table first built inside CUDA-graph capture is uploaded by a captured
+    copy that only a replay performs: an eager step must not find it."""
+    params = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu")
+    grads = kc.make_tensors([(10,), (3000,)], torch.float32, "cpu", seed=1)
+    builds = ck.TABLES.builds
+    monkeypatch.setattr(ck, "_capturing", lambda: True)
+    ck.sgd_step(params, grads, None, lr=0.1)
+    assert len(ck.TABLES) == 0 and len(ck.TABLES._graph_owned) == 1
+    monkeypatch.setattr(ck, "_capturing", lambda: False)
+    ck.sgd_step(params, grads, None, lr=0.1)
+    assert len(ck.TABLES) == 1 and ck.TABLES.builds == builds + 2
+    assert ck.TABLES.values()[0] is not ck.TABLES._graph_owned[0]
 
 
 def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):
@@ -312,7 +343,7 @@ def test_emulated_grads_in_another_layout_are_copied_not_cached(emulated):
     ck.sgd_step([p], [g], [buf], lr=0.1, momentum=0.9, first_step=True)
     reference.sgd_step([ref_p], [g], [ref_b], lr=0.1, momentum=0.9, first_step=True)
     kc.assert_all_close([p, buf], [ref_p, ref_b], torch.float32, "channels_last")
-    assert len(ck._cache) == 0
+    assert len(ck.TABLES) == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="relies on the native call failing for want of a device")
@@ -323,11 +354,12 @@ def test_real_bindings_accept_the_python_arguments(monkeypatch, op):
     cudaSetDevice, and the error names the op and the dtypes."""
     mod = native()
     if mod is None or not mod.has_cuda:
-        pytest.skip("fastsgd._C was built without CUDA kernels")
+        requirements.missing("fastsgd._C was built without CUDA kernels")
     monkeypatch.setattr(ck, "_require_cuda", lambda op, device: None)
     monkeypatch.setattr(ck, "_capturing", lambda: False)
     monkeypatch.setattr(ck, "_upload", lambda host, device, capturing: (host, host))
     monkeypatch.setattr(ck, "_stream", lambda device: 0)
+    monkeypatch.setattr(ck, "_stream_object", lambda device: None)
     ck.clear_cache()
     p, g = [torch.zeros(5), torch.zeros(3, dtype=torch.bfloat16)], [torch.ones(5), torch.ones(3, dtype=torch.bfloat16)]
     states = [torch.zeros(5), torch.zeros(3, dtype=torch.bfloat16)]
@@ -455,6 +487,31 @@ def test_stochastic_rounding_of_bf16_buffers_is_unbiased(dev):
     assert torch.all(buf2.float() == 1.0)
 
 
+@pytest.mark.parametrize("op", ["sgd", "lars"])
+def test_emulated_stochastic_rounding_mixes_a_device_step_counter(emulated, monkeypatch, op):
+    """The host seed is frozen in a captured launch; the device-side counter,
+    advanced after every launch, still gives each step fresh bits. A fixed
+    seed and counter replay exactly."""
+    monkeypatch.setattr(ck, "_seed", lambda: 12345)  # what a graph replay sees: the same host seed
+    ck._SR_COUNTERS.clear()
+    x = 1.0 + 0.3 * 2.0 ** -7
+    p = torch.zeros(4096)
+    g = torch.full((4096,), x)
+
+    def rounded():
+        buf = torch.zeros(4096, dtype=torch.bfloat16)
+        getattr(ck, f"{op}_step")([p], [g], [buf], lr=0.0, momentum=0.9, first_step=True, stochastic_rounding=True)
+        return buf.float()
+
+    first, second = rounded(), rounded()
+    counter = next(iter(ck._SR_COUNTERS.values()))
+    assert int(counter) == 2
+    assert not torch.equal(first, second)  # same host seed, fresh bits
+    counter.zero_()
+    assert torch.equal(rounded(), first)  # same seed and counter: the same bits
+    ck._SR_COUNTERS.clear()
+
+
 def test_stacked_trials_per_row_lr_and_momentum(dev):
     T = 4
     shapes = [(T, 5), (T, 1023), (T, 3, 7)]
@@ -512,7 +569,7 @@ def test_unaligned_tensors_take_the_scalar_path(dev, dtype):
     kc.assert_all_close([p1, p2], ref, dtype, "param")
     # The elements around the slices are untouched.
     assert torch.equal(storage[0], before[0]) and torch.equal(storage[4098], before[4098])
-    entries = [e for e in ck._cache.values() if e.n_tensors == 2]
+    entries = [e for e in ck.TABLES.values() if e.n_tensors == 2]
     assert entries, "table not cached"
     decoded, _ = _decode(entries[-1].host.cpu(), 2)
     assert not decoded[0]["vec"]

@@ -10,12 +10,11 @@ import copy
 import datetime
 import importlib
 import os
-import subprocess
-import sys
 import tempfile
 import traceback
 
 import pytest
+import requirements
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -475,61 +474,16 @@ TRITON_CASES = [
 ]
 
 
-def _triton_imported_compiled() -> bool:
-    if "triton" not in sys.modules:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return not isinstance(sys.modules["triton"].language.sum, InterpretedFunction)
-
-
-def _import_triton_kernels():
-    """fastsgd.kernels.triton_ghost_bn, compiled on a CUDA machine; on CPU
-    under the interpreter, which Triton fixes when it is first imported: so
-    import it here, at collection, with TRITON_INTERPRET=1 set only for the
-    import (as tests/test_triton_backend.py does). If an earlier module
-    imported triton compiled, test_triton_in_fresh_interpreter reruns the
-    Triton tests in a new process instead."""
-    try:
-        import triton  # noqa: F401  (with the mode chosen below)
-    except ImportError:
-        return None
-    return importlib.import_module("fastsgd.kernels.triton_ghost_bn")
-
-
-if torch.cuda.is_available() or _triton_imported_compiled():
-    TRITON = None if not torch.cuda.is_available() else _import_triton_kernels()
-else:
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        TRITON = _import_triton_kernels()
-    finally:
-        if _previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture
-def triton_env(monkeypatch):
-    if TRITON is None:
-        pytest.skip("triton is not installed" if "triton" not in sys.modules else
-                    "triton was imported compiled by an earlier module: see test_triton_in_fresh_interpreter")
-    if TRITON_DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return TRITON, TRITON_DEVICE
-
-
-def test_triton_in_fresh_interpreter():
-    """When another module imported triton compiled first, rerun the Triton
-    tests of this file in a fresh process under the interpreter."""
-    if TRITON is not None or torch.cuda.is_available() or not _triton_imported_compiled():
-        pytest.skip("the Triton tests run in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "triton and not fresh"], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+def triton_env():
+    """The Triton ghost-BN kernels: compiled on a CUDA machine, else run by the
+    interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
+    before triton is first imported)."""
+    requirements.triton()
+    return importlib.import_module("fastsgd.kernels.triton_ghost_bn"), TRITON_DEVICE
 
 
 def _to(d, device):
@@ -570,13 +524,12 @@ def test_triton_many_chunks_no_affine_fp16(triton_env, monkeypatch):
 
 def test_triton_refuses_float64(triton_env):
     device = triton_env[1]
-    with pytest.raises(RuntimeError, match="float32/bfloat16/float16"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16, float16"):
         ghost_batch_norm(torch.randn(8, 3, dtype=torch.float64, device=device), None, None, training=True,
                          ghost_batch_size=4, backend="triton")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
 def test_triton_gpu_resnet_shape_and_auto_backend(fmt):
     """A ResNet-sized tensor on the GPU (chunked ghost batches, many programs);

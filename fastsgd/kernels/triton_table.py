@@ -1,4 +1,4 @@
-"""Device-side tables that let one kernel launch walk many tensors.
+"""The Triton backend's device-side tables: one kernel launch walks many tensors.
 
 A fused optimizer step touches every parameter, its gradient and its state
 tensors. Instead of one launch per tensor (or torch's multi_tensor_apply,
@@ -22,29 +22,28 @@ tensor on the device once and launches a single grid over all of them:
 ``aligned`` records whether every address is a multiple of 16 bytes, so that
 kernels may promise the compiler aligned (vectorisable) accesses.
 
-Both tables are cached and rebuilt only when what they describe changes: the
+Both tables are cached (``table_cache.TableCache``, whose rules every
+backend shares) and rebuilt only when what they describe changes: the
 program table is keyed on the element counts (it survives new gradient
 tensors), the address table on the addresses, counts and flags -- except a
 ``volatile`` column (the grads): with ``zero_grad(set_to_none=True)``
 gradients are re-allocated each step; the caching allocator usually hands
 back the same addresses, and when it does not, the cached rows get the new
 addresses and are uploaded again, one small asynchronous host-to-device copy
-from pinned memory (no host synchronisation, no rebuild). During CUDA graph capture nothing may be copied
-from the host, so a table missing at capture time raises; a table used during
-capture is kept for good (a replay reads it), never evicted.
-
-Lookups hash the whole key (every address), so a hit costs one hash and one
-comparison and the caches keep insertion order (oldest evicted first)
-rather than reordering on every hit.
+from pinned memory (no host synchronisation, no rebuild). During CUDA graph
+capture nothing may be copied from the host, so a table missing at capture
+time raises; a table used during capture is kept for good (a replay reads
+it), never evicted.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from fastsgd.kernels import table_cache
 
 ADDRESS_COLUMNS = 5
 COL_NUMEL = 5
@@ -84,33 +83,35 @@ def _aligned(addresses: Tuple[int, ...]) -> bool:
     return all(a % 16 == 0 for a in addresses)
 
 
-class _Cached(NamedTuple):
+class _Rows(NamedTuple):
     table: TensorTable
-    rows: Tensor                  # the host copy of table.tensors
-    static_aligned: bool          # every address outside the volatile column is 16-byte aligned
-    volatile: Optional[Tuple[int, ...]]  # the volatile column's addresses in this table
+    rows: Tensor          # the host copy of table.tensors
+    static_aligned: bool  # every address outside the volatile column is 16-byte aligned
 
 
-class TableCache:
-    """Cache of TensorTables (oldest evicted first). ``builds`` counts
-    address tables built (tests use it to check that a table is reused)."""
+def _device_tensors(entry: "_Rows | Tensor"):
+    if isinstance(entry, Tensor):
+        return (entry,)
+    return entry.table.tensors, entry.table.programs
+
+
+class TritonTables:
+    """The Triton backend's TensorTables, in two ``table_cache.TableCache``s:
+    address tables and program tables. ``builds`` counts address tables
+    built (tests use it to check that a table is reused)."""
 
     def __init__(self, capacity: int = 64):
-        self.capacity = capacity
-        self.builds = 0
-        self._tables: "OrderedDict[Hashable, _Cached]" = OrderedDict()
-        self._programs: "OrderedDict[Hashable, Tensor]" = OrderedDict()
-        self._captured: list = []  # tables a captured CUDA graph reads: alive for good
+        self._tables: "table_cache.TableCache[_Rows]" = table_cache.TableCache(capacity, _device_tensors)
+        self._programs: "table_cache.TableCache[Tensor]" = table_cache.TableCache(capacity, _device_tensors)
+
+    @property
+    def builds(self) -> int:
+        return self._tables.builds
 
     def clear(self) -> None:
         """Drops the cached tables, not those captured CUDA graphs read."""
         self._tables.clear()
         self._programs.clear()
-
-    def _remember(self, cache: OrderedDict, key: Hashable, value) -> None:
-        cache[key] = value
-        if len(cache) > self.capacity:
-            cache.popitem(last=False)
 
     def get(self, addresses: Sequence[Optional[Tuple[int, ...]]], numels: Tuple[int, ...], chunk: int,
             device: torch.device, flags: Optional[Sequence[bool]] = None,
@@ -120,59 +121,56 @@ class TableCache:
         address 0) and ``numels[i]`` elements. Column ``volatile`` (the
         grads, re-created by autograd at moving addresses) is not part of the
         key: when only it changed, a copy of the cached rows with the new
-        addresses is uploaded instead of a rebuild."""
+        addresses is uploaded instead of a rebuild (the caller has checked
+        the new tensors)."""
         if len(addresses) > ADDRESS_COLUMNS:
             raise ValueError(f"at most {ADDRESS_COLUMNS} address columns, got {len(addresses)}")
         addresses = tuple(addresses)
         moving = addresses[volatile] if volatile is not None else None
         static = addresses[:volatile] + (None,) + addresses[volatile + 1:] if volatile is not None else addresses
         flags = tuple(bool(f) for f in flags) if flags is not None else None
-        key = (device, chunk, static, numels, flags)
-        entry = self._tables.get(key)
-        if entry is not None:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+        def build() -> Tuple[_Rows, bool]:
+            first, counts, programs = self._program_table(numels, chunk, device, capturing, stream)
+            rows = torch.zeros((len(numels), TABLE_WIDTH), dtype=torch.int64)
+            for c, col in enumerate(addresses):
+                if col is not None:
+                    rows[:, c] = torch.tensor(col, dtype=torch.int64)
+            rows[:, COL_NUMEL] = torch.tensor(numels, dtype=torch.int64)
+            rows[:, COL_FIRST_PROGRAM] = first
+            rows[:, COL_NUM_PROGRAMS] = counts
+            if flags is not None:
+                rows[:, COL_FLAG] = torch.tensor(flags, dtype=torch.int64)
+            static_aligned = all(_aligned(col) for col in static if col is not None)
+            table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()),
+                                static_aligned and (moving is None or _aligned(moving)))
+            return _Rows(table, rows, static_aligned), True
+
+        def patch(entry: _Rows, moved: Tuple[int, ...]) -> _Rows:
+            rows = entry.rows.clone()
+            rows[:, volatile] = torch.tensor(moved, dtype=torch.int64)
             table = entry.table
-            if entry.volatile != moving:
-                rows = entry.rows.clone()
-                rows[:, volatile] = torch.tensor(moving, dtype=torch.int64)
-                table = TensorTable(_to_device(rows, device), table.programs, table.num_tensors,
-                                    table.num_programs, entry.static_aligned and _aligned(moving))
-                self._tables[key] = _Cached(table, rows, entry.static_aligned, moving)
-            self._keep_if_captured(table)
-            return table
-        first, counts, programs = self._program_table(numels, chunk, device)
-        rows = torch.zeros((len(numels), TABLE_WIDTH), dtype=torch.int64)
-        for c, col in enumerate(addresses):
-            if col is not None:
-                rows[:, c] = torch.tensor(col, dtype=torch.int64)
-        rows[:, COL_NUMEL] = torch.tensor(numels, dtype=torch.int64)
-        rows[:, COL_FIRST_PROGRAM] = first
-        rows[:, COL_NUM_PROGRAMS] = counts
-        if flags is not None:
-            rows[:, COL_FLAG] = torch.tensor(flags, dtype=torch.int64)
-        static_aligned = all(_aligned(col) for col in static if col is not None)
-        table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()),
-                            static_aligned and (moving is None or _aligned(moving)))
-        self.builds += 1
-        self._remember(self._tables, key, _Cached(table, rows, static_aligned, moving))
-        self._keep_if_captured(table)
-        return table
+            return _Rows(TensorTable(_to_device(rows, device), table.programs, table.num_tensors,
+                                     table.num_programs, entry.static_aligned and _aligned(moved)),
+                         rows, entry.static_aligned)
 
-    def _keep_if_captured(self, table: TensorTable) -> None:
-        if table.tensors.is_cuda and torch.cuda.is_current_stream_capturing() and \
-                all(t is not table for t in self._captured):
-            self._captured.append(table)
+        key = (device, chunk, static, numels, flags)
+        return self._tables.get(key, moving, build, patch=patch, capturing=capturing, stream=stream).table
 
-    def _program_table(self, numels: tuple, chunk: int, device: torch.device):
+    def _program_table(self, numels: tuple, chunk: int, device: torch.device, capturing: bool = False,
+                       stream=None):
         n = torch.tensor(numels, dtype=torch.int64)
         counts = (n + chunk - 1) // chunk
         first = torch.cumsum(counts, 0) - counts
-        key = (device, chunk, numels)
-        programs = self._programs.get(key)
-        if programs is None:
+
+        def build() -> Tuple[Tensor, bool]:
             total = int(counts.sum())
             owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), counts)
             start = (torch.arange(total, dtype=torch.int64) - first[owner]) * chunk
             host = torch.stack([owner, start], dim=1) if total else torch.zeros((1, 2), dtype=torch.int64)
-            programs = _to_device(host.contiguous(), device)
-            self._remember(self._programs, key, programs)
+            return _to_device(host.contiguous(), device), False
+
+        programs = self._programs.get((device, chunk, numels), None, build, capturing=capturing, stream=stream)
         return first, counts, programs

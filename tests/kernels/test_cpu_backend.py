@@ -1,6 +1,5 @@
 """The fused C++ CPU backend (fastsgd.kernels.cpu) against the reference."""
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -8,12 +7,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(__file__))
-import kernel_cases as kc  # noqa: E402
+import kernel_cases as kc
 
-import fastsgd  # noqa: E402
-from fastsgd._native import native  # noqa: E402
-from fastsgd.kernels import cpu, reference  # noqa: E402
+import fastsgd
+from fastsgd._native import native
+from fastsgd.kernels import cpu, reference
 
 pytestmark = pytest.mark.skipif(cpu.unavailable_reason() is not None,
                                 reason=f"fused CPU kernels unavailable: {cpu.unavailable_reason()}")
@@ -311,7 +309,7 @@ def test_cache_does_not_grow_in_a_training_loop():
         opt.zero_grad(set_to_none=True)
         model(torch.randn(4, 16)).square().mean().backward()
         opt.step()
-    assert len(cpu._tables) == 2  # the first step's table (new buffers) and the steady one
+    assert len(cpu.TABLES) == 2  # the first step's table (new buffers) and the steady one
     cpu.clear_cache()
 
 
@@ -338,7 +336,7 @@ def test_non_contiguous_tensors_are_checked_every_call_and_never_cached():
     g = torch.ones_like(p)
     cpu.sgd_step([p], [g], None, lr=0.5, **_sgd_args())
     cpu.sgd_step([p], [g], None, lr=0.5, **_sgd_args())
-    assert torch.all(p == -1.0) and not cpu._tables
+    assert torch.all(p == -1.0) and not cpu.TABLES
     with pytest.raises(ValueError, match="strides"):
         cpu.sgd_step([p], [torch.ones(2, 3, 4, 5)], None, lr=0.5, **_sgd_args())
 

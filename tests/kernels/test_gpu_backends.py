@@ -1,15 +1,14 @@
 """GPU backends (triton, and cuda when built) on a real GPU; skipped without CUDA.
 
 Except ``test_triton_kernels_compile_for_gpu``, which runs everywhere: it
-compiles every Triton kernel variant to a cubin for sm_80 and sm_90 with
-Triton's bundled ptxas (no GPU needed), in a fresh process where triton is
-imported without TRITON_INTERPRET.
-
-Nothing here imports triton at module level, so the interpreter tests in
-test_triton_backend.py can still import it in interpreter mode.
+compiles every Triton kernel variant (optimizer and ghost batch norm) to a
+cubin for sm_80 and sm_90 with Triton's bundled ptxas (no GPU needed), in a
+fresh process where triton is imported without TRITON_INTERPRET
+(tests/kernels/triton_compile.py).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -18,13 +17,13 @@ import pytest
 import torch
 
 import fastsgd
-from fastsgd.backends import BackendUnavailable, get_backend
+from fastsgd.backends import get_backend
 
-sys.path.insert(0, os.path.dirname(__file__))
-import kernel_cases as K  # noqa: E402
+import kernel_cases as K
+import requirements
 
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+HAS_CUDA = requirements.HAS_GPU
+requires_cuda = pytest.mark.gpu
 CUDA = torch.device("cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -35,12 +34,8 @@ def _id(hp):
 
 @pytest.fixture(params=["triton", "cuda"])
 def kernels(request):
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    try:
-        return get_backend(request.param, CUDA, {torch.float32})
-    except BackendUnavailable as exc:
-        pytest.skip(str(exc))
+    requirements.gpu(request.param)
+    return get_backend(request.param, CUDA, {torch.float32})
 
 
 # ---- against the reference ---------------------------------------------------
@@ -147,7 +142,7 @@ def test_capture_with_a_missing_table_raises():
     """State and tables must exist before capture: new gradient tensors since
     the warm-up step mean a new table, which cannot be copied during capture."""
     if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
+        requirements.missing("needs a CUDA device")
     p = torch.nn.Parameter(torch.randn(100, device=CUDA))
     p.grad = torch.randn(100, device=CUDA)
     opt = fastsgd.Momentum([p], lr=torch.tensor(0.1, device=CUDA), backend="triton")
@@ -216,7 +211,7 @@ def _kernels_launched(fn):
 @pytest.mark.parametrize("name,limit", [("Nesterov", 1), ("LARS", 3), ("LAMB", 3)])
 def test_launches_per_step(name, limit):
     if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
+        requirements.missing("needs a CUDA device")
     shapes = [(i % 7 + 1, 97 * (i % 5) + 3) for i in range(300)] + [(2048, 1024)]
     ps = [torch.nn.Parameter(t) for t in K.make_tensors(shapes, torch.float32, CUDA)]
     for p in ps:
@@ -232,7 +227,7 @@ def test_launches_per_step(name, limit):
 
 def test_stochastic_rounding_is_unbiased_on_the_gpu():
     if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
+        requirements.missing("needs a CUDA device")
     from fastsgd.kernels import triton_optim as T
     x = 1.0 + 0.3 * 2 ** -7
     n = 1 << 20
@@ -252,71 +247,66 @@ def test_stochastic_rounding_is_unbiased_on_the_gpu():
 
 # ---- compile-only check, no GPU needed ------------------------------------------
 
-def _compile_variants(arch: int) -> int:
-    """Compile every kernel with representative constexpr combinations for
-    sm_<arch> (checking that aligned variants use 16-byte vector loads);
-    returns the number compiled. Run without TRITON_INTERPRET."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fastsgd.kernels.triton_lamb import lamb_kernel
-    from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
-    from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
-
-    def build(kernel, types, constexprs):
-        sig = {n: ("constexpr" if n in constexprs else types.get(n, "*fp32")) for n in kernel.arg_names}
-        cx = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=cx),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
-        if constexprs.get("ALIGNED"):  # full blocks of aligned tensors must use 16-byte accesses
-            assert "ld.global.v4" in compiled.asm["ptx"], f"{kernel.__name__} {constexprs}: no vector loads"
-
-    table = {"tensors_ptr": "*i64", "programs_ptr": "*i64", "rng_ptr": "*i64"}
-    floats = {n: "fp32" for n in ("lr_value", "momentum", "one_minus_dampening", "weight_decay", "clip_value",
-                                  "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "log_beta1",
-                                  "log_beta2", "eps", "trust_coeff")}
-    types = dict(table, **floats, first_all="i32")
-    size = dict(BLOCK=2048, CHUNK=16384)
-    off = dict(NESTEROV=False, MAXIMIZE=False, LR_IN_MOMENTUM=False, HAS_WEIGHT_DECAY=False, HAS_RATIO=False,
-               LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, STOCHASTIC_ROUNDING=False, ALIGNED=True)
-    sgd = [
-        dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.float32, HAS_MOMENTUM=False),
-        dict(off, PARAM_DTYPE=tl.bfloat16, BUF_DTYPE=tl.float32, HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True,
-             HAS_WEIGHT_DECAY=True, LR_IS_TENSOR=True, HAS_SCALE=True, HAS_FOUND_INF=True),
-        dict(off, PARAM_DTYPE=tl.float16, BUF_DTYPE=tl.float16, HAS_MOMENTUM=True, LR_IN_MOMENTUM=True,
-             HAS_RATIO=True, ALIGNED=False),
-        dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.bfloat16, HAS_MOMENTUM=True, STOCHASTIC_ROUNDING=True),
-    ]
-    lamb_off = dict(LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, CLIP_IS_TENSOR=False,
-                    HAS_WEIGHT_DECAY=False, BIAS_CORRECTION=False, ALIGNED=True)
-    lamb = [
-        dict(lamb_off, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, NORMS_ONLY=True, HAS_CLIP=True,
-             CLIP_IS_TENSOR=True, HAS_WEIGHT_DECAY=True, BIAS_CORRECTION=True, HAS_SCALE=True, HAS_FOUND_INF=True),
-        dict(lamb_off, PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16, NORMS_ONLY=False, LR_IS_TENSOR=True,
-             BIAS_CORRECTION=True, HAS_CLIP=True),
-        dict(lamb_off, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32, NORMS_ONLY=False, ALIGNED=False),
-    ]
-    ratio_off = dict(TRUST_CLIP=False, LR_IS_TENSOR=False, HAS_FOUND_INF=False, BLOCK=256)
-    ratios = [dict(ratio_off, LAMB=False, ADAPT=True, TRUST_CLIP=True, LR_IS_TENSOR=True, HAS_FOUND_INF=True),
-              dict(ratio_off, LAMB=True, ADAPT=True, TRUST_CLIP=True),
-              dict(ratio_off, LAMB=True, ADAPT=False)]
-    partials = [dict(PARAM_DTYPE=tl.float32, HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=False, **size),
-                dict(PARAM_DTYPE=tl.bfloat16, HAS_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, **size)]
-    jobs = ([(momentum_sgd_kernel, dict(c, **size)) for c in sgd] + [(lamb_kernel, dict(c, **size)) for c in lamb]
-            + [(trust_ratio_kernel, c) for c in ratios] + [(lars_partials_kernel, c) for c in partials])
-    for kernel, constexprs in jobs:
-        build(kernel, types, constexprs)
-    return len(jobs)
-
-
+@pytest.mark.parametrize("family", ["optimizer", "ghost_bn"])
 @pytest.mark.parametrize("arch", [80, 90])
-def test_triton_kernels_compile_for_gpu(arch):
-    pytest.importorskip("triton")
+def test_triton_kernels_compile_for_gpu(arch, family):
+    """Every Triton kernel variant compiles to a cubin for sm_80 and sm_90 with
+    Triton's bundled ptxas (no GPU needed). A fresh process: the kernels must
+    be defined without TRITON_INTERPRET, which this session may have set."""
+    requirements.triton()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import test_gpu_optim as t; print(t._compile_variants({arch}))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "triton_compile.py"), str(arch),
+                           family], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-10000:]
-    assert int(proc.stdout.split()[-1]) == 12
+    assert int(proc.stdout.split()[-1]) == {"optimizer": 12, "ghost_bn": 8}[family]
+
+
+# ---- two devices: params on cuda:1 while the caller is on cuda:0 -------------------
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", ["sgd", "lars", "lamb"])
+def test_step_on_the_second_gpu_matches_reference_and_keeps_the_callers_device(backend, op):
+    """Launches go to the params' device (not the current one), and the
+    current device is the caller's again after the step."""
+    requirements.gpu(backend, count=2)
+    kernels = get_backend(backend, torch.device("cuda", 1), {torch.float32})
+    dev1 = torch.device("cuda", 1)
+    torch.cuda.set_device(0)
+    shapes = [(37,), (1000, 3), (4097,)]
+    params = K.make_tensors(shapes, torch.float32, dev1)
+    grads = K.make_tensors(shapes, torch.float32, dev1, seed=1)
+    states = [torch.zeros_like(p) for p in params]
+    ref_p, ref_s = [p.clone() for p in params], [s.clone() for s in states]
+    if op == "lamb":
+        v, ref_v = [s.clone() for s in states], [s.clone() for s in states]
+        steps = [torch.zeros((), device=dev1) for _ in params]
+        ref_steps = [s.clone() for s in steps]
+        kernels.lamb_step(params, grads, states, v, steps, lr=0.01, weight_decay=0.01)
+        reference_ops = importlib.import_module("fastsgd.kernels.reference")
+        reference_ops.lamb_step(ref_p, grads, ref_s, ref_v, ref_steps, lr=0.01, weight_decay=0.01)
+    else:
+        kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-4, first_step=True)
+        getattr(kernels, f"{op}_step")(params, grads, states, **kw)
+        getattr(importlib.import_module("fastsgd.kernels.reference"), f"{op}_step")(ref_p, grads, ref_s, **kw)
+    torch.cuda.synchronize(dev1)
+    assert torch.cuda.current_device() == 0
+    K.assert_all_close(params, ref_p, torch.float32, f"{backend} {op} on cuda:1")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_optimizer_on_the_second_gpu(backend):
+    requirements.gpu(backend, count=2)
+    torch.cuda.set_device(0)
+    model = torch.nn.Linear(64, 32).to("cuda:1")
+    ref = torch.nn.Linear(64, 32).to("cuda:1")
+    ref.load_state_dict(model.state_dict())
+    opt = fastsgd.Nesterov(model.parameters(), lr=0.05, backend=backend)
+    ref_opt = fastsgd.Nesterov(ref.parameters(), lr=0.05, backend="reference")
+    for _ in range(3):
+        x = torch.randn(16, 64, device="cuda:1")
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            o.step()
+    assert torch.cuda.current_device() == 0
+    K.assert_all_close(list(model.parameters()), list(ref.parameters()), torch.float32, f"{backend} on cuda:1")
