@@ -12,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "Workload": "fastsgd.study.workloads.base",
-    # hardware half (bench/throughput.py)
+    # hardware half (`fastsgd throughput`)
     "measure_step_times": "fastsgd.study.hardware.step_time",
     "write_results": "fastsgd.study.hardware.step_time",
     "StepTimeSweep": "fastsgd.study.hardware.step_time",
@@ -20,7 +20,7 @@ _EXPORTS = {
     "HardwareFit": "fastsgd.study.hardware.fit",
     "synthetic_workload": "fastsgd.study.workloads.synthetic",
     "make_optimizer": "fastsgd.study.optimizers",
-    # algorithmic half (bench/steps_to_result.py)
+    # algorithmic half (`fastsgd steps`)
     "StudyConfig": "fastsgd.study.steps.runner",
     "run_study": "fastsgd.study.steps.runner",
     "DataWorkload": "fastsgd.study.workloads.data",
@@ -29,7 +29,7 @@ _EXPORTS = {
     "analyze": "fastsgd.study.steps.analysis",
     "fit_scaling": "fastsgd.study.steps.analysis",
     "least_squares_workload": "fastsgd.study.workloads.least_squares",
-    # combining them (bench/report.py)
+    # combining them (`fastsgd report`, `fastsgd advise`)
     "GradientNoiseScale": "fastsgd.noise_scale",
     "NoiseScaleAccumulator": "fastsgd.noise_scale",
     "predict_critical_batch": "fastsgd.study.combine.noise_prediction",

@@ -376,7 +376,7 @@ def whatif_figure(result, title: str = ""):
 def noise_prediction_figure(study, noise: Optional[Dict[str, Any]], measured_b_crit: Optional[float]):
     """Measured steps to result (``study``, a StudyData) with the fitted and the noise-predicted
     S(B); and B_simple along the noise-scale run (``noise``, the JSON of
-    ``bench/predict_critical_batch.py``). None when the run made no prediction."""
+    ``fastsgd noise``). None when the run made no prediction."""
     pred = (noise or {}).get("prediction")
     if not pred:
         return None

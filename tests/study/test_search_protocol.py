@@ -10,7 +10,7 @@ import pytest
 
 from fastsgd.study.steps import search
 from fastsgd.study.steps.batch_science import export_records, import_records
-from fastsgd.study.steps.runner import StudyConfig, protocol_report, summary_table
+from fastsgd.study.steps.runner import StudyConfig, analyze_study, protocol_report, summary_table
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
 from fastsgd.study.steps.storage import StudyStorage
 from fastsgd.study.steps.trials import TrialResult
@@ -145,39 +145,53 @@ def config(**kw):
 def test_censored_batch_size_is_reported_with_its_lower_bound_and_the_fit_refused():
     records = [rec(0, 80, bs=32), rec(1, bs=32), rec(2, 60, bs=32),
                rec(0, 30, bs=128), rec(1, 20, bs=128), rec(2, bs=128, max_steps=800),
-               rec(0, bs=512, max_steps=400), rec(1, bs=512, max_steps=800, outcome=PRUNED),
+               rec(0, bs=512, max_steps=400), rec(1, bs=512, max_steps=800),
                rec(2, bs=512, outcome=INFEASIBLE, max_steps=800)]
-    rows, warnings, refused = protocol_report(config(), records, 0.2, "val_error")
-    assert rows[512]["censored"] and rows[512]["steps_lower_bound"] == 800 and rows[512]["budgets"] == [400, 800]
+    result = analyze_study(config(), records, 0.2, "val_error", None, n_boot=0)
+    rows = {r["batch_size"]: r for r in result["per_batch_size"]}
+    # the bound is the last evaluated step of the trials that ran out of budget: S(512) is larger
+    bound = max(r.steps[-1] for r in records if r.batch_size == 512 and r.outcome == BUDGET)
+    assert rows[512]["censored"] and rows[512]["steps_lower_bound"] == bound and rows[512]["budgets"] == [400, 800]
     assert not rows[128]["censored"] and rows[128]["steps_lower_bound"] is None
     assert rows[512]["search_feasible"] == 2 and rows[512]["search_short"]
     assert not rows[32]["search_short"]
-    assert refused and "largest batch size 512" in refused and "measured: [32, 128]" in refused
-    assert any("batch size 512: censored" in w and "800 steps" in w for w in warnings)
-    assert refused in warnings
+    assert result["fit"] is None and "[512]" in result["fit_refused"]
+    assert sum("batch size 512: censored" in w and f"{bound} steps" in w for w in result["warnings"]) == 1
 
 
 def test_a_censored_middle_batch_size_is_flagged_but_the_fit_stands():
     records = [rec(0, 80, bs=32), rec(0, bs=128, max_steps=400), rec(0, 10, bs=512)]
-    rows, warnings, refused = protocol_report(config(), records, 0.2, "val_error")
-    assert rows[128]["censored"] and refused is None
-    assert any("batch size 128: censored" in w for w in warnings)
+    result = analyze_study(config(), records, 0.2, "val_error", None, n_boot=0)
+    rows = {r["batch_size"]: r for r in result["per_batch_size"]}
+    assert rows[128]["censored"] and not result.get("fit_refused") and result["fit"] is not None
+    assert any("batch size 128: censored" in w for w in result["warnings"])
+
+
+def test_every_trial_diverged_is_not_censored():
+    records = [rec(0, 80, bs=32), rec(0, 10, bs=128), rec(0, bs=512, outcome=INFEASIBLE),
+               rec(1, bs=512, outcome=INFEASIBLE)]
+    result = analyze_study(config(), records, 0.2, "val_error", None, n_boot=0)
+    row = {r["batch_size"]: r for r in result["per_batch_size"]}[512]
+    assert row["status"] == "diverged" and not row["censored"] and row["steps_lower_bound"] is None
+    assert ">None" not in summary_table({**result, "workload": "w", "optimizer": "nesterov", "protocol": "tuned",
+                                         "wall_seconds": 1.0, "wall_seconds_total": 1.0})
 
 
 def test_reseeds_do_not_decide_the_result_and_are_counted():
     records = [rec(0, 80), rec(1, 60), rec(2, 30, role="reseed", base_trial=1), rec(3, role="reseed", base_trial=1),
                rec(4, 90, role="refine")]
-    rows, _, _ = protocol_report(config(batch_sizes=[32]), records, 0.2, "val_error")
+    rows, _ = protocol_report(config(batch_sizes=[32]), records, 0.2, "val_error")
     assert rows[32]["reseed_trials"] == 2 and rows[32]["refine_trials"] == 1 and rows[32]["search_trials"] == 2
     # a batch size where only a reseed reached the goal is still censored: reseeds rerun, they do not search
     only = [rec(0, max_steps=50), rec(1, 30, role="reseed", base_trial=0)]
-    assert protocol_report(config(batch_sizes=[32]), only, 0.2, "val_error")[0][32]["censored"]
+    result = analyze_study(config(batch_sizes=[32]), only, 0.2, "val_error", None, n_boot=0)
+    assert result["per_batch_size"][0]["censored"]
 
 
 def test_diverged_neighbour_is_flagged_in_rows_and_warnings():
     records = [rec(0, 30, lr=2.53, momentum=0.0), rec(1, outcome=INFEASIBLE, lr=4.15, momentum=0.0),
                rec(2, 60, lr=1.0, momentum=0.0)]
-    rows, warnings, _ = protocol_report(config(optimizer="sgd", batch_sizes=[32]), records, 0.2, "val_error")
+    rows, warnings = protocol_report(config(optimizer="sgd", batch_sizes=[32]), records, 0.2, "val_error")
     assert rows[32]["next_lr_diverged"] == 1
     assert any("next to a diverged trial 1" in w for w in warnings)
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
+
+from fastsgd.backends import BackendUnavailable
 
 COMMANDS = {
     "throughput": "fastsgd.study.cli.throughput",
@@ -48,19 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # A user's own workload (package.module:factory) is found from the working directory, as with
+    # `python -m`; appended, so that nothing there shadows an installed package.
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return module.run(args, parser)
+    except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def run_command(name: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     """Run one subcommand with its own parser (what the bench/ wrappers call)."""
     module = importlib.import_module(COMMANDS[name])
     parser = _command_parser(module, prog or f"fastsgd {name}")
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    return module.run(args, parser)
+    return _run(module, parser.parse_args(argv), parser)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args._module.run(args, args._parser)
+    return _run(args._module, args, args._parser)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                              trials=a.trials, max_trials=a.max_trials, keep_top=a.keep_top, reseeds=a.reseeds,
                              refine=a.refine, goal=goal, goal_rule=rule, goal_metric=a.goal_metric,
                              higher_is_better=a.higher_is_better, space=a.space, protocol=a.protocol,
-                             base_batch_size=a.base_batch_size, budget=budget or StudyConfig.budget, budgets=budgets,
+                             base_batch_size=a.base_batch_size,
+                             budget=StudyConfig.budget if budget is None else budget, budgets=budgets,
                              budget_growth=a.budget_growth, budget_cap=a.budget_cap, full_curves=a.full_curves,
                              group_size=a.group_size, prune=not a.no_prune, train_metrics=a.train_metrics,
                              eval_ratio=a.eval_ratio, seed=a.seed, storage=a.storage, backend=a.backend)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time per training step against batch size: the hardware half of time to result.
 
-    fastsgd throughput                      # Simple CNN on the CPU, batch sizes 1..512, ~2 minutes
+    fastsgd throughput                      # Simple CNN on the CPU, batch sizes 1..512
     fastsgd throughput --model resnet50 --device cuda --optimizer fastsgd-nesterov:triton
     fastsgd throughput --model transformer --seq-len 128 --batch-sizes 1..256 --out results/
     fastsgd throughput --model mypackage.workloads:make_workload   # your own model
@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 

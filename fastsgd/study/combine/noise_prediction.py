@@ -5,7 +5,7 @@ into accumulation micro-batches so that :class:`fastsgd.noise_scale.NoiseScaleAc
 measures B_simple along the way (McCandlish et al. 2018), and stops at the first evaluation
 that beats the goal. :func:`predict_critical_batch` turns the measured B_simple windows into
 B_crit and S(B) = S_min + E_min/B; :func:`compare_with_study` sets that against a measured
-steps-to-result study. ``bench/predict_critical_batch.py`` is the command line.
+steps-to-result study. ``fastsgd noise`` is the command line.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def measure_noise_run(wl, *, optimizer: str, lr: float, momentum: float, batch_s
     """Train ``wl`` at ``batch_size`` until its goal, measuring B_simple every ``window`` steps.
 
     Returns the run record of schema ``fastsgd.noise_scale_run/1`` (see
-    ``bench/predict_critical_batch.py``); ``prediction`` is None when the goal was not reached, and
+    ``fastsgd noise``); ``prediction`` is None when the goal was not reached, and
     ``comparison`` is :func:`compare_with_study` against ``study_summary`` when one is given.
 
     ``hessian_every`` K > 0 also measures the Hessian-aware B_noise = tr(H Sigma)/(G^T H G) every K

@@ -4,7 +4,7 @@ prediction and the what-if-N-devices plan, as Markdown with the plots as PNG fil
 
 Inputs are the files the other tools write: a steps-to-result summary
 (``study_summary.json``), a throughput sweep (``throughput.json``), optionally the
-noise-scale run of ``bench/predict_critical_batch.py`` and the all-reduce benchmark of
+noise-scale run of ``fastsgd noise`` and the all-reduce benchmark of
 ``bench/allreduce.py``. :func:`build_report` takes the parsed objects, so tests and other
 code can feed it synthetic data; :func:`write_report` renders and writes everything.
 """
@@ -58,7 +58,7 @@ def build_report(study: StudyData, throughput: ThroughputData, *, noise: Optiona
                  extrapolate: bool = False) -> Report:
     """Combine the inputs into a :class:`Report` (no files written yet).
 
-    noise: the JSON of ``bench/predict_critical_batch.py`` (schema ``fastsgd.noise_scale_run/1``)
+    noise: the JSON of ``fastsgd noise`` (schema ``fastsgd.noise_scale_run/1``)
     comm:  the communication model for the what-if table (None: no what-if table)
     extrapolate: let the what-if table go beyond the measured batch sizes (rows are marked)
 

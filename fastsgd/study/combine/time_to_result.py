@@ -50,7 +50,7 @@ from fastsgd.study.tables import format_table
 
 __all__ = ["StepsCurve", "StepTimeCurve", "StudyData", "ThroughputData", "TimeToResult",
            "optimal_batch_size", "interpolate_loglog", "combine", "input_warnings", "load_study", "load_throughput",
-           "time_to_result_table", "plot_time_to_result"]
+           "time_to_result_table"]
 
 
 # ---------------------------------------------------------------- fitted curves
@@ -176,7 +176,7 @@ def load_study(path: str) -> StudyData:
         d = json.load(f)
     if not str(d.get("schema", "")).startswith("fastsgd.steps_to_result/"):
         raise ValueError(f"{p}: not a steps-to-result summary (schema {d.get('schema')!r}, "
-                         "expected 'fastsgd.steps_to_result/1')")
+                         "expected 'fastsgd.steps_to_result/1' or '/2')")
     rows = d.get("per_batch_size") or []
     fit = d.get("fit")
     curve = StepsCurve(float(fit["S_min"]), float(fit["E_min"])) if fit else None

@@ -352,20 +352,22 @@ def load_records(path: str, study_name: Optional[str] = None) -> List[TrialRecor
 
 
 def reanalyze(study_dir: str, *, goal: Optional[float] = None, n_boot: int = 1000) -> Dict[str, Any]:
-    """Analyse a finished study again from its stored records, with the settings of its
-    ``study_summary.json`` (metric, direction, search space, seed) and ``goal`` (default: the
-    goal the study ran with). Returns :func:`fastsgd.study.steps.analysis.analyze`'s result."""
-    from fastsgd.study.steps.analysis import analyze
+    """Analyse a finished study again from its stored records, with the settings stored in its
+    ``study_summary.json`` (the same analysis the study ran:
+    :func:`fastsgd.study.steps.runner.analyze_study`) at ``goal`` (default: the goal it ran with)."""
+    from fastsgd.study.steps.runner import StudyConfig, analyze_study
 
     with open(os.path.join(study_dir, "study_summary.json")) as f:
         summary = json.load(f)
     run_goal = summary["goal"]
-    result = analyze(load_records(study_dir), goal=run_goal["value"] if goal is None else goal,
-                     metric=run_goal["metric"], higher_is_better=run_goal["higher_is_better"],
-                     space=summary["search_space"] if summary["protocol"] == "tuned" else None,
-                     run_goal=run_goal["value"], n_boot=n_boot, seed=summary["config"]["seed"])
-    result["goal"]["rule"] = run_goal.get("rule", "fixed") if goal is None else "fixed"
-    return result
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    stored = {k: v for k, v in summary["config"].items() if k in known}
+    stored["budgets"] = {int(k): int(v) for k, v in (stored.get("budgets") or {}).items()}
+    config = StudyConfig(out=study_dir, **stored)
+    if goal is not None:
+        config.goal_rule = "fixed"
+    return analyze_study(config, load_records(study_dir), run_goal["value"] if goal is None else goal,
+                         run_goal["metric"], summary["search_space"], n_boot=n_boot, run_goal=run_goal["value"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -53,7 +53,7 @@ from fastsgd.study.steps import search
 from fastsgd.study.steps import curves
 from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.data import restrict_eval_sets
-from fastsgd.study.steps.analysis import (FINAL_OUTCOMES, INFEASIBLE, SCHEMA, TrialRecord, analyze,
+from fastsgd.study.steps.analysis import (CENSORED, FINAL_OUTCOMES, INFEASIBLE, SCHEMA, TrialRecord, analyze,
                                            effective_lr, golmant_goal, trial_steps_to_result)
 from fastsgd.study.steps.storage import StudyStorage
 from fastsgd.study.steps.trials import RunSettings, run_trials
@@ -446,24 +446,18 @@ def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progr
 
 
 def protocol_report(config: StudyConfig, records: List[TrialRecord], goal: float,
-                    metric: str) -> Tuple[Dict[int, Dict[str, object]], List[str], Optional[str]]:
-    """The search protocol's evidence per batch size, its warnings, and why the fit is
-    refused (None: it is not).
+                    metric: str) -> Tuple[Dict[int, Dict[str, object]], List[str]]:
+    """The search protocol's evidence per batch size and its warnings.
 
-    Per batch size (added to the summary's per_batch_size rows):
-    ``censored`` (no search/refine trial reached the goal within the largest
-    budget tried; ``steps_lower_bound`` is then that budget: steps to result is
-    larger), ``budgets`` (the step budgets of the search/refine trials as they stand: the initial one and,
-    after extensions, the top trials' final one), ``search_trials`` /
-    ``search_feasible`` / ``search_target`` / ``search_short`` (the first stage's
-    trials, those that did not diverge, the number wanted, and whether the cap
-    stopped the top-ups short of it), ``refine_trials``, ``reseed_trials``,
-    ``next_lr_diverged`` (id of the diverged trial just above the winner's
-    effective lr, or None).
+    Per batch size (added to the summary's per_batch_size rows): ``budgets`` (the step budgets of the
+    search/refine trials as they stand: the initial one and, after extensions, the top trials' final
+    one), ``search_trials`` / ``search_feasible`` / ``search_target`` / ``search_short`` (the first
+    stage's trials, those that did not diverge, the number wanted, and whether the cap stopped the
+    top-ups short of it), ``refine_trials``, ``reseed_trials``, ``next_lr_diverged`` (id of the
+    diverged trial just above the winner's effective lr, or None).
 
-    The fit is refused when the largest batch size is censored (or unfinished):
-    S(B) fitted only to the smaller batch sizes would extrapolate S_min, and
-    with it B_crit, from batch sizes that never showed where steps stop falling.
+    Censoring and the fit's refusal are the analysis's (fastsgd.study.steps.analysis: ``status``,
+    ``steps_lower_bound``, ``fit_refused``), read from the same records.
     """
     by_bs: Dict[int, List[TrialRecord]] = {}
     for r in records:
@@ -474,25 +468,19 @@ def protocol_report(config: StudyConfig, records: List[TrialRecord], goal: float
     for bs, recs in sorted(by_bs.items()):
         target = config.trials if bs in searched_at else None
         searching = [r for r in recs if r.role in search.SEARCH_ROLES]
-        finished = [r for r in searching if r.outcome in FINAL_OUTCOMES]
         ranked = search.rank(recs, goal, metric, config.higher_is_better)
         best = ranked[0] if ranked else None
         steps = trial_steps_to_result(best, goal, metric, config.higher_is_better) if best else None
         budgets = sorted({int(r.max_steps) for r in searching if r.max_steps})
         first = [r for r in recs if r.role == "search"]
         feasible = sum(r.outcome in FINAL_OUTCOMES and r.outcome != INFEASIBLE for r in first)
-        censored = steps is None and bool(finished)
         neighbour = search.next_lr_diverged(recs, best) if steps is not None else None
-        row = {"censored": censored, "steps_lower_bound": max(budgets) if censored and budgets else None,
-               "budgets": budgets, "search_trials": len(first), "search_feasible": feasible,
+        row = {"budgets": budgets, "search_trials": len(first), "search_feasible": feasible,
                "search_target": target, "search_short": target is not None and feasible < target,
                "refine_trials": sum(r.role == "refine" for r in recs),
                "reseed_trials": sum(r.role == "reseed" for r in recs),
                "next_lr_diverged": neighbour.trial_id if neighbour else None}
         rows[bs] = row
-        if censored:
-            warnings.append(f"batch size {bs}: censored: no trial reached the goal within {row['steps_lower_bound']} "
-                            "steps (the largest budget tried); steps to result is only known to be larger")
         if row["search_short"]:
             warnings.append(f"batch size {bs}: only {feasible} of the {target} wanted search trials did not diverge "
                             f"({len(first)} tried, the cap); the search there is thinner than elsewhere")
@@ -501,16 +489,27 @@ def protocol_report(config: StudyConfig, records: List[TrialRecord], goal: float
                             f"{effective_lr(best.hparams):.4g}) is next to a diverged trial {neighbour.trial_id} "
                             f"(effective lr {effective_lr(neighbour.hparams):.4g}): the optimum may lie at the "
                             "stability edge; the search cannot tell how close")
-    refused = None
-    if rows:
-        largest = max(rows)
-        measured = [bs for bs, r in rows.items() if not r["censored"] and r["budgets"]]
-        if largest not in measured:
-            refused = (f"fit refused: the largest batch size {largest} has no measured steps to result "
-                       f"({'censored' if rows[largest]['censored'] else 'unfinished'}); measured: "
-                       f"{sorted(measured) or 'none'}. Raise budget_cap or the budget there, or drop the batch size")
-            warnings.append(refused)
-    return rows, warnings, refused
+    return rows, warnings
+
+
+def analyze_study(config: StudyConfig, records: List[TrialRecord], goal: float, metric: str, space, *,
+                  n_boot: int = 1000, run_goal: Optional[float] = None) -> Dict[str, object]:
+    """The study's analysis: fastsgd.study.steps.analysis.analyze with the study's own settings (top-k,
+    the batch sizes it meant to measure, the search space for the edge warning) plus the protocol's
+    evidence per batch size. The runner's summary and a later re-analysis (fastsgd.study.steps.curves)
+    both come from here, so they agree. ``run_goal``: the goal the trials were stopped at (default
+    ``goal``), for the harder-goal flag."""
+    protocol, warnings = protocol_report(config, records, goal, metric)
+    result = analyze(records, goal=goal, metric=metric, higher_is_better=config.higher_is_better,
+                     space=space if config.protocol == "tuned" else None,
+                     run_goal=goal if run_goal is None else run_goal, seed=config.seed,
+                     top_k=config.keep_top, batch_sizes=config.batch_sizes, n_boot=n_boot)
+    result["goal"]["rule"] = config.goal_rule
+    for row in result["per_batch_size"]:
+        row.update(protocol.get(row["batch_size"], {}))
+        row["censored"] = row.get("status") == CENSORED
+    result["warnings"] = list(result["warnings"]) + warnings
+    return result
 
 
 def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str, space, *,
@@ -519,26 +518,7 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     from fastsgd.study import render
 
     records = store.records()
-    protocol, warnings, refused = protocol_report(config, records, goal, metric)
-    result = analyze(records, goal=goal, metric=metric, higher_is_better=config.higher_is_better,
-                     space=space if config.protocol == "tuned" else None, run_goal=goal, seed=config.seed,
-                     top_k=config.keep_top, batch_sizes=config.batch_sizes)
-    result["goal"]["rule"] = config.goal_rule
-    for row in result["per_batch_size"]:
-        for key, value in protocol.get(row["batch_size"], {}).items():
-            row.setdefault(key, value)  # what the analysis reports itself (e.g. steps_lower_bound) stands
-    # The analysis may flag censoring and refuse the fit itself: then its words stand and these are not repeated.
-    said = list(result["warnings"])
-
-    def repeated(w: str) -> bool:
-        if ": censored:" in w:
-            return any(x.startswith(w.split(": censored:")[0] + ": censored") for x in said)
-        return w == refused and bool(result.get("fit_refused"))
-
-    result["warnings"] = said + [w for w in warnings if not repeated(w)]
-    result["fit_refused"] = result.get("fit_refused") or refused
-    if refused:  # a fit without the largest batch sizes would report an S_min they never showed
-        result["fit"], result["regions"] = None, None
+    result = analyze_study(config, records, goal, metric, space)
     # Training time adds up over the runs that completed (a resumed study counts each part once).
     total = float(store.get_meta("wall_seconds_total") or 0.0) + wall_seconds
     store.set_meta("wall_seconds_total", total)
@@ -555,39 +535,74 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     return summary
 
 
+def _steps_cell(r: Dict[str, object]) -> object:
+    """The point estimate (median over the best setting's seeds) with its within-point interval, or why
+    there is none."""
+    status = r.get("status", "measured")
+    if status == CENSORED or r.get("censored"):
+        return f">{r['steps_lower_bound']} (censored)"
+    if status not in ("measured", "excluded"):
+        return status
+    median, ci = r.get("steps_median", r["steps"]), r.get("steps_ci")
+    if median is None:
+        return None
+    text = f"{median:.0f}"
+    if ci:
+        text += f" [{ci[0]:.0f}, {'open' if ci[1] is None else f'{ci[1]:.0f}'}]"
+    return text + (" excluded" if status == "excluded" else "")
+
+
 def summary_table(summary: Dict[str, object]) -> str:
-    """The per-batch-size table printed at the end of a study."""
+    """The per-batch-size table printed at the end of a study, with the fit, its diagnostics and the
+    model-free brackets."""
     from fastsgd.study.tables import format_table
 
     rows = []
     for r in summary["per_batch_size"]:
         hp = r["best_hparams"] or {}
-        steps = f">{r['steps_lower_bound']} (censored)" if r.get("censored") else r["steps"]
         edge = list(r["at_edge"]) + ([f"diverged:{r['next_lr_diverged']}"] if r.get("next_lr_diverged") is not None
                                      else [])
         searched = f"{r.get('search_feasible')}/{r.get('search_trials')}" + ("!" if r.get("search_short") else "")
-        rows.append({"batch": r["batch_size"], "steps": steps, "trial": r["best_trial"],
-                     "lr": hp.get("lr"), "momentum": hp.get("momentum"), "eff_lr": r["best_effective_lr"],
-                     "feasible": searched, "refine": r.get("refine_trials"), "reseeds": r.get("reseed_trials"),
-                     "goal": r["reached_goal"], "infeas": r["infeasible"], "budget": r["budget"],
-                     "pruned": r["pruned"], "max_steps": r["max_steps"], "edge": ",".join(edge)})
+        rows.append({"batch": r["batch_size"], "steps [CI]": _steps_cell(r), "best": r["steps"],
+                     "seeds": len([s for s in (r.get("seeds") or []) if s is not None]) or None,
+                     "trial": r["best_trial"], "lr": hp.get("lr"), "momentum": hp.get("momentum"),
+                     "eff_lr": r["best_effective_lr"], "feasible": searched, "refine": r.get("refine_trials"),
+                     "reseeds": r.get("reseed_trials"), "goal": r["reached_goal"], "infeas": r["infeasible"],
+                     "budget": r["budget"], "pruned": r["pruned"], "max_steps": r["max_steps"],
+                     "region": r.get("region"), "edge": ",".join(edge)})
     g = summary["goal"]
     lines = [f"{summary['workload']} / {summary['optimizer']} / {summary['protocol']}: steps to "
              f"{g['metric']} {'>' if g['higher_is_better'] else '<'} {g['value']:.4g} ({g['rule']} goal)",
-             format_table(rows, ["batch", "steps", "trial", "lr", "momentum", "eff_lr", "feasible", "refine",
-                                 "reseeds", "goal", "infeas", "budget", "pruned", "max_steps", "edge"]),
-             "feasible: search trials that did not diverge / tried (! = fewer than wanted); budget: trials that ran "
-             "out of steps; edge: winner at the edge of the space or next to a diverged trial along the lr"]
+             format_table(rows, ["batch", "steps [CI]", "best", "seeds", "trial", "lr", "momentum", "eff_lr",
+                                 "feasible", "refine", "reseeds", "goal", "infeas", "budget", "pruned", "max_steps",
+                                 "region", "edge"]),
+             "steps [CI]: median over the best setting's seeds (reached/run in 'seeds') with its within-point "
+             "interval; best: fewest steps of any search trial; feasible: search trials that did not diverge / "
+             "tried (! = fewer than wanted); budget: trials that ran out of steps; region: from the measured "
+             "points; edge: winner at the edge of the space or next to a diverged trial along the lr"]
     if summary.get("fit_refused"):
         lines.append(summary["fit_refused"])
     fit = summary.get("fit")
     if fit:
-        ci = fit["B_crit_ci"]
+        ci = fit.get("B_crit_ci")
         lines.append(f"fit S(B) = {fit['S_min']:.4g} + {fit['E_min']:.4g}/B:  B_crit = {fit['B_crit']:.4g}"
                      + (f" ({fit['ci_level']:.0%} CI {ci[0]:.4g} .. {ci[1]:.4g})" if ci else ""))
-        reg = summary["regions"]
-        lines.append(f"regions: perfect scaling B <= {reg['perfect_scaling_max']:.4g}, diminishing returns, "
-                     f"maximal data parallelism B >= {reg['maximal_parallelism_min']:.4g}")
+        diag = summary.get("fit_diagnostics") or {}
+        if diag.get("r2_log") is not None:
+            lines.append(f"fit quality: R^2 (log) {diag['r2_log']:.3f}, largest residual "
+                         f"{diag.get('max_abs_relative_residual') or 0:.0%}"
+                         + ("; LACK OF FIT: " + "; ".join(diag.get("lack_of_fit_reasons") or [])
+                            if diag.get("lack_of_fit") else ""))
+    brk = summary.get("brackets") or {}
+    if brk.get("b_steps_double") is not None or brk.get("b_examples_double") is not None:
+        def b(x):
+            return "n/a" if x is None else f"{x:.4g}"
+        lines.append(f"model-free B_crit bracket (no fit): {b(brk.get('b_steps_double'))} (S = 2 S_min) .. "
+                     f"{b(brk.get('b_examples_double'))} (B S = 2 E_min)")
+    reg = summary.get("regions_data") or {}
+    if reg:
+        lines.append(f"regions from the points: perfect scaling up to B = {reg.get('perfect_scaling_max')}, "
+                     f"maximal data parallelism from B = {reg.get('maximal_parallelism_min')}")
     lines.append(f"wall time {summary['wall_seconds']:.1f} s (all runs of this study: "
                  f"{summary['wall_seconds_total']:.1f} s)")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fastsgd.study.steps.analysis import (FINAL_OUTCOMES, INFEASIBLE, TrialRecord, effective_lr,
+from fastsgd.study.steps.analysis import (FINAL_OUTCOMES, INFEASIBLE, SEARCH_ROLES, TrialRecord, effective_lr,
                                            trial_steps_to_result)
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov")
@@ -55,7 +55,6 @@ KNOWN = ("lr", "one_minus_momentum", "momentum", "weight_decay", "decay_alpha", 
 SCALING_RULES = ("constant", "sqrt", "linear", "linear-warmup")
 EDGE_TOLERANCE = 0.05  # fraction of a dimension's (scaled) width counted as "at the edge"
 REFINE_MARGIN = 0.1    # the refine box extends this fraction of each (scaled) range beyond the best points
-SEARCH_ROLES = ("search", "refine")
 
 _LR = {"low": 1e-3, "high": 10.0, "scale": "log"}
 _ONE_MINUS_MOMENTUM = {"low": 1e-3, "high": 1.0, "scale": "log"}

@@ -170,7 +170,6 @@ def bootstrap(points: Sequence[PointData], *, n_boot: int = 1000, ci_level: floa
             lo_br.append(np.nan if br["b_steps_double"] is None else br["b_steps_double"])
             hi_br.append(np.nan if br["b_examples_double"] is None else br["b_examples_double"])
         idx = rng.integers(0, n, n)
-        idx = idx[np.isfinite(full[idx])]
         if len(np.unique(bs[idx])) < 2:
             continue
         # the case resample gets its own within-point replicates (a batch size drawn twice: two draws)
