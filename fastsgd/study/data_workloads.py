@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
@@ -209,10 +210,21 @@ def digits_mlp(goal: float = 0.05) -> DataWorkload:
                               info={"dataset": "digits", "model": "mlp"})
 
 
+def _elsewhere(module: str, factory: str, **fixed) -> Callable[..., Workload]:
+    """A factory of another module, imported when called (those modules import this one)."""
+    def make(**kwargs) -> Workload:
+        return getattr(importlib.import_module(module), factory)(**fixed, **kwargs)
+    return make
+
+
 WORKLOADS: Dict[str, Callable[..., Workload]] = {
     "mnist1d-mlp": mnist1d_mlp,
     "mnist1d-cnn": mnist1d_cnn,
     "digits-mlp": digits_mlp,
+    "digits-cnn-bn": _elsewhere("fastsgd.study.workloads.images", "digits_cnn_bn"),
+    "digits-cnn-ghostbn": _elsewhere("fastsgd.study.workloads.images", "digits_cnn_ghostbn"),
+    "stdlib-charlm": _elsewhere("fastsgd.study.workloads.charlm", "stdlib_charlm", size="small"),
+    "stdlib-charlm-large": _elsewhere("fastsgd.study.workloads.charlm", "stdlib_charlm", size="large"),
 }
 
 
