@@ -84,6 +84,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-ratio", type=float, default=StudyConfig.eval_ratio)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or SQLite path (default: OUT/study.db)")
+    p.add_argument("--heartbeat-interval", type=int, default=StudyConfig.heartbeat_interval,
+                   help="seconds between heartbeats of a running trial (several workers on one --storage)")
+    p.add_argument("--grace-period", type=int, default=StudyConfig.grace_period,
+                   help="seconds without a heartbeat before other workers rerun a trial")
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--export", default=None, help="also export to the batch_science layout under this directory")
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
                          base_batch_size=a.base_batch_size, budget_epochs=a.budget_epochs, min_steps=a.min_steps,
                          max_steps=a.max_steps, group_size=a.group_size, prune=not a.no_prune,
                          train_metrics=a.train_metrics, eval_ratio=a.eval_ratio, seed=a.seed, storage=a.storage,
-                         backend=a.backend)
+                         backend=a.backend, heartbeat_interval=a.heartbeat_interval, grace_period=a.grace_period)
     try:
         summary = run_study(config, progress=not a.no_progress)
     except ValueError as exc:

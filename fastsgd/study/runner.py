@@ -13,6 +13,12 @@ rule (``constant``, ``sqrt``, ``linear``, ``linear-warmup``) searches only at
 with the base's best hyperparameters, lr scaled by the rule, over
 ``config.trials`` seeds.
 
+Several processes (or machines) may run the same configuration on one
+storage URL at once: each takes waiting trials from the shared queue, then
+waits for the trials the others still run, taking over those whose process
+stops sending heartbeats (see fastsgd.study.storage), so every process ends
+with the complete study and writes the same summary.
+
 Step budget per batch size: ``ceil(budget_epochs * train_size / B)`` clamped to
 [min_steps, max_steps], with train_size from ``workload.info['train_size']``;
 a workload without one (streaming data, e.g. least squares) counts as
@@ -32,7 +38,7 @@ from fastsgd.study import search
 from fastsgd.study.data_workloads import get_workload, restrict_eval_sets
 from fastsgd.study.steps_to_result import (INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
                                            golmant_goal)
-from fastsgd.study.storage import StudyStorage
+from fastsgd.study.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, StudyStorage
 from fastsgd.study.trials import RunSettings, run_trials
 from fastsgd.study.workload import Workload
 
@@ -49,6 +55,8 @@ class StudyConfig:
     space:       search space (fastsgd.study.search format; None: search.default_space(optimizer))
     group_size:  trials trained together in one vmapped group (0: all trials of a batch size)
     train_metrics: also score the training subset at every evaluation (always when the goal metric is train_*)
+    heartbeat_interval, grace_period: seconds between a running trial's heartbeats, and without one before
+                 other processes take the trial over (fastsgd.study.storage)
     """
 
     out: str
@@ -75,6 +83,8 @@ class StudyConfig:
     seed: int = 0
     storage: Optional[str] = None
     backend: str = "auto"
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
 
     def validate(self) -> None:
         if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
@@ -105,7 +115,7 @@ class StudyConfig:
     def stored(self) -> Dict[str, object]:
         """The settings that change results (checked on resume); out/storage/backend may differ."""
         d = asdict(self)
-        for k in ("out", "storage", "backend", "group_size"):
+        for k in ("out", "storage", "backend", "group_size", "heartbeat_interval", "grace_period"):
             d.pop(k)
         return d
 
@@ -135,7 +145,9 @@ class _Progress:
 
 
 def _run_batch_size(config: StudyConfig, store: StudyStorage, workload: Workload, batch_size: int,
-                    trial_list, goal: Optional[float], metric: str, progress: _Progress) -> None:
+                    trial_list, goal: Optional[float], metric: str, progress: _Progress, wait: bool = False) -> None:
+    """Train the batch size's waiting trials; with ``wait``, then also wait until the trials other
+    processes run have finished (rerunning any they abandon)."""
     max_steps = step_budget(config, workload, batch_size)
     study = store.batch_study(batch_size, max_steps)
     store.enqueue(study, trial_list)
@@ -148,7 +160,11 @@ def _run_batch_size(config: StudyConfig, store: StudyStorage, workload: Workload
     while True:
         claimed = store.claim(study, group)
         if not claimed:
-            break
+            if not wait or not store.unfinished(study):
+                break
+            time.sleep(store.heartbeat.interval)
+            store.recover_stale(study)
+            continue
         cap = None
         if goal is not None:
             cap, _ = batch_size_steps_to_result(store.records(batch_size), goal, metric, config.higher_is_better)
@@ -193,7 +209,8 @@ def open_storage(config: StudyConfig) -> StudyStorage:
     if config.space is None:
         config.space = search.validate_space(search.default_space(config.optimizer), config.optimizer)
     return StudyStorage(config.storage or os.path.join(config.out, "study.db"), config.study_name(),
-                        config.stored())
+                        config.stored(), heartbeat_interval=config.heartbeat_interval,
+                        grace_period=config.grace_period)
 
 
 def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progress: bool = True,
@@ -221,7 +238,7 @@ def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progr
         if config.goal_rule == "golmant":
             largest = batch_sizes[-1]
             _run_batch_size(config, store, workload, largest, _tuned_trials(config, space, largest), None,
-                            metric, bar)
+                            metric, bar, wait=True)
             goal = store.get_meta("goal")
             if goal is None:
                 goal = golmant_goal(store.records(largest), metric, config.higher_is_better)
@@ -231,20 +248,25 @@ def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progr
             raise ValueError(f"no goal: workload {workload.name!r} has no default goal; give one or use goal_rule "
                              "'golmant'")
         if config.protocol == "tuned":
-            for bs in batch_sizes:
-                _run_batch_size(config, store, workload, bs, _tuned_trials(config, space, bs), goal, metric, bar)
+            for wait in (False, True):  # then finish what other processes started (or left behind)
+                for bs in batch_sizes:
+                    _run_batch_size(config, store, workload, bs, _tuned_trials(config, space, bs), goal, metric,
+                                    bar if not wait else _Progress(0, False), wait=wait)
         else:
             base = config.base_batch_size or batch_sizes[0]
-            _run_batch_size(config, store, workload, base, _tuned_trials(config, space, base), goal, metric, bar)
+            _run_batch_size(config, store, workload, base, _tuned_trials(config, space, base), goal, metric, bar,
+                            wait=True)
             _, best = batch_size_steps_to_result(store.records(base), goal, metric, config.higher_is_better)
             if best is None:
                 raise RuntimeError(f"protocol {config.protocol!r}: no trial at the base batch size {base} reached "
                                    f"the goal {metric} {goal}; cannot scale its hyperparameters")
             train_size = int(workload.info.get("train_size", 0))
-            for bs in batch_sizes:
-                if bs != base:
-                    _run_batch_size(config, store, workload, bs,
-                                    _scaled_trials(config, best.hparams, base, bs, train_size), goal, metric, bar)
+            for wait in (False, True):
+                for bs in batch_sizes:
+                    if bs != base:
+                        _run_batch_size(config, store, workload, bs,
+                                        _scaled_trials(config, best.hparams, base, bs, train_size), goal, metric,
+                                        bar if not wait else _Progress(0, False), wait=wait)
     finally:
         bar.close()
     summary = summarize(config, store, goal, metric, space, wall_seconds=time.time() - start)
