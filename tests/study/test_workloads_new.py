@@ -51,7 +51,7 @@ def test_real_stdlib_corpus_is_deterministic_and_split_by_file():
     assert files == sorted(files) and files == charlm.stdlib_files()
     assert all(f.endswith(".py") and os.path.dirname(f) == os.path.dirname(files[0]) for f in files)
     assert "os.py" in {os.path.basename(f) for f in files}
-    train, val, info = charlm.stdlib_corpus()
+    train, _, info = charlm.stdlib_corpus()
     assert 0 < info["val_chars"] < info["train_chars"] and len(info["val_files"]) > 0
     assert (train == charlm.UNK).float().mean() < 1e-3  # the vocabulary covers almost all of the text
 
@@ -136,7 +136,7 @@ def test_cnn_evaluates_with_running_statistics_and_restores_the_mode():
     wl = get_workload("digits-cnn-bn")
     torch.manual_seed(0)
     model = wl.make_model()
-    x, y = wl.sample_batch(64, torch.Generator().manual_seed(0), CPU)
+    x, _ = wl.sample_batch(64, torch.Generator().manual_seed(0), CPU)
     model(x)  # one training-mode forward: running stats move
     before = model.features[1].running_mean.clone()
     metrics = wl.evaluate(model, CPU)

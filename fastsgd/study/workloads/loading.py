@@ -1,7 +1,8 @@
 """Load a user's own workload from ``"package.module:factory"``.
 
 The factory is any callable that returns a :class:`fastsgd.study.Workload`
-(keyword arguments are passed through). The loaded workload is checked before
+(keyword arguments are passed through). The module is imported with the
+current directory on ``sys.path``, as ``python -m`` would. The loaded workload is checked before
 a study spends time on it, and every problem is reported by name: the module
 that cannot be imported, the missing attribute, a factory that returns
 something else, a workload without ``evaluate`` or without a goal, a loss
@@ -10,6 +11,7 @@ that is not a scalar on a real batch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import torch
@@ -29,6 +31,8 @@ def _import(spec: str):
     module_name, attr = spec.split(":")
     if not module_name or not attr:
         raise WorkloadError(f"workload {spec!r}: expected 'package.module:factory'")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: a console script would not find the user's modules
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
