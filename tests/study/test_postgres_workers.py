@@ -129,13 +129,24 @@ def _schema_ready(url) -> bool:
         engine.dispose()
 
 
-def test_workers_starting_together_all_open_the_study(postgres_url):
-    """Four processes create the schema and the study at the same moment on an empty database."""
+def open_together(url):
+    """Four processes create the schema, the study and one batch size's queue at the same moment."""
     code = ("import sys; from fastsgd.study.storage import StudyStorage; "
-            "s = StudyStorage(sys.argv[1], 'race', {'k': 1}); s.batch_study(8, 10); print('ok')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, postgres_url], cwd=ROOT, stdout=subprocess.PIPE,
+            "s = StudyStorage(sys.argv[1], 'race', {'k': 1}); b = s.batch_study(8, 10); "
+            "s.enqueue(b, [({'lr': 0.1 * i}, {'lr': 0.1 * i}, i) for i in range(5)]); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(4)]
     logs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(logs)
-    names = sorted(s.study_name for s in optuna.get_all_study_summaries(postgres_url, include_best_trial=False))
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(url, include_best_trial=False))
     assert names == ["race/B8", "race/meta"]
+    waiting = optuna.load_study(study_name="race/B8", storage=url).get_trials(deepcopy=False)
+    assert sorted(t.user_attrs["index"] for t in waiting) == [0, 1, 2, 3, 4]  # enqueued once
+
+
+def test_workers_starting_together_all_open_the_study(postgres_url):
+    open_together(postgres_url)
+
+
+def test_workers_starting_together_on_sqlite(tmp_path):
+    open_together(f"sqlite:///{tmp_path / 'study.db'}")
