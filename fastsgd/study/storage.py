@@ -15,7 +15,8 @@ PostgreSQL, lets many processes on many machines share one study):
   ``end_step``; state COMPLETE with value = steps to result when the goal was
   beaten, else PRUNED (the analysis reads the curves, not the Optuna values);
 - a trial left RUNNING by a dead process (same host and its pid gone, or the
-  same process in an earlier run, or no heartbeat for ``grace_period``
+  same process in an earlier run, or claimed without an owner written, or no
+  heartbeat for ``grace_period``
   seconds: every process writes Optuna's trial heartbeat for the trials it
   trains every ``heartbeat_interval`` seconds, from a background thread, and
   the staleness test uses the database server's clock) is marked FAIL with
@@ -39,6 +40,7 @@ is marked FAIL with outcome ``duplicate`` when claimed and never trained.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
@@ -261,6 +263,14 @@ class StudyStorage:
             return True
         return owner.get("pid") == self.owner["pid"] and owner.get("run") != self.owner["run"]  # an earlier run
 
+    def _never_claimed(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether the trial was taken from the queue but its claim never completed: a live process
+        writes the owner within moments of taking it, so no owner after the grace period means the
+        process died in between (possibly before its first heartbeat, which staleness needs)."""
+        started = trial.datetime_start
+        return ("owner" not in trial.user_attrs and started is not None
+                and (datetime.datetime.now() - started).total_seconds() > self.storage.grace_period)
+
     def recover_stale(self, study: optuna.Study) -> int:
         """Fail RUNNING trials of dead runs (keeping their evaluations) and enqueue
         their point and seed again. Returns how many were recovered."""
@@ -270,7 +280,7 @@ class StudyStorage:
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if "index" not in t.user_attrs or t._trial_id in self.heartbeat.trial_ids:
                     continue
-                if t._trial_id not in no_heartbeat and not self._dead_here(t):
+                if t._trial_id not in no_heartbeat and not self._dead_here(t) and not self._never_claimed(t):
                     continue
                 try:
                     self.storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")

@@ -150,3 +150,20 @@ def test_workers_starting_together_all_open_the_study(postgres_url):
 
 def test_workers_starting_together_on_sqlite(tmp_path):
     open_together(f"sqlite:///{tmp_path / 'study.db'}")
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the bare ask() below stands for a dying worker
+def test_a_trial_whose_claim_never_completed_is_recovered(tmp_path):
+    """A process that died between taking a trial from the queue and writing its owner and
+    first heartbeat leaves a RUNNING trial that no heartbeat will ever mark stale."""
+    from fastsgd.study.storage import StudyStorage
+
+    store = StudyStorage(str(tmp_path / "s.db"), "x", {"k": 1}, heartbeat_interval=1, grace_period=2)
+    study = store.batch_study(8, 10)
+    store.enqueue(study, [({"lr": 0.1}, {"lr": 0.1}, 7)])
+    study.ask()  # taken from the queue; the "process" dies here
+    assert store.recover_stale(study) == 0  # too early: it could still be a live claim
+    time.sleep(2.5)
+    assert store.recover_stale(study) == 1
+    (trial, spec), = store.claim(study, 5)
+    assert (spec.trial_id, spec.seed) == (0, 7)
