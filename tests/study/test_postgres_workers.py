@@ -165,5 +165,5 @@ def test_a_trial_whose_claim_never_completed_is_recovered(tmp_path):
     assert store.recover_stale(study) == 0  # too early: it could still be a live claim
     time.sleep(2.5)
     assert store.recover_stale(study) == 1
-    (trial, spec), = store.claim(study, 5)
+    ((_, spec),) = store.claim(study, 5)
     assert (spec.trial_id, spec.seed) == (0, 7)
