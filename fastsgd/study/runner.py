@@ -43,6 +43,7 @@ from fastsgd.study.trials import RunSettings, run_trials
 from fastsgd.study.workload import Workload
 
 PROTOCOLS = ("tuned",) + search.SCALING_RULES
+WAIT_POLL_SECONDS = 1.0  # how often a worker with nothing left to claim looks at the others' trials
 GOAL_RULES = ("fixed", "golmant")
 
 
@@ -162,7 +163,7 @@ def _run_batch_size(config: StudyConfig, store: StudyStorage, workload: Workload
         if not claimed:
             if not wait or not store.unfinished(study):
                 break
-            time.sleep(store.heartbeat.interval)
+            time.sleep(WAIT_POLL_SECONDS)
             store.recover_stale(study)
             continue
         cap = None
