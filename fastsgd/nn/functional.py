@@ -161,6 +161,11 @@ def ghost_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var:
     if backend == "auto" and g >= n:
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     _check_one_value_batches(input, g)
+    if torch._C._functorch.is_functorch_wrapped_tensor(input):
+        # Under torch.func transforms (vmap over stacked trials) the fused Function and its layout
+        # queries do not run; the reference's per-group F.batch_norm calls do, with the same semantics.
+        from fastsgd.nn.ghost_bn_reference import ghost_batch_norm_reference
+        return ghost_batch_norm_reference(input, running_mean, running_var, weight, bias, True, momentum, eps, g)
     impl = _pick_backend(backend, input)
     x3 = as_ncl(input)
     y3, mean, var = GhostBatchNormFunction.apply(x3, weight, bias, g, eps, impl)

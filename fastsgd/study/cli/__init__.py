@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import List, Optional
 
@@ -52,10 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    # A user's own workload (package.module:factory) is found from the working directory, as with
-    # `python -m`; appended, so that nothing there shadows an installed package.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
     try:
         return module.run(args, parser)
     except (ValueError, FileNotFoundError, BackendUnavailable) as exc:

@@ -95,6 +95,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default=None, help="SQLAlchemy URL or SQLite path (default: OUT/study.db)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--heartbeat-interval", type=int, default=StudyConfig.heartbeat_interval,
+                   help="seconds between heartbeats of a running trial (several workers on one --storage)")
+    p.add_argument("--grace-period", type=int, default=StudyConfig.grace_period,
+                   help="seconds without a heartbeat before other workers rerun a trial")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--export", default=None, help="also export to the batch_science layout under this directory")
     p.add_argument("--no-progress", action="store_true")
@@ -122,7 +126,8 @@ def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
                              budget=StudyConfig.budget if budget is None else budget, budgets=budgets,
                              budget_growth=a.budget_growth, budget_cap=a.budget_cap, full_curves=a.full_curves,
                              group_size=a.group_size, prune=not a.no_prune, train_metrics=a.train_metrics,
-                             eval_ratio=a.eval_ratio, seed=a.seed, storage=a.storage, backend=a.backend)
+                             eval_ratio=a.eval_ratio, seed=a.seed, storage=a.storage, backend=a.backend,
+                             heartbeat_interval=a.heartbeat_interval, grace_period=a.grace_period)
         summary = run_study(config, progress=not a.no_progress)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,6 +34,14 @@ are the pure functions of fastsgd.study.steps.search):
 A rerun (3, 5) keeps the trial's id and seed; it replaces the earlier attempt
 as the trial's record (both stay in the Optuna storage).
 
+Several processes (or machines) may run the same configuration on one
+storage URL at once: each takes waiting trials from the shared queue, and
+before every decision (a top-up, the next stage, the next batch size) waits for
+the trials the others still run, taking over those whose process stops sending
+heartbeats (see fastsgd.study.steps.storage). Every decision is a function of
+the stored records, so every process takes the same ones (a stage is enqueued
+once) and ends with the complete study and the same summary.
+
 A Golmant rule (``constant``, ``sqrt``, ``linear``, ``linear-warmup``) searches
 only at ``base_batch_size`` (default: the smallest) and trains every other batch
 size with the base's best hyperparameters, lr scaled by the rule, over
@@ -55,12 +63,13 @@ from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.data import restrict_eval_sets
 from fastsgd.study.steps.analysis import (CENSORED, FINAL_OUTCOMES, INFEASIBLE, SCHEMA, TrialRecord, analyze,
                                            effective_lr, golmant_goal, trial_steps_to_result)
-from fastsgd.study.steps.storage import StudyStorage
+from fastsgd.study.steps.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, StudyStorage
 from fastsgd.study.steps.trials import RunSettings, run_trials
 from fastsgd.study.workloads.base import Workload
 
 PROTOCOLS = ("tuned",) + search.SCALING_RULES
 GOAL_RULES = ("fixed", "golmant")
+WAIT_POLL_SECONDS = 1.0  # how often a worker with nothing left to claim looks at the others' trials
 
 
 @dataclass
@@ -81,6 +90,8 @@ class StudyConfig:
     space:       search space (fastsgd.study.steps.search format; None: search.default_space(optimizer))
     group_size:  trials trained together in one vmapped group (0: all waiting trials of a batch size)
     train_metrics: also score the training subset at every evaluation (always when the goal metric is train_*)
+    heartbeat_interval, grace_period: seconds between a running trial's heartbeats, and without one before
+                 other processes take the trial over (fastsgd.study.steps.storage)
     """
 
     out: str
@@ -113,6 +124,8 @@ class StudyConfig:
     seed: int = 0
     storage: Optional[str] = None
     backend: str = "auto"
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
 
     def validate(self) -> None:
         if not self.batch_sizes or any(int(b) != b or b < 1 for b in self.batch_sizes):
@@ -157,7 +170,7 @@ class StudyConfig:
     def stored(self) -> Dict[str, object]:
         """The settings that change results (checked on resume); out/storage/backend may differ."""
         d = asdict(self)
-        for k in ("out", "storage", "backend", "group_size"):
+        for k in ("out", "storage", "backend", "group_size", "heartbeat_interval", "grace_period"):
             d.pop(k)
         d["budgets"] = {str(k): int(v) for k, v in sorted(self.budgets.items(), key=lambda kv: int(kv[0]))}
         return d
@@ -247,12 +260,18 @@ class _BatchSize:
         self.drain()
 
     def drain(self) -> None:
+        """Train waiting trials until none is left, then wait for those other processes run (taking
+        over any they abandon), so that the next decision sees every trial of the stage."""
         self.store.recover_stale(self.study)
         group = self.config.group_size or 1 << 30
         while True:
             claimed = self.store.claim(self.study, group)
             if not claimed:
-                break
+                if not self.store.unfinished(self.study):
+                    break
+                time.sleep(WAIT_POLL_SECONDS)
+                self.store.recover_stale(self.study)
+                continue
             self.progress.grow(len(claimed))
             kinds: Dict[Tuple[int, bool, bool], list] = {}
             for trial, spec in claimed:
@@ -378,7 +397,8 @@ def open_storage(config: StudyConfig) -> StudyStorage:
     if config.space is None:
         config.space = search.validate_space(search.default_space(config.optimizer), config.optimizer)
     return StudyStorage(config.storage or os.path.join(config.out, "study.db"), config.study_name(),
-                        config.stored())
+                        config.stored(), heartbeat_interval=config.heartbeat_interval,
+                        grace_period=config.grace_period)
 
 
 def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progress: bool = True,

@@ -21,30 +21,44 @@ PostgreSQL, lets many processes on many machines share one study):
   ``end_step``; state COMPLETE with value = steps to result when the goal was
   beaten, else PRUNED (the analysis reads the curves, not the Optuna values);
 - a trial left RUNNING by a dead process (same host and its pid gone, or the
-  same process in an earlier run, or no write for ``stale_seconds``) is marked
-  FAIL with outcome ``interrupted`` — its evaluations stay stored — and its
-  point and seed are enqueued again. Trials are deterministic given their seed,
-  so the rerun reproduces the lost part exactly; finished trials never rerun.
+  same process in an earlier run, or claimed without an owner written, or no
+  heartbeat for ``grace_period``
+  seconds: every process writes Optuna's trial heartbeat for the trials it
+  trains every ``heartbeat_interval`` seconds, from a background thread, and
+  the staleness test uses the database server's clock) is marked FAIL with
+  outcome ``interrupted`` — its evaluations stay stored — and its point and
+  seed are enqueued again. Trials are deterministic given their seed, so the
+  rerun reproduces the lost part exactly; finished trials never rerun.
 - a study-level ``"<study name>/meta"`` study holds the ``config`` and, for
   Golmant's goal rule, the computed ``goal``.
 
 Scaling out: run the same command (same ``--storage`` URL, e.g. PostgreSQL)
 in several processes or machines. They take enqueued trials atomically from
-the shared queue. If two processes reach a new batch size together they may
-both enqueue it; the second copy of a trial is then marked FAIL with outcome
-``duplicate`` when claimed and never trained (in the rare case both copies are
-claimed at the same instant, both train the same seed and the records keep one).
+the shared queue (Optuna moves a trial from WAITING to RUNNING under a row
+lock). The writes that several processes could make at once — creating the
+Optuna schema and the studies with their attributes, enqueueing a batch size,
+recovering stale trials, study-level results — run under one cross-process
+lock per study: a PostgreSQL advisory lock (released by the server if its
+holder dies), a file lock beside a SQLite file. Other databases get no lock;
+should two processes then enqueue one batch size, the second copy of a trial
+is marked FAIL with outcome ``duplicate`` when claimed and never trained.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from fastsgd.study.steps.analysis import FINAL_OUTCOMES, GOAL, TrialRecord
@@ -53,7 +67,8 @@ from fastsgd.study.steps.trials import TrialResult, TrialSpec
 EVAL_PREFIX = "eval:"
 DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)
 SPURIOUS = "spurious"    # ask() found no enqueued trial left (another process took it)
-STALE_SECONDS = 1800.0
+HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
+GRACE_PERIOD = 60        # seconds without a heartbeat after which a trial counts as abandoned
 
 
 # User attrs that define a trial and how it runs (copied when a trial is enqueued again).
@@ -87,6 +102,77 @@ def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # reconnect, so every pooled connection gets the pragmas
 
 
+def _lock_key(name: str) -> int:
+    """A signed 64-bit advisory-lock key for ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@contextlib.contextmanager
+def cross_process_lock(url: str, name: str) -> Iterator[None]:
+    """Hold a lock named ``name`` shared by every process that uses the database at ``url``:
+    a session-level advisory lock on PostgreSQL (the server drops it when its holder's
+    connection dies, so a killed worker never leaves it taken), an exclusive ``flock`` on
+    ``<file>.lock`` for SQLite, nothing for other databases."""
+    import sqlalchemy
+
+    backend = sqlalchemy.engine.make_url(url).get_backend_name()
+    if backend == "postgresql":
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _lock_key(name)})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _lock_key(name)})
+        finally:
+            engine.dispose()
+    elif backend == "sqlite" and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        import fcntl
+
+        with open(url[len("sqlite:///"):] + ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    else:
+        yield
+
+
+class _Heartbeat:
+    """Writes Optuna's heartbeat for the trials this process trains, every ``interval`` seconds."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, interval: float):
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set = set()
+        self.lock = threading.Lock()
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, trial_id: int) -> None:
+        self.storage.record_heartbeat(trial_id)  # at once: a claimed trial is never without a heartbeat
+        with self.lock:
+            self.trial_ids.add(trial_id)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="fastsgd-heartbeat", daemon=True)
+                self.thread.start()
+
+    def remove(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial_id)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as exc:  # a database hiccup must not kill training; the next beat retries
+                    warnings.warn(f"heartbeat of trial {trial_id} not written: {exc}", RuntimeWarning)
+
+
 def storage_url(url_or_path: str) -> str:
     """A SQLAlchemy URL as is; a plain path becomes a SQLite file URL."""
     if "://" in url_or_path:
@@ -98,29 +184,42 @@ class StudyStorage:
     """The Optuna storage of one study (all its batch sizes)."""
 
     def __init__(self, url: str, study_name: str, config: Dict[str, object], *,
-                 stale_seconds: float = STALE_SECONDS):
+                 heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int = GRACE_PERIOD):
+        if not 0 < heartbeat_interval < grace_period:
+            raise ValueError(f"need 0 < heartbeat_interval < grace_period, got {heartbeat_interval} and "
+                             f"{grace_period}")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url = storage_url(url)
         if self.url.startswith("sqlite:///"):
             os.makedirs(os.path.dirname(self.url[len("sqlite:///"):]) or ".", exist_ok=True)
-        self.storage = optuna.storages.RDBStorage(self.url)
+        self.name = study_name
+        # Optuna creates its schema on first use without guarding against a second process doing the
+        # same (PostgreSQL: UniqueViolation on CREATE TYPE): one process at a time.
+        with self.lock("optuna-schema"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat arguments
+            self.storage = optuna.storages.RDBStorage(self.url, heartbeat_interval=int(heartbeat_interval),
+                                                      grace_period=int(grace_period))
         if self.url.startswith("sqlite"):
             _sqlite_wal(self.storage)
-        self.name = study_name
+        self.heartbeat = _Heartbeat(self.storage, heartbeat_interval)
         self.config = json.loads(json.dumps(config))  # JSON-normalised, so it compares equal after a round trip
-        self.stale_seconds = stale_seconds
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex}
         self.meta = self._study("meta")
+
+    def lock(self, purpose: str = "study"):
+        """The cross-process lock of this study (see :func:`cross_process_lock`)."""
+        return cross_process_lock(self.url, f"fastsgd:{self.name}:{purpose}")
 
     # -- studies ---------------------------------------------------------------------------------
     def _study(self, suffix: str) -> optuna.Study:
         name = f"{self.name}/{suffix}"
-        study = optuna.create_study(storage=self.storage, study_name=name, direction="minimize",
-                                    load_if_exists=True)
-        stored = study.user_attrs.get("config")
-        if stored is None:
-            study.set_user_attr("config", self.config)
-        elif stored != self.config:
+        with self.lock():
+            study = optuna.create_study(storage=self.storage, study_name=name, direction="minimize",
+                                        load_if_exists=True)
+            stored = study.user_attrs.get("config")
+            if stored is None:
+                study.set_user_attr("config", self.config)
+        if stored is not None and stored != self.config:
             diff = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
             raise ValueError(f"study {name!r} in {self.url} was created with a different configuration "
                              f"(differs in: {', '.join(diff)}); use another --out/--storage or the same settings")
@@ -129,8 +228,10 @@ class StudyStorage:
     def batch_study(self, batch_size: int, max_steps: int) -> optuna.Study:
         study = self._study(f"B{batch_size}")
         if "batch_size" not in study.user_attrs:
-            study.set_user_attr("batch_size", int(batch_size))
-            study.set_user_attr("max_steps", int(max_steps))
+            with self.lock():
+                if "batch_size" not in study.user_attrs:
+                    study.set_user_attr("batch_size", int(batch_size))
+                    study.set_user_attr("max_steps", int(max_steps))
         return study
 
     def batch_studies(self) -> Dict[int, optuna.Study]:
@@ -146,7 +247,8 @@ class StudyStorage:
         return self.meta.user_attrs.get(key)
 
     def set_meta(self, key: str, value) -> None:
-        self.meta.set_user_attr(key, value)
+        with self.lock():
+            self.meta.set_user_attr(key, value)
 
     # -- trials ----------------------------------------------------------------------------------
     def enqueue(self, study: optuna.Study, trials: List[Dict[str, object]], stage: str = "search") -> bool:
@@ -156,10 +258,13 @@ class StudyStorage:
         key = f"enqueued:{stage}"
         if study.user_attrs.get(key):
             return False
-        for t in trials:
-            attrs = {"role": "search", "base_trial": None, **t, "stage": stage, "seed": int(t["seed"])}
-            study.enqueue_trial(dict(t["point"]), user_attrs=attrs)
-        study.set_user_attr(key, len(trials))
+        with self.lock():
+            if study.user_attrs.get(key):  # read from the database, not a cache
+                return False  # another process enqueued them while this one waited for the lock
+            for t in trials:
+                attrs = {"role": "search", "base_trial": None, **t, "stage": stage, "seed": int(t["seed"])}
+                study.enqueue_trial(dict(t["point"]), user_attrs=attrs)
+            study.set_user_attr(key, len(trials))
         return True
 
     @staticmethod
@@ -167,44 +272,69 @@ class StudyStorage:
         """Stage name -> number of trials enqueued in it."""
         return {k[len("enqueued:"):]: v for k, v in study.user_attrs.items() if k.startswith("enqueued:")}
 
-    def _stale(self, trial: optuna.trial.FrozenTrial) -> bool:
+
+    def _dead_here(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether the trial's owner was a process on this host that is gone (found without
+        waiting for the heartbeat's grace period)."""
         owner = trial.user_attrs.get("owner") or {}
-        if owner.get("host") == self.owner["host"]:
-            if not _pid_alive(int(owner.get("pid", -1))):
-                return True
-            if owner.get("pid") == self.owner["pid"] and owner.get("run") != self.owner["run"]:
-                return True  # this process, an earlier run that raised
-        times = [v.get("t", 0.0) for k, v in trial.user_attrs.items() if k.startswith(EVAL_PREFIX)]
-        last = max(times + [trial.datetime_start.timestamp() if trial.datetime_start else 0.0])
-        return time.time() - last > self.stale_seconds
+        if owner.get("host") != self.owner["host"]:
+            return False
+        if not _pid_alive(int(owner.get("pid", -1))):
+            return True
+        return owner.get("pid") == self.owner["pid"] and owner.get("run") != self.owner["run"]  # an earlier run
+
+    def _never_claimed(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether the trial was taken from the queue but its claim never completed: a live process
+        writes the owner within moments of taking it, so no owner after the grace period means the
+        process died in between (possibly before its first heartbeat, which staleness needs)."""
+        started = trial.datetime_start
+        return ("owner" not in trial.user_attrs and started is not None
+                and (datetime.datetime.now() - started).total_seconds() > self.storage.grace_period)
 
     def recover_stale(self, study: optuna.Study) -> int:
         """Fail RUNNING trials of dead runs (keeping their evaluations) and enqueue
         their point and seed again. Returns how many were recovered."""
-        n = 0
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "index" not in t.user_attrs or not self._stale(t):
-                continue
-            self.storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            study.enqueue_trial(t.user_attrs["point"],
-                                user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
-            n += 1
+        with self.lock():
+            no_heartbeat = set(self.storage._get_stale_trial_ids(study._study_id))  # the BaseHeartbeat interface
+            n = 0
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "index" not in t.user_attrs or t._trial_id in self.heartbeat.trial_ids:
+                    continue
+                if t._trial_id not in no_heartbeat and not self._dead_here(t) and not self._never_claimed(t):
+                    continue
+                try:
+                    self.storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
+                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                except UpdateFinishedTrialError:
+                    continue  # it finished after all
+                study.enqueue_trial(t.user_attrs["point"],
+                                    user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
+                n += 1
         return n
+
+    def unfinished(self, study: optuna.Study) -> int:
+        """Trials of this batch size still waiting or running (in any process)."""
+        return sum("index" in t.user_attrs for t in study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
 
     def claim(self, study: optuna.Study, n: int) -> List[Tuple[optuna.Trial, TrialSpec]]:
         """Take up to ``n`` enqueued trials (atomically, so several processes can share a study)."""
         out = []
         while len(out) < n and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            trial = study.ask()
+            with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize(); they are beaten here
+                warnings.simplefilter("ignore", UserWarning)
+                trial = study.ask()
+            self.heartbeat.add(trial._trial_id)
             attrs = trial.user_attrs
             if "index" not in attrs:  # another process took the last waiting trial first
                 trial.set_user_attr("outcome", SPURIOUS)
                 study.tell(trial, state=TrialState.FAIL)
+                self.heartbeat.remove(trial._trial_id)
                 break
             if self._taken(study, trial):
                 trial.set_user_attr("outcome", DUPLICATE)
                 study.tell(trial, state=TrialState.FAIL)
+                self.heartbeat.remove(trial._trial_id)
                 continue
             for name, value in attrs["point"].items():
                 trial.suggest_float(name, value, value)  # record the point as Optuna params (for dashboards)
@@ -226,15 +356,22 @@ class StudyStorage:
     def record_eval(self, trial: optuna.Trial, step: int, metrics: Dict[str, float]) -> None:
         value = {k: float(v) for k, v in metrics.items()}
         value["t"] = time.time()
-        self.storage.set_trial_user_attr(trial._trial_id, f"{EVAL_PREFIX}{step:07d}", value)
+        try:
+            self.storage.set_trial_user_attr(trial._trial_id, f"{EVAL_PREFIX}{step:07d}", value)
+        except UpdateFinishedTrialError:
+            pass  # declared abandoned (no heartbeat within the grace period) and rerun elsewhere: the rerun counts
 
     def finish(self, study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
-        self.storage.set_trial_user_attr(trial._trial_id, "outcome", result.outcome)
-        self.storage.set_trial_user_attr(trial._trial_id, "end_step", int(result.end_step))
-        if result.outcome == GOAL:
-            study.tell(trial, float(result.steps_to_result))
-        else:
-            study.tell(trial, state=TrialState.PRUNED)
+        self.heartbeat.remove(trial._trial_id)
+        try:
+            self.storage.set_trial_user_attr(trial._trial_id, "outcome", result.outcome)
+            self.storage.set_trial_user_attr(trial._trial_id, "end_step", int(result.end_step))
+            if result.outcome == GOAL:
+                study.tell(trial, float(result.steps_to_result))
+            else:
+                study.tell(trial, state=TrialState.PRUNED)
+        except UpdateFinishedTrialError:
+            pass  # as in record_eval
 
     # -- reading ---------------------------------------------------------------------------------
     def records(self, batch_size: Optional[int] = None) -> List[TrialRecord]:

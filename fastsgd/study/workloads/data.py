@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Tuple
