@@ -53,9 +53,11 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              nesterov: bool = False, maximize: bool = False, lr_in_momentum: bool = False,
              first_step: Union[bool, Sequence[bool]] = False,
              grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-             stochastic_rounding: bool = False) -> None:
+             stochastic_rounding: bool = False, stacked_trials: bool = False) -> None:
     """torch.optim.SGD's update (plain, momentum, Nesterov; lr outside the
-    buffer, or inside with ``lr_in_momentum``)."""
+    buffer, or inside with ``lr_in_momentum``). ``stacked_trials=True``: every
+    param's first dimension is the trial, and ``lr`` / ``momentum`` may be 1-D
+    tensors with one value per trial (never inferred from their shape)."""
     raise NotImplementedError
 
 

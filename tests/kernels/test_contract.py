@@ -84,11 +84,11 @@ def test_stacked_trials_run_or_are_refused(mod):
     lr = torch.tensor([0.1, 0.05, 0.0], device=DEVICE if mod.CAPABILITIES.device_scalars else "cpu")
     if not mod.CAPABILITIES.stacked_trials:
         with pytest.raises((ValueError, NotImplementedError), match="stacked trials"):
-            mod.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=True)
+            mod.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=True, stacked_trials=True)
         return
     ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
-    mod.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=True)
-    reference.sgd_step(ref_p, grads, ref_b, lr=lr, momentum=0.9, first_step=True)
+    mod.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=True, stacked_trials=True)
+    reference.sgd_step(ref_p, grads, ref_b, lr=lr, momentum=0.9, first_step=True, stacked_trials=True)
     K.assert_all_close(params, ref_p, torch.float32, "stacked trials")
 
 
