@@ -422,18 +422,24 @@ class TrialEngine:
 
     ``models``: one freshly initialised model per trial (same architecture); their
     weights are copied in once. ``keys``: :func:`trial_keys` of the trials (dropout masks).
+
+    Trials run in groups of rows whose largest activation stays within ``group_bytes``
+    (on a CPU, about the per-core cache: element-wise ops on activations far larger than
+    the cache run at memory speed and a big batch would lose to a plain loop). A trial's
+    arithmetic does not depend on the group it runs in, so grouping changes no result.
     """
 
     EVAL_CHUNK = 256  # evaluation examples per forward pass; fixed so a trial's results do not depend on T
+    GROUP_BYTES = {"cpu": 1 << 20}  # largest activation of a group; other devices: all trials in one group
 
     def __init__(self, workload, models: Sequence[nn.Module], *, momentum: bool, keys: Tensor,
                  device: torch.device):
         base = models[0]
         self.workload, self.device = workload, torch.device(device)
-        self.ctx = StepContext(keys.to(self.device))
+        self.keys = keys.to(self.device)
+        self.ctx = StepContext(self.keys)
         self.tensors: Dict[str, Tensor] = {}
         self.program = convert(base, self.tensors, self.ctx)
-        names = [n for n, _ in base.named_parameters()]
         for i, m in enumerate(models[1:], 1):
             if [(n, p.shape) for n, p in m.named_parameters()] != [(n, p.shape) for n, p in base.named_parameters()]:
                 raise ValueError(f"trial {i}'s model has other parameters than trial 0's: the trials of one "
@@ -455,58 +461,89 @@ class TrialEngine:
             g.buf = torch.zeros_like(g.flat) if momentum else None
         self.buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in models]).to(self.device)
                         for n, _ in base.named_buffers()}
-        self.param_names = names
+        self.param_names = [n for n, _ in base.named_parameters()]
         self.models = models  # kept for workloads that evaluate one plain model at a time
+        self._shapes_of = copy.deepcopy(base).to("meta")  # to size the trial groups from activation shapes
+        self._width: Dict[Tuple, int] = {}
         self._loss = _per_trial_loss(workload.loss)
         self._metrics = vmap(workload.metrics, in_dims=(0, None)) if getattr(workload, "metrics", None) else None
-        self._views()
-
-    # -- tensors
-    def _views(self) -> None:
-        """Parameter views into the flat buffers (leaves that collect gradients), and the buffers."""
-        self.tensors.clear()
-        self.leaves: List[Tuple[_Group, List[Tensor]]] = []
-        for g in self.groups.values():
-            views = []
-            for name, offset, numel, shape in g.slots:
-                v = g.flat[:, offset:offset + numel].view((-1,) + tuple(shape)).requires_grad_(True)
-                self.tensors[name] = v
-                views.append(v)
-            self.leaves.append((g, views))
-        self.tensors.update(self.buffers)
 
     @property
     def trials(self) -> int:
-        return next(iter(self.groups.values())).flat.shape[0]
+        return self.keys.shape[0]
 
     def flat_params(self) -> List[Tensor]:
         return [g.flat for g in self.groups.values()]
+
+    # -- trial groups
+    def _group_size(self, sample: Tensor, rows: int) -> int:
+        """Trials per group for inputs like ``sample`` (one example) and ``rows`` examples per trial."""
+        budget = self.GROUP_BYTES.get(self.device.type)
+        if budget is None:
+            return self.trials
+        key = (tuple(sample.shape), sample.dtype)
+        if key not in self._width:  # elements per example of the largest intermediate tensor
+            from torch.fx.passes.shape_prop import ShapeProp
+            try:
+                with torch.no_grad():
+                    gm = torch.fx.symbolic_trace(self._shapes_of)
+                    ShapeProp(gm).propagate(sample.to("meta"))
+                self._width[key] = max([n.meta["tensor_meta"].shape.numel() for n in gm.graph.nodes
+                                        if hasattr(n.meta.get("tensor_meta"), "shape")] + [1])
+            except Exception:  # shapes not traceable with one example: assume a wide model
+                self._width[key] = 4096
+        per_trial = rows * self._width[key] * 4
+        return max(1, min(self.trials, budget // per_trial))
+
+    def _bind(self, lo: int, hi: int, grad: bool) -> List[Tuple[_Group, List[Tensor]]]:
+        """Point the batched layers at trials lo..hi-1: row slices of the flat buffers (leaves that
+        collect gradients when ``grad``) and of the buffers; returns the leaves per dtype."""
+        self.tensors.clear()
+        leaves = []
+        for g in self.groups.values():
+            views = []
+            for name, offset, numel, shape in g.slots:
+                v = g.flat[lo:hi, offset:offset + numel].view((-1,) + tuple(shape))
+                if grad:
+                    v.requires_grad_(True)
+                self.tensors[name] = v
+                views.append(v)
+            leaves.append((g, views))
+        self.tensors.update({k: v[lo:hi] for k, v in self.buffers.items()})
+        self.ctx.keys = self.keys[lo:hi]
+        return leaves
+
+    def _spans(self, size: int):
+        return [(lo, min(lo + size, self.trials)) for lo in range(0, self.trials, size)]
 
     # -- training
     def losses_and_grads(self, x: Tensor, y: Tensor, step: int) -> Tensor:
         """Forward and backward of every trial on its batch (x: (T, B, ...)); gradients land in the
         flat gradient buffers. Returns the (T,) losses."""
-        trials = self.trials
-        self.ctx.start(step)
-        with torch.enable_grad():
-            out = self.program(x.reshape((-1,) + x.shape[2:]))
-            losses = self._loss(out, y.reshape((-1,) + y.shape[2:]), trials)
-            leaves = [v for _, views in self.leaves for v in views]
-            grads = torch.autograd.grad(losses.sum(), leaves)  # trials are independent: d(sum)/d(row t) = trial t's
-        i = 0
-        for g, views in self.leaves:
-            part = grads[i:i + len(views)]
-            i += len(views)
-            torch.cat([gr.reshape(trials, -1) for gr in part], dim=1, out=g.grad)
-        return losses.detach()
+        losses = []
+        for lo, hi in self._spans(self._group_size(x[0, :1], x.shape[1])):
+            leaves = self._bind(lo, hi, grad=True)
+            self.ctx.start(step)
+            with torch.enable_grad():
+                out = self.program(x[lo:hi].reshape((-1,) + x.shape[2:]))
+                loss = self._loss(out, y[lo:hi].reshape((-1,) + y.shape[2:]), hi - lo)
+                flat_leaves = [v for _, views in leaves for v in views]
+                grads = torch.autograd.grad(loss.sum(), flat_leaves)  # trials are independent: d(sum)/d(row t)
+            grads = iter(grads)
+            for g, _ in leaves:
+                for (_, offset, numel, shape), gr in zip(g.slots, grads):
+                    # one copy per tensor, straight into its place in the flat gradient (any layout)
+                    g.grad[lo:hi, offset:offset + numel].view((-1,) + tuple(shape)).copy_(gr)
+            losses.append(loss.detach())
+        return torch.cat(losses)
 
     def update(self, backend, *, lr: Tensor, momentum: Tensor, weight_decay: Tensor, nesterov: bool,
                first_step: bool) -> None:
         """One fused stacked-trials optimizer call per dtype over the flat buffers."""
+        hp_device = torch.device("cpu") if backend.NAME == "cpu" else self.device
         for g in self.groups.values():
             if bool(weight_decay.any()):
                 g.grad.addcmul_(g.flat, weight_decay.to(device=g.flat.device, dtype=g.flat.dtype).reshape(-1, 1))
-            hp_device = self.device if backend.NAME != "cpu" else torch.device("cpu")
             backend.sgd_step([g.flat], [g.grad], None if g.buf is None else [g.buf], lr=lr.to(hp_device),
                              momentum=momentum.to(hp_device), nesterov=nesterov, first_step=first_step)
 
@@ -518,16 +555,15 @@ class TrialEngine:
             g.flat, g.grad = g.flat[idx], g.grad[idx]
             g.buf = None if g.buf is None else g.buf[idx]
         self.buffers = {k: v[idx] for k, v in self.buffers.items()}
-        self.ctx.keys = self.ctx.keys[idx]
+        self.keys = self.keys[idx]
         self.models = [self.models[i] for i in idx.tolist()]
-        self._views()
 
     # -- evaluation
     @torch.no_grad()
     def evaluate(self) -> List[Dict[str, float]]:
-        """Every live trial's metrics: one batched pass per chunk of evaluation examples when the
-        workload has ``eval_data``/``metrics``, else one plain model at a time."""
-        trials = self.trials
+        """Every live trial's metrics: batched passes over groups of trials and chunks of
+        evaluation examples when the workload has ``eval_data``/``metrics``, else one plain
+        model at a time."""
         if self._metrics is None:
             return self._evaluate_one_by_one()
         self.program.eval()
@@ -536,19 +572,23 @@ class TrialEngine:
             for set_name, (x, y) in self.workload.eval_data.items():
                 x, y = x.to(self.device), y.to(self.device)
                 outs = []
-                for s in range(0, len(x), self.EVAL_CHUNK):
-                    xc = x[s:s + self.EVAL_CHUNK]
-                    xf = xc.unsqueeze(0).expand((trials,) + xc.shape).reshape((-1,) + xc.shape[1:])
-                    out = self.program(xf)
-                    outs.append(out.reshape((trials, len(xc)) + out.shape[1:]))
-                for name, values in self._metrics(torch.cat(outs, 1), y).items():
+                for lo, hi in self._spans(self._group_size(x[:1], min(len(x), self.EVAL_CHUNK))):
+                    self._bind(lo, hi, grad=False)
+                    chunks = []
+                    for s in range(0, len(x), self.EVAL_CHUNK):
+                        xc = x[s:s + self.EVAL_CHUNK]
+                        out = self.program(xc.unsqueeze(0).expand((hi - lo,) + xc.shape).reshape((-1,) + xc.shape[1:]))
+                        chunks.append(out.reshape((hi - lo, len(xc)) + out.shape[1:]))
+                    outs.append(torch.cat(chunks, 1))
+                for name, values in self._metrics(torch.cat(outs), y).items():
                     per_metric[f"{set_name}_{name}"] = values.tolist()
         finally:
             self.program.train()
-        return [{k: v[i] for k, v in per_metric.items()} for i in range(trials)]
+        return [{k: v[i] for k, v in per_metric.items()} for i in range(self.trials)]
 
     def _evaluate_one_by_one(self) -> List[Dict[str, float]]:
         out = []
+        self._bind(0, self.trials, grad=False)
         for i, model in enumerate(self.models):
             model.to(self.device)
             for name in self.param_names:
