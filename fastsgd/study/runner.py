@@ -31,9 +31,9 @@ from fastsgd.measure import strict_json
 from fastsgd.study import search
 from fastsgd.study.data_workloads import get_workload, restrict_eval_sets
 from fastsgd.study.steps_to_result import (INFEASIBLE, SCHEMA, analyze, batch_size_steps_to_result,
-                                           golmant_goal)
+                                           golmant_goal, trial_steps_to_result)
 from fastsgd.study.storage import StudyStorage
-from fastsgd.study.trials import RunSettings, run_trials
+from fastsgd.study.trials import RunSettings, pruning_cap, run_trials
 from fastsgd.study.workload import Workload
 
 PROTOCOLS = ("tuned",) + search.SCALING_RULES
@@ -150,8 +150,9 @@ def _run_batch_size(config: StudyConfig, store: StudyStorage, workload: Workload
         if not claimed:
             break
         cap = None
-        if goal is not None:
-            cap, _ = batch_size_steps_to_result(store.records(batch_size), goal, metric, config.higher_is_better)
+        if goal is not None:  # the keep_top-th best steps to result of the trials already stored
+            known = [trial_steps_to_result(r, goal, metric, config.higher_is_better) for r in store.records(batch_size)]
+            cap = pruning_cap(None, [s for s in known if s is not None], RunSettings.keep_top)
         settings = RunSettings(batch_size=batch_size, max_steps=max_steps, optimizer=config.optimizer, goal=goal,
                                goal_metric=metric, higher_is_better=config.higher_is_better, step_cap=cap,
                                prune=config.prune and goal is not None, divergence_factor=config.divergence_factor,
