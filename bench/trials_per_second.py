@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             cols = ["workload", "batch_size"] + [f"{m}_trials_per_s" for m in methods] + \
                 [k for k in row if k.startswith("engine_vs_") or k == "engine_eval_share"] + ["load_avg_1min"]
             print(format_table(rows[-1:], cols), flush=True)
-    write_rows(a.out, rows, meta=environment("cpu"))
+            write_rows(a.out, rows, meta=environment("cpu"))  # after every row: an interrupted run keeps its rows
     print(f"wrote {a.out}")
     return 0
 
