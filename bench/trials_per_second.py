@@ -1,19 +1,31 @@
-"""Trials per second: vmapped trials with one fused optimizer step against
-one-at-a-time training with torch.optim.SGD, on the MNIST-1D MLP.
+"""Trials per second: the trial engine and the vmap path against one-at-a-time training.
 
-    python bench/trials_per_second.py --trials 32 --batch-size 64 --steps 100
+    python bench/trials_per_second.py --threads 2
 
-Both sides train the same trials (same seeds, hyperparameters, batches) for
---steps steps and evaluate on the validation split at the same steps
-(every doubling of the step count); a "trial" here is one such run. The
-vmapped side is fastsgd.study.steps.trials.run_trials (the study's engine); the
-baseline is a plain loop per trial with torch.optim.SGD(nesterov=True).
-Writes bench/results/trials_per_second.json (or --out).
+For each workload (MNIST-1D MLP and CNN) and batch size, three ways train the
+same trials (same seeds, hyperparameters and batches) for --steps steps and
+evaluate on the validation split at steps 0, 1, 2, 4, 8, ... (--eval-ratio):
+
+  engine         fastsgd.study.steps.trials.run_trials with the trial engine (the study's path)
+  vmap           run_trials with engine="vmap" (the path models that do not convert take)
+  one_at_a_time  a plain loop per trial: model, torch.optim.SGD(nesterov=True), eval mode for evaluation
+
+A "trial" is one such run; trials/s = trials / wall seconds. One-at-a-time
+cost grows linearly with the number of trials, so it runs --baseline-trials of
+them and its rate is scaled from those. The three are interleaved in each of
+--reps rounds, so a disturbance on a shared machine hits them alike; each row
+gives the median of the rounds, the paired ratios (median over rounds of
+one_at_a_time time per trial / engine time per trial, wall and CPU time) and
+the engine's evaluation share (seconds in evaluation / total).
+
+Writes bench/results/trials_per_second.json (or --out) with the environment
+(device, versions, threads, date, commit) in "meta".
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -21,90 +33,113 @@ import torch
 
 from fastsgd.backends import get_backend
 from fastsgd.measure import environment, write_rows
+from fastsgd.study.tables import format_table
 from fastsgd.study.steps import search
 from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.data import restrict_eval_sets
+from fastsgd.study.steps.engine import batch_indices, trial_keys
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, evaluation_steps, run_trials
-from fastsgd.study.tables import format_table
 
-EVAL_RATIO = 2.0  # evaluate at steps 0, 1, 2, 4, 8, ...: the benchmark is about training throughput
+CPU = torch.device("cpu")
 
 
 def specs_for(n: int, seed: int):
-    # Moderate hyperparameters (no divergence), so both sides do exactly the same work.
-    space = {"lr": {"low": 0.01, "high": 0.3, "scale": "log"}, "one_minus_momentum": {"low": 0.05, "high": 0.5,
-                                                                                      "scale": "log"}}
+    # Moderate hyperparameters (no divergence), so every method does exactly the same work.
+    space = {"lr": {"low": 0.01, "high": 0.3, "scale": "log"},
+             "one_minus_momentum": {"low": 0.05, "high": 0.5, "scale": "log"}}
     pts = search.sobol_points(space, n, seed=seed)
     return [TrialSpec(i, s, search.hparams(p, space)) for i, (p, s) in
             enumerate(zip(pts, search.trial_seeds(seed, 0, n)))]
 
 
-def one_at_a_time(workload, specs, batch_size: int, steps: int) -> None:
-    evals = set(evaluation_steps(steps, EVAL_RATIO))
+def one_at_a_time(workload, specs, batch_size: int, steps: int, eval_ratio: float) -> None:
+    """What a user without the engine writes: one model and optimizer per trial, the same batches."""
+    evals = set(evaluation_steps(steps, eval_ratio))
+    x_train, y_train = workload.train_data
     for spec in specs:
         torch.manual_seed(spec.seed)
         model = workload.make_model()
         opt = torch.optim.SGD(model.parameters(), lr=spec.hparams["lr"], momentum=spec.hparams["momentum"],
                               nesterov=True)
-        gen = torch.Generator().manual_seed(data_seed(spec.seed))
+        key = trial_keys([data_seed(spec.seed)])
         for t in range(steps + 1):
             if t in evals:
-                workload.evaluate(model, torch.device("cpu"))
+                model.eval()
+                workload.evaluate(model, CPU)
+                model.train()
             if t == steps:
                 break
-            x, y = workload.sample_batch(batch_size, gen, torch.device("cpu"))
+            idx = batch_indices(key, t, batch_size, len(x_train))[0]
             opt.zero_grad(set_to_none=True)
-            workload.loss(model(x), y).backward()
+            workload.loss(model(x_train[idx]), y_train[idx]).backward()
             opt.step()
 
 
-def vmapped(workload, specs, batch_size: int, steps: int) -> None:
-    run_trials(workload, specs, RunSettings(batch_size=batch_size, max_steps=steps, optimizer="nesterov",
-                                            eval_ratio=EVAL_RATIO))
+def batched(engine: str, stats: dict):
+    def run(workload, specs, batch_size: int, steps: int, eval_ratio: float) -> None:
+        run_trials(workload, specs, RunSettings(batch_size=batch_size, max_steps=steps, optimizer="nesterov",
+                                                eval_ratio=eval_ratio, engine=engine), stats=stats)
+    return run
 
 
-def best_of(fn, reps: int):
-    """(wall seconds, CPU seconds of this process) of the least disturbed of ``reps`` runs.
-    On a shared machine the CPU time is the steadier figure (it excludes time
-    spent waiting for a core); both are reported."""
-    best = None
-    for _ in range(reps):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        t = (time.perf_counter() - w0, time.process_time() - c0)
-        best = t if best is None or t[0] < best[0] else best
-    return best
+def timed(fn, *args):
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", default="mnist1d-mlp")
-    p.add_argument("--trials", type=int, default=32)
-    p.add_argument("--batch-sizes", default="64,1024", help="comma-separated")
+    p.add_argument("--workloads", default="mnist1d-mlp,mnist1d-cnn", help="comma-separated")
+    p.add_argument("--trials", type=int, default=32, help="trials trained together by the batched methods")
+    p.add_argument("--baseline-trials", type=int, default=4, help="trials the one-at-a-time loop runs (rate scaled)")
+    p.add_argument("--batch-sizes", default="8,64,256,1024", help="comma-separated")
     p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--eval-ratio", type=float, default=2.0)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--methods", default="engine,vmap,one_at_a_time", help="comma-separated subset")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join("bench", "results", "trials_per_second.json"))
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    workload = restrict_eval_sets(get_workload(a.workload), ["val"])
+    torch.set_num_threads(a.threads)
     specs = specs_for(a.trials, seed=0)
-    backend = get_backend("auto", torch.device("cpu"), {torch.float32}).NAME
+    backend = get_backend("auto", CPU, {torch.float32}).NAME
+    methods = a.methods.split(",")
     rows = []
-    for bs in (int(b) for b in a.batch_sizes.split(",")):
-        vmapped(workload, specs[:2], bs, 2)  # warm-up (first vmap call, allocator)
-        (t_vmap, c_vmap) = best_of(lambda: vmapped(workload, specs, bs, a.steps), a.reps)
-        (t_one, c_one) = best_of(lambda: one_at_a_time(workload, specs, bs, a.steps), a.reps)
-        rows.append({"workload": a.workload, "batch_size": bs, "trials": a.trials, "steps": a.steps,
-                     "vmapped_s": t_vmap, "one_at_a_time_s": t_one, "vmapped_cpu_s": c_vmap, "one_at_a_time_cpu_s": c_one,
-                     "vmapped_trials_per_s": a.trials / t_vmap, "one_at_a_time_trials_per_s": a.trials / t_one,
-                     "speedup": t_one / t_vmap, "speedup_cpu_time": c_one / c_vmap,
-                     "backend": backend, "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]})
-        print(format_table(rows[-1:], ["batch_size", "trials", "steps", "vmapped_trials_per_s",
-                                       "one_at_a_time_trials_per_s", "speedup", "speedup_cpu_time", "backend"]),
-              flush=True)
-    write_rows(a.out, rows, meta=environment("cpu"))
+    for name in a.workloads.split(","):
+        workload = restrict_eval_sets(get_workload(name), ["val"])
+        for bs in (int(b) for b in a.batch_sizes.split(",")):
+            stats = {}
+            runs = {"engine": (batched("engine", stats), specs), "vmap": (batched("vmap", {}), specs),
+                    "one_at_a_time": (one_at_a_time, specs[:a.baseline_trials])}
+            for m in methods:  # warm-up: first calls, allocator, vmap/fx tracing
+                runs[m][0](workload, runs[m][1][:2], bs, 2, a.eval_ratio)
+            per_trial = {m: [] for m in methods}  # (wall, cpu) seconds per trial, one entry per round
+            eval_share = []
+            for _ in range(a.reps):
+                for m in methods:
+                    fn, trial_specs = runs[m]
+                    wall, cpu = timed(fn, workload, trial_specs, bs, a.steps, a.eval_ratio)
+                    per_trial[m].append((wall / len(trial_specs), cpu / len(trial_specs)))
+                    if m == "engine":
+                        eval_share.append(stats["eval_seconds"] / stats["total_seconds"])
+            row = {"workload": name, "batch_size": bs, "trials": a.trials, "baseline_trials": a.baseline_trials,
+                   "steps": a.steps, "eval_ratio": a.eval_ratio, "reps": a.reps}
+            for m in methods:
+                row[f"{m}_trials_per_s"] = 1.0 / statistics.median(w for w, _ in per_trial[m])
+            for m in methods:
+                if m != "engine" and "engine" in methods:
+                    pairs = list(zip(per_trial[m], per_trial["engine"]))
+                    row[f"engine_vs_{m}"] = statistics.median(o[0] / e[0] for o, e in pairs)
+                    row[f"engine_vs_{m}_cpu_time"] = statistics.median(o[1] / e[1] for o, e in pairs)
+            if eval_share:
+                row["engine_eval_share"] = statistics.median(eval_share)
+            row.update(backend=backend, threads=torch.get_num_threads(), load_avg_1min=os.getloadavg()[0])
+            rows.append(row)
+            cols = ["workload", "batch_size"] + [f"{m}_trials_per_s" for m in methods] + \
+                [k for k in row if k.startswith("engine_vs_") or k == "engine_eval_share"] + ["load_avg_1min"]
+            print(format_table(rows[-1:], cols), flush=True)
+            write_rows(a.out, rows, meta=environment("cpu"))  # after every row: an interrupted run keeps its rows
     print(f"wrote {a.out}")
     return 0
 

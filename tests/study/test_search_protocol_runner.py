@@ -96,8 +96,7 @@ def test_pruning_cap_is_the_kth_best_of_the_other_trials(tmp_path, monkeypatch):
     study(tmp_path, monkeypatch, checking, reseeds=0)
     caps = [s.step_cap for s, _ in engine.calls]
     assert caps == expected and any(c is not None for c in caps)  # the cap was in force at least once
-    if runner._ENGINE_KEEPS_TOP:
-        assert all(s.keep_top == 2 for s, _ in engine.calls)
+    assert all(s.keep_top == 2 for s, _ in engine.calls)
 
 
 def test_top_ups_continue_the_batch_sizes_sobol_sequence_until_enough_trials_trained(tmp_path, monkeypatch):

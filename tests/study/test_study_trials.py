@@ -1,4 +1,4 @@
-"""Vmapped trials: the same curves as one-at-a-time training, drop-out without
+"""Batched trials (the trial engine and the vmap path): the same curves as one-at-a-time training, drop-out without
 disturbing the others, stopping rules and lr schedules."""
 
 import pytest
@@ -6,7 +6,16 @@ import torch
 
 from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED
-from fastsgd.study.steps.trials import RunSettings, TrialSpec, _Schedules, run_trials, train_single
+from fastsgd.study.steps.trials import RunSettings, TrialSpec, _Schedules, pruning_cap, run_trials, train_single
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one thread avoids OpenMP spin-waits that make these tests slow on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +28,7 @@ def assert_same_curves(a, b, rtol=1e-4, atol=1e-5):
     assert a.outcome == b.outcome and a.steps_to_result == b.steps_to_result
     for k in b.metrics:
         torch.testing.assert_close(torch.tensor(a.metrics[k]), torch.tensor(b.metrics[k]), rtol=rtol, atol=atol,
-                                   equal_nan=True, msg=lambda m: f"trial {a.spec.trial_id} metric {k}: {m}")
+                                   equal_nan=True, msg=lambda m, k=k: f"trial {a.spec.trial_id} metric {k}: {m}")
 
 
 SPECS = [
@@ -31,20 +40,24 @@ SPECS = [
 ]
 
 
+@pytest.mark.parametrize("engine", ["engine", "vmap"])
 @pytest.mark.parametrize("optimizer", ["nesterov", "sgd"])
-def test_vmapped_equals_one_at_a_time(workload, optimizer):
+def test_batched_equals_one_at_a_time(workload, optimizer, engine):
     specs = SPECS if optimizer != "sgd" else [TrialSpec(s.trial_id, s.seed, dict(s.hparams, momentum=0.0))
                                               for s in SPECS]
-    settings = RunSettings(batch_size=24, max_steps=25, optimizer=optimizer, goal=None)
-    stacked = run_trials(workload, specs, settings)
+    settings = RunSettings(batch_size=24, max_steps=25, optimizer=optimizer, goal=None, engine=engine)
+    stats = {}
+    stacked = run_trials(workload, specs, settings, stats=stats)
+    assert stats["path"] == {"engine": "TrialEngine", "vmap": "_Stack"}[engine]
     for res, spec in zip(stacked, specs):
         assert_same_curves(res, train_single(workload, spec, settings))
     assert stacked[3].outcome == INFEASIBLE and stacked[3].end_step < 10
     assert {r.outcome for i, r in enumerate(stacked) if i != 3} == {BUDGET}
 
 
-def test_dropping_trials_does_not_disturb_others(workload):
-    settings = RunSettings(batch_size=16, max_steps=20, optimizer="momentum", goal=None)
+@pytest.mark.parametrize("engine", ["engine", "vmap"])
+def test_dropping_trials_does_not_disturb_others(workload, engine):
+    settings = RunSettings(batch_size=16, max_steps=20, optimizer="momentum", goal=None, engine=engine)
     alone = run_trials(workload, [SPECS[0], SPECS[2]], settings)
     with_diverging = run_trials(workload, SPECS[:4], settings)
     assert_same_curves(with_diverging[0], alone[0])
@@ -54,7 +67,8 @@ def test_dropping_trials_does_not_disturb_others(workload):
 def test_goal_and_pruning(workload):
     wl = workload
     assert set(digits_mlp().eval_data) == {"val", "train"} and set(wl.eval_data) == {"val"}
-    settings = RunSettings(batch_size=32, max_steps=300, optimizer="nesterov", goal=0.5, goal_metric="val_error")
+    settings = RunSettings(batch_size=32, max_steps=300, optimizer="nesterov", goal=0.5, goal_metric="val_error",
+                           keep_top=1)
     specs = [TrialSpec(0, 1, {"lr": 0.5, "momentum": 0.9}), TrialSpec(1, 2, {"lr": 0.001, "momentum": 0.0})]
     fast, slow = run_trials(wl, specs, settings)
     assert fast.outcome == GOAL and fast.metrics["val_error"][-1] < 0.5
@@ -66,6 +80,19 @@ def test_goal_and_pruning(workload):
     capped = run_trials(wl, specs[1:], RunSettings(batch_size=32, max_steps=300, optimizer="nesterov", goal=0.5,
                                                     step_cap=12))
     assert capped[0].outcome == PRUNED and capped[0].end_step == 12
+    # keep_top=2: the slow trial runs on until a second trial has finished (the default keeps the top 5)
+    third = TrialSpec(2, 3, {"lr": 0.3, "momentum": 0.9})
+    top2 = run_trials(wl, specs + [third], RunSettings(batch_size=32, max_steps=300, optimizer="nesterov", goal=0.5,
+                                                       keep_top=2))
+    assert top2[0].outcome == GOAL and top2[2].outcome == GOAL
+    second = max(top2[0].steps_to_result, top2[2].steps_to_result)
+    assert top2[1].outcome == PRUNED and top2[1].end_step == second
+
+
+def test_pruning_cap():
+    assert pruning_cap(None, [], 1) is None and pruning_cap(None, [30, 10], 3) is None
+    assert pruning_cap(None, [30, 10, 20], 1) == 10 and pruning_cap(None, [30, 10, 20], 2) == 20
+    assert pruning_cap(15, [30, 10], 2) == 15 and pruning_cap(40, [30, 10], 2) == 30 and pruning_cap(7, [], 5) == 7
 
 
 def test_reproducible_from_seed(workload):
@@ -93,5 +120,9 @@ def test_settings_errors():
         RunSettings(batch_size=8, max_steps=10, optimizer="adam")
     with pytest.raises(ValueError, match="eval_ratio"):
         RunSettings(batch_size=8, max_steps=10, eval_ratio=1.0)
+    with pytest.raises(ValueError, match="keep_top must be >= 1"):
+        RunSettings(batch_size=8, max_steps=10, keep_top=0)
+    with pytest.raises(ValueError, match="Invalid engine: 'jit'"):
+        RunSettings(batch_size=8, max_steps=10, engine="jit")
     with pytest.raises(ValueError, match="momentum != 0"):
         run_trials(digits_mlp(), [SPECS[0]], RunSettings(batch_size=8, max_steps=2, optimizer="sgd"))

@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from fastsgd.measure import strict_json
@@ -213,10 +213,6 @@ class _Progress:
         self.progress.close()
 
 
-# RunSettings.keep_top comes with the top-k pruning engine; an engine without it prunes at the best trial.
-_ENGINE_KEEPS_TOP = "keep_top" in {f.name for f in fields(RunSettings)}
-
-
 def _trial(index: int, hp: Dict[str, float], seed: int, space, *, role: str = "search", point=None,
            base_trial: Optional[int] = None, max_steps: int, goal_stop: bool, prune: bool) -> Dict[str, object]:
     """The attributes of one enqueued trial (fastsgd.study.steps.storage.RUN_ATTRS)."""
@@ -291,11 +287,10 @@ class _BatchSize:
             ids = {spec.trial_id for _, spec in part}
             cap = search.kth_best_steps([r for r in self.records() if r.trial_id not in ids], config.keep_top,
                                         goal, self.metric, config.higher_is_better)
-        extra = {"keep_top": config.keep_top} if _ENGINE_KEEPS_TOP else {}
         settings = RunSettings(batch_size=self.bs, max_steps=max_steps, optimizer=config.optimizer, goal=goal,
                                goal_metric=self.metric, higher_is_better=config.higher_is_better, step_cap=cap,
                                prune=prune, divergence_factor=config.divergence_factor,
-                               eval_ratio=config.eval_ratio, backend=config.backend, **extra)
+                               eval_ratio=config.eval_ratio, backend=config.backend, keep_top=config.keep_top)
         by_id = {spec.trial_id: trial for trial, spec in part}
         running = [len(part)]
 

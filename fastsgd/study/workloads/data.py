@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +57,7 @@ class DataWorkload(Workload):
 
     eval_data: Dict[str, Tuple[Tensor, Tensor]] = field(default_factory=dict)
     metrics: Callable[[Tensor, Tensor], Dict[str, Tensor]] = None
+    train_data: Optional[Tuple[Tensor, Tensor]] = None  # (inputs, targets): trial batches are drawn from it by index
 
 
 def classification_metrics(outputs: Tensor, targets: Tensor) -> Dict[str, Tensor]:
@@ -97,6 +97,7 @@ def make_data_workload(name: str, make_model: Callable[[], nn.Module], x_train: 
         name=name, make_model=make_model, sample_batch=sample_batch, loss=F.cross_entropy,
         evaluate=functools.partial(_evaluate, eval_data, classification_metrics),
         goal_metric=goal_metric, goal=goal, eval_data=eval_data, metrics=classification_metrics,
+        train_data=(x_train, y_train),
         info=dict(info or {}, train_size=n, val_size=len(x_val)))
 
 
