@@ -21,7 +21,8 @@ Providers (one module each, all trained in train mode on the same tensor):
 
 Each provider is timed as one call of: forward, backward with a fixed
 upstream gradient, synchronised; providers take turns in interleaved rounds
-and the table shows the median and 20/80 % quantiles (fastsgd.measure). ``x_bn`` is the time over bn_full's, ``chunk_speedup`` the
+and the table shows the median and 20/80 % quantiles (fastsgd.measure). ``x_bn`` is the time over
+bn_full's, ``chunk_speedup`` the
 chunk loop's time over this one. Targets (issue 4): GPU fastsgd <= 1.25x
 bn_full and >= 4x faster than chunk_loop at N=1024; CPU fastsgd <= 1.5x
 bn_full.

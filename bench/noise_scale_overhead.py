@@ -7,7 +7,8 @@ accumulated gradient and the 0-dim EMA update per step; no host sync). The two v
 are timed in alternating rounds so that a noisy shared machine affects both alike; the
 overhead is the ratio of the medians over rounds. On CPU the default clock is the process's
 CPU time (``time.process_time``, all threads), which other users of a shared machine
-disturb far less than wall time; ``--clock wall`` for wall time (the default on GPU). Also times the data-parallel source
+disturb far less than wall time; ``--clock wall`` for wall time (the default on GPU). Also times the
+data-parallel source
 alone (``update_from_distributed`` with two precomputed scalars), which is what a
 data-parallel run pays on top of the squared norms its all-reduce wrapper provides.
 

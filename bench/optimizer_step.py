@@ -57,8 +57,7 @@ import layouts  # noqa: E402
 
 import fastsgd  # noqa: E402
 from fastsgd import backends  # noqa: E402
-from fastsgd.measure import environment, memory_bandwidth, quantiles, synchronize  # noqa: E402
-from fastsgd.measure import time_fn, write_rows  # noqa: E402
+from fastsgd.measure import environment, memory_bandwidth, quantiles, synchronize, time_fn, write_rows  # noqa: E402  # noqa: E402
 from fastsgd.study.tables import format_table  # noqa: E402
 
 OPTIMIZERS = ("nesterov", "lars", "lamb")

@@ -33,12 +33,12 @@ import torch
 
 from fastsgd.backends import get_backend
 from fastsgd.measure import environment, write_rows
-from fastsgd.study.tables import format_table
 from fastsgd.study.steps import search
-from fastsgd.study.workloads import get_workload
-from fastsgd.study.workloads.data import restrict_eval_sets
 from fastsgd.study.steps.engine import batch_indices, trial_keys
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, evaluation_steps, run_trials
+from fastsgd.study.tables import format_table
+from fastsgd.study.workloads import get_workload
+from fastsgd.study.workloads.data import restrict_eval_sets
 
 CPU = torch.device("cpu")
 

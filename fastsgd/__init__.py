@@ -6,8 +6,8 @@
 - fastsgd.study: step time and steps-to-result against batch size, critical batch size
 """
 from fastsgd.backends import BackendUnavailable, available_backends
-from fastsgd.optim import LAMB, LARS, SGD, Momentum, Nesterov, param_groups
 from fastsgd.noise_scale import GradientNoiseScale
+from fastsgd.optim import LAMB, LARS, SGD, Momentum, Nesterov, param_groups
 
 __version__ = "0.1.0"
 

@@ -49,8 +49,8 @@ def _check_batches(small_batch: float, big_batch: float) -> None:
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a positive finite number of examples, got {v!r}")
     if not small_batch < big_batch:
-        raise ValueError(f"the two batch sizes must satisfy small_batch < big_batch, got "
-                         f"small_batch={small_batch!r}, big_batch={big_batch!r} (equal sizes carry no noise information)")
+        raise ValueError(f"the two batch sizes must satisfy small_batch < big_batch, got small_batch="
+                         f"{small_batch!r}, big_batch={big_batch!r} (equal sizes carry no noise information)")
 
 
 def two_batch_estimates(small_sq_norm: Number, small_batch: float, big_sq_norm: Number, big_batch: float):

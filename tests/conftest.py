@@ -27,7 +27,6 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
-
 import requirements  # noqa: E402
 
 

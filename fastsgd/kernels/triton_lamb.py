@@ -18,8 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import (COL_NUMEL, address, load_f32, load_hparam, program_chunk,
-                                           step_skipped)
+from fastsgd.kernels.triton_common import COL_NUMEL, address, load_f32, load_hparam, program_chunk, step_skipped
 
 
 @triton.jit

@@ -17,8 +17,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import (COL_FIRST_PROGRAM, COL_NUM_PROGRAMS, COL_NUMEL, TABLE_WIDTH, address,
-                                           load_f32, load_hparam, program_chunk, step_skipped)
+from fastsgd.kernels.triton_common import (
+    COL_FIRST_PROGRAM,
+    COL_NUM_PROGRAMS,
+    COL_NUMEL,
+    TABLE_WIDTH,
+    address,
+    load_f32,
+    load_hparam,
+    program_chunk,
+    step_skipped,
+)
 
 
 @triton.jit

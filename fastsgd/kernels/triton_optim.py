@@ -65,10 +65,10 @@ except ImportError as exc:  # the registry reports this through unavailable_reas
 if _IMPORT_ERROR is None:
     from fastsgd.kernels import triton_common as common
     from fastsgd.kernels import triton_table
-    from fastsgd.kernels.triton_table import TensorTable, addresses_of
     from fastsgd.kernels.triton_lamb import lamb_kernel
     from fastsgd.kernels.triton_norms import lars_partials_kernel, trust_ratio_kernel
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
+    from fastsgd.kernels.triton_table import TensorTable, addresses_of
 
 from fastsgd.kernels.contract import Capabilities
 from fastsgd.kernels.table_cache import TableCache

@@ -17,8 +17,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastsgd.kernels.triton_common import (COL_FLAG, COL_NUMEL, address, advance_rng, load_f32, load_hparam,
-                                           program_chunk, step_skipped, store_rounded)
+from fastsgd.kernels.triton_common import (
+    COL_FLAG,
+    COL_NUMEL,
+    address,
+    advance_rng,
+    load_f32,
+    load_hparam,
+    program_chunk,
+    step_skipped,
+    store_rounded,
+)
 
 
 @triton.jit

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["save", "steps_with_intervals", "b_crit_against_goal", "contour_figure", "effective_lr_figure", "write_study_figures", "best_curve",
-           "throughput_figure", "time_to_result_figure", "whatif_figure", "noise_prediction_figure"]
+__all__ = ["save", "steps_with_intervals", "b_crit_against_goal", "contour_figure", "effective_lr_figure",
+           "write_study_figures", "best_curve", "throughput_figure", "time_to_result_figure", "whatif_figure",
+           "noise_prediction_figure"]
 
 
 def _figure(figsize, **kwargs):

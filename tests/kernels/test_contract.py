@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import importlib
 
+import kernel_cases as K
 import pytest
 import torch
 
-import kernel_cases as K
 from fastsgd import backends
 from fastsgd.kernels import contract, reference
 

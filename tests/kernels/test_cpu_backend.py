@@ -1,13 +1,12 @@
 """The fused C++ CPU backend (fastsgd.kernels.cpu) against the reference."""
 import os
 
+import kernel_cases as kc
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import kernel_cases as kc
 
 import fastsgd
 from fastsgd._native import native
@@ -212,8 +211,9 @@ def test_errors_before_any_change():
     p, q = torch.randn(6), torch.randn(6)
     g = torch.randn(6)
     b = torch.zeros(6)
-    sgd = lambda **kw: cpu.sgd_step(**{**dict(params=[p, q], grads=[g, g], bufs=[b, b.clone()], lr=0.1,
-                                             **_sgd_args(momentum=0.9)), **kw})
+    def sgd(**kw):
+        return cpu.sgd_step(**{**dict(params=[p, q], grads=[g, g], bufs=[b, b.clone()], lr=0.1,
+                                                 **_sgd_args(momentum=0.9)), **kw})
     _unchanged_after(lambda: sgd(grads=[g, torch.randn(3, 2)]), [p, q, b], ValueError, r"grads\[1\] has shape")
     _unchanged_after(lambda: sgd(grads=[g]), [p, q, b], ValueError, "grads has 1 tensors")
     _unchanged_after(lambda: sgd(grads=[g, g.double()]), [p, q, b], ValueError, r"grads\[1\] has dtype")

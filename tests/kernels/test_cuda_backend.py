@@ -20,11 +20,11 @@ import glob
 import os
 import shutil
 
+import kernel_cases as kc
 import pytest
+import requirements
 import torch
 
-import kernel_cases as kc
-import requirements
 from fastsgd import backends
 from fastsgd._native import native
 from fastsgd.kernels import cuda as ck

@@ -13,14 +13,13 @@ import os
 import subprocess
 import sys
 
+import kernel_cases as K
 import pytest
+import requirements
 import torch
 
 import fastsgd
 from fastsgd.backends import get_backend
-
-import kernel_cases as K
-import requirements
 
 HAS_CUDA = requirements.HAS_GPU
 requires_cuda = pytest.mark.gpu

@@ -280,7 +280,7 @@ def test_stochastic_rounding_through_the_optimizer():
     params["reference"].data.copy_(params["triton"].data)
     opts = {b: fastsgd.SGD([p], lr=0.1, momentum=0.9, momentum_dtype=torch.bfloat16, stochastic_rounding=True,
                            backend=b) for b, p in params.items()}
-    for step in range(3):
+    for _step in range(3):
         grad = torch.randn(129)
         for b, p in params.items():
             p.grad = grad.clone()

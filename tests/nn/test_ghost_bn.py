@@ -20,8 +20,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from fastsgd.nn import (GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, convert_ghost_batch_norm,
-                        ghost_batch_norm, revert_ghost_batch_norm)
+from fastsgd.nn import (
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    convert_ghost_batch_norm,
+    ghost_batch_norm,
+    revert_ghost_batch_norm,
+)
 from fastsgd.nn.ghost_bn_reference import ghost_batch_norm_reference
 
 TOL = {

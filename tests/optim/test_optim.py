@@ -71,7 +71,8 @@ def test_sgd_matches_torch_over_50_steps_with_scheduler(backend, cfg):
     o_ref = torch.optim.SGD(two_groups(m_ref, 0.05), lr=0.05, weight_decay=cfg.get("weight_decay", 0),
                             **{k: v for k, v in cfg.items() if k != "weight_decay"})
     o_fast = fastsgd.SGD(two_groups(m_fast, 0.05), lr=0.05, backend=backend, **cfg)
-    warm = lambda step: min(1.0, (step + 1) / 10) * 0.5 ** (step // 20)  # warm-up, then decay
+    def warm(step):
+        return min(1.0, (step + 1) / 10) * 0.5 ** (step // 20)  # warm-up, then decay
     s_ref = torch.optim.lr_scheduler.LambdaLR(o_ref, warm)
     s_fast = torch.optim.lr_scheduler.LambdaLR(o_fast, warm)
     sign = -1.0 if cfg.get("maximize") else 1.0
@@ -379,7 +380,7 @@ def test_available_backends_lists_every_backend_with_reason_or_none():
     av = fastsgd.available_backends()
     assert set(av) == {"reference", "cpu", "triton", "cuda"}
     assert av["reference"] is None
-    for name, reason in av.items():
+    for _name, reason in av.items():
         assert reason is None or (isinstance(reason, str) and reason)
 
 

@@ -6,8 +6,8 @@ import argparse
 import importlib.util
 import io
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys

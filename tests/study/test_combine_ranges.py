@@ -8,8 +8,14 @@ import pytest
 
 from fastsgd.study.combine.noise_prediction import predict_critical_batch
 from fastsgd.study.combine.report import build_report, render_markdown
-from fastsgd.study.combine.time_to_result import (StepsCurve, StepTimeCurve, StudyData, ThroughputData, combine,
-                                          load_study)
+from fastsgd.study.combine.time_to_result import (
+    StepsCurve,
+    StepTimeCurve,
+    StudyData,
+    ThroughputData,
+    combine,
+    load_study,
+)
 from fastsgd.study.combine.whatif import CommModel, what_if
 
 STEPS = StepsCurve(50.0, 50.0 * 256)     # B_crit 256

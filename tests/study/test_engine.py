@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastsgd.study.workloads.data import make_data_workload, restrict_eval_sets
-from fastsgd.study.steps.engine import NotConvertible, StepContext, batch_indices, convert, trial_keys
 from fastsgd.study.steps.analysis import INFEASIBLE
+from fastsgd.study.steps.engine import NotConvertible, StepContext, batch_indices, convert, trial_keys
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, run_trials, train_single
+from fastsgd.study.workloads.data import make_data_workload, restrict_eval_sets
 
 FEATURES, CLASSES, VOCAB = 16, 3, 11
 

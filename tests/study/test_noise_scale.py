@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fastsgd.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, to_floats, two_batch_estimates
 from fastsgd.study.workloads.least_squares import GaussianLeastSquares, least_squares_workload, power_law_spectrum
-from fastsgd.noise_scale import GradientNoiseScale, NoiseScaleAccumulator, two_batch_estimates, to_floats
 
 
 def _problem(noise_std: float = 0.0, dim: int = 16) -> GaussianLeastSquares:
@@ -89,7 +89,7 @@ def test_ema_is_bias_corrected_and_divides_averages():
 def test_bad_inputs_have_clear_errors():
     ns = GradientNoiseScale()
     with pytest.raises(RuntimeError, match="no updates"):
-        ns.b_simple
+        _ = ns.b_simple
     with pytest.raises(ValueError, match="small_batch < big_batch"):
         ns.update(1.0, 8, 1.0, 8)
     with pytest.raises(ValueError, match="small_batch must be a positive"):

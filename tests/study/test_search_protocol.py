@@ -9,9 +9,9 @@ import os
 import pytest
 
 from fastsgd.study.steps import search
+from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
 from fastsgd.study.steps.batch_science import export_records, import_records
 from fastsgd.study.steps.runner import StudyConfig, analyze_study, protocol_report, summary_table
-from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord
 from fastsgd.study.steps.storage import StudyStorage
 from fastsgd.study.steps.trials import TrialResult
 

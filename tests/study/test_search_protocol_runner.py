@@ -8,8 +8,8 @@ import math
 import pytest
 
 from fastsgd.study.steps import runner, search
-from fastsgd.study.steps.runner import StudyConfig, open_storage, run_study
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED
+from fastsgd.study.steps.runner import StudyConfig, open_storage, run_study
 from fastsgd.study.steps.trials import TrialResult, evaluation_steps
 from fastsgd.study.workloads.base import Workload
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fastsgd.study.steps import runner, search
-from fastsgd.study.steps.runner import StudyConfig, open_storage, run_study
 from fastsgd.study.steps.analysis import BUDGET, INFEASIBLE, trial_steps_to_result
+from fastsgd.study.steps.runner import StudyConfig, open_storage, run_study
 
 SPACE = {"lr": {"low": 0.05, "high": 0.5, "scale": "log"}, "one_minus_momentum": {"low": 0.1, "high": 0.5, "scale": "log"}}
 CONFIG = dict(workload="digits-mlp", optimizer="nesterov", batch_sizes=[32, 128], trials=2, max_trials=4, keep_top=2,
@@ -80,8 +80,8 @@ class SimulatedKill(RuntimeError):
 def test_top_ups_and_budget_stages_resume_after_a_kill_to_the_same_study(tmp_path, monkeypatch):
     """Least squares diverges above lr ~ 2/lambda_max: half the space diverges, so the search tops up; a kill
     in the middle of the stages must resume to exactly the records of an uninterrupted study."""
-    from fastsgd.study.workloads.least_squares import least_squares_workload
     from fastsgd.study.steps.storage import StudyStorage
+    from fastsgd.study.workloads.least_squares import least_squares_workload
 
     def make(out):
         return StudyConfig(out=str(out), workload="least-squares", optimizer="sgd", batch_sizes=[4], trials=4,

@@ -7,10 +7,19 @@ import numpy as np
 import pytest
 
 from fastsgd.study.steps import search
+from fastsgd.study.steps.analysis import (
+    BUDGET,
+    GOAL,
+    INFEASIBLE,
+    PRUNED,
+    TrialRecord,
+    analyze,
+    batch_size_steps_to_result,
+    fit_scaling,
+    golmant_goal,
+    trial_steps_to_result,
+)
 from fastsgd.study.steps.batch_science import export_records, import_records
-from fastsgd.study.steps.analysis import (BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord, analyze,
-                                           batch_size_steps_to_result, fit_scaling, golmant_goal,
-                                           trial_steps_to_result)
 from fastsgd.study.steps.trials import evaluation_steps, next_eval_step
 
 
@@ -173,7 +182,8 @@ def test_batch_science_round_trip(tmp_path):
     assert (tmp_path / "mnist1d" / "mlp" / "nesterov" / "16" / "1" / "measurements.csv").exists()
     studies, back = import_records(base)
     assert set(studies) == {16, 256} and studies[16]["goal"] == 0.2 and studies[16]["batch_size"] == 16
-    key = lambda r: (r.batch_size, r.trial_id)
+    def key(r):
+        return (r.batch_size, r.trial_id)
     for a, b in zip(sorted(recs, key=key), sorted(back, key=key)):
         assert (a.batch_size, a.trial_id, a.seed, a.hparams, a.outcome, a.steps, a.max_steps) == \
                (b.batch_size, b.trial_id, b.seed, b.hparams, b.outcome, b.steps, b.max_steps)

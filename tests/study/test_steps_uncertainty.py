@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 
+from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord, analyze, steps_against_goal
 from fastsgd.study.steps.scaling import brackets, data_regions, fit_diagnostics, fit_once, runs_test_p
 from fastsgd.study.steps.uncertainty import PointData, bootstrap, replicate_point, spread
-from fastsgd.study.steps.analysis import (BUDGET, GOAL, INFEASIBLE, PRUNED, TrialRecord, analyze,
-                                           steps_against_goal)
 
 S_MIN, E_MIN = 50.0, 50.0 * 256          # B_crit = 256
 BS = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]

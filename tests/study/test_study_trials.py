@@ -4,9 +4,9 @@ disturbing the others, stopping rules and lr schedules."""
 import pytest
 import torch
 
-from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, _Schedules, pruning_cap, run_trials, train_single
+from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from fastsgd.study import render
 from fastsgd.study.hardware.energy import EnergyMeter, PowerSampler, trapezoid_energy
 from fastsgd.study.hardware.fit import fit_step_time
-from fastsgd.study.optimizers import OPTIMIZERS, implementation, make_optimizer, parse_optimizer_spec
 from fastsgd.study.hardware.step_time import RECORD_KEYS, measure_step_times, write_results
+from fastsgd.study.optimizers import OPTIMIZERS, implementation, make_optimizer, parse_optimizer_spec
 from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
-from fastsgd.study import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "throughput.py")

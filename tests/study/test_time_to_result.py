@@ -9,9 +9,18 @@ import pytest
 
 from fastsgd.study import render
 from fastsgd.study.combine.noise_prediction import predict_critical_batch
-from fastsgd.study.combine.time_to_result import (StepsCurve, StepTimeCurve, StudyData, ThroughputData, combine,
-                                                  interpolate_loglog, load_study, load_throughput, optimal_batch_size,
-                                                  time_to_result_table)
+from fastsgd.study.combine.time_to_result import (
+    StepsCurve,
+    StepTimeCurve,
+    StudyData,
+    ThroughputData,
+    combine,
+    interpolate_loglog,
+    load_study,
+    load_throughput,
+    optimal_batch_size,
+    time_to_result_table,
+)
 from fastsgd.study.combine.whatif import CommModel, load_comm_model, step_time, what_if, whatif_table
 
 STEPS = StepsCurve(s_min=50.0, e_min=50.0 * 256)      # B_crit = 256
@@ -52,7 +61,7 @@ def test_combine_on_synthetic_curves():
     by_b = {r["batch_size"]: r for r in res.rows}
     assert by_b[8]["step_time_source"] == "interpolated"
     assert by_b[2048]["step_time_source"] == "fit (extrapolated)"
-    for b, r in by_b.items():
+    for _b, r in by_b.items():
         assert r["time_to_result_s"] == pytest.approx(r["steps"] * r["step_time_s"])
         # energy = 2 W x step time here, so energy to result = 2 x time to result
         if r["step_time_source"] != "fit (extrapolated)":

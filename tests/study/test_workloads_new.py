@@ -10,9 +10,8 @@ import uuid
 import pytest
 import torch
 
-from fastsgd.study.workloads import get_workload
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, run_trials, train_single
-from fastsgd.study.workloads import charlm
+from fastsgd.study.workloads import charlm, get_workload
 from fastsgd.study.workloads.loading import WorkloadError, load_workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

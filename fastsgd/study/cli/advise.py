@@ -134,7 +134,8 @@ def run_noise(args, workload, batch_size: int, summary: Optional[dict]) -> Dict[
 
 
 def run_study(args, spec: str, sizes: List[int], out_dir: str) -> Dict[str, Any]:
-    from fastsgd.study.steps.runner import StudyConfig, run_study as run
+    from fastsgd.study.steps.runner import StudyConfig
+    from fastsgd.study.steps.runner import run_study as run
 
     config = StudyConfig(out=out_dir, workload=spec, optimizer=args.optimizer, batch_sizes=sizes,
                          trials=args.study_trials, goal=args.goal, seed=args.seed, storage=args.storage,
@@ -211,8 +212,8 @@ def write_outputs(out_dir: str, doc: Dict[str, Any]) -> Dict[str, str]:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastsgd.measure import environment
-    from fastsgd.study.tables import format_table
     from fastsgd.study.combine.time_to_result import StepsCurve, StepTimeCurve
+    from fastsgd.study.tables import format_table
     from fastsgd.study.workloads import get_workload
 
     cli_args.set_threads(args.threads)

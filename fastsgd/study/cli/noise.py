@@ -33,8 +33,8 @@ import argparse
 import os
 import sys
 
-from fastsgd.study.cli import args as cli_args
 from fastsgd.noise_scale import NoiseScaleAccumulator
+from fastsgd.study.cli import args as cli_args
 from fastsgd.study.combine.noise_prediction import measure_noise_run, study_hparams
 from fastsgd.study.tables import format_table
 from fastsgd.study.workloads import get_workload
@@ -62,7 +62,7 @@ def measure(args) -> dict:
                                    seed=args.seed, device=args.device, study_summary=summary,
                                    progress=args.progress, hessian_every=args.hessian_every)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(str(e)) from None
     result["lr_source"] = lr_source
     if not result["reached_goal"]:
         print(f"goal {wl.goal} not reached in {args.max_steps} steps: no prediction (raise --max-steps or the lr)",

@@ -21,7 +21,6 @@ from fastsgd.study.combine.report import build_report, write_report
 from fastsgd.study.combine.time_to_result import load_study, load_throughput
 from fastsgd.study.combine.whatif import load_comm_model
 
-
 HELP = "combine a study, a throughput sweep and a noise-scale prediction into one report"
 
 

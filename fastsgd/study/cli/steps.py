@@ -43,10 +43,8 @@ import os
 import sys
 
 from fastsgd.study.cli import args as cli_args
-
 from fastsgd.study.steps.runner import GOAL_RULES, PROTOCOLS, StudyConfig, run_study
 from fastsgd.study.steps.search import OPTIMIZERS
-
 
 HELP = "steps to result against batch size (the algorithmic half)"
 

@@ -25,14 +25,15 @@ import torch
 
 from fastsgd.backends import BackendUnavailable
 from fastsgd.measure import device_name
-from fastsgd.study.cli import args as cli_args
-from fastsgd.study.progress import Progress
-from fastsgd.study.optimizers import OPTIMIZERS
-from fastsgd.study.hardware.step_time import StepTimeSweep, measure_step_times, write_results
-from fastsgd.study.workloads import WORKLOADS as DATA_WORKLOADS, get_workload, is_user_workload
-from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
 from fastsgd.study import render
+from fastsgd.study.cli import args as cli_args
+from fastsgd.study.hardware.step_time import StepTimeSweep, measure_step_times, write_results
+from fastsgd.study.optimizers import OPTIMIZERS
+from fastsgd.study.progress import Progress
 from fastsgd.study.tables import format_table
+from fastsgd.study.workloads import WORKLOADS as DATA_WORKLOADS
+from fastsgd.study.workloads import get_workload, is_user_workload
+from fastsgd.study.workloads.synthetic import WORKLOADS, synthetic_workload
 
 # Per device type: batch sizes, warm-up steps, minimum timed steps, seconds of timing per batch size.
 # The CPU values make the default run take about two minutes on 2 cores.

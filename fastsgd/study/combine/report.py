@@ -18,8 +18,14 @@ from typing import Any, Dict, List, Optional
 
 from fastsgd.measure import strict_json
 from fastsgd.study import render
-from fastsgd.study.combine.time_to_result import (StepsCurve, StudyData, ThroughputData, TimeToResult, combine,
-                                                  time_to_result_table)
+from fastsgd.study.combine.time_to_result import (
+    StepsCurve,
+    StudyData,
+    ThroughputData,
+    TimeToResult,
+    combine,
+    time_to_result_table,
+)
 from fastsgd.study.combine.whatif import CommModel, WhatIf, what_if, whatif_table
 from fastsgd.study.tables import format_table, format_value
 
@@ -191,8 +197,8 @@ def _headline(report: Report) -> List[tuple]:
             ("Best measured batch size (T)", f"{n.get('best_measured_batch_size')} "
                                               f"({_num(n.get('best_measured_time_s'))} s)")]
     if report.whatif is not None:
-        rows.append(("More devices stop paying off (doubling gains < "
-                     f"{report.whatif.min_gain:.0%}) from N =", str(report.whatif.stops_paying_off or "never (<= max)")))
+        rows.append((f"More devices stop paying off (doubling gains < {report.whatif.min_gain:.0%}) from N =",
+                     str(report.whatif.stops_paying_off or "never (<= max)")))
         rows.append(("Fastest N in the what-if sweep", str(report.whatif.fastest_n)))
     return rows
 

@@ -200,14 +200,16 @@ def load_throughput(path: str) -> ThroughputData:
         d = json.load(f)
     meta = d.get("meta", {})
     if not str(meta.get("schema", "")).startswith("fastsgd.throughput/"):
-        raise ValueError(f"{p}: not a throughput sweep (schema {meta.get('schema')!r}, expected 'fastsgd.throughput/1')")
+        raise ValueError(f"{p}: not a throughput sweep (schema {meta.get('schema')!r}, "
+                         "expected 'fastsgd.throughput/1')")
     rows = d.get("rows", [])
     fit = meta.get("fit") or {}
     curve = None
     if fit.get("t0_s") is not None and fit.get("throughput"):
         curve = StepTimeCurve(max(float(fit["t0_s"]), 0.0), float(fit["throughput"]))
     energy = [r.get("energy_per_step_j") for r in rows]
-    out_meta = {"workload": (meta.get("workload") or {}).get("name"), "device": (meta.get("environment") or {}).get("device"),
+    out_meta = {"workload": (meta.get("workload") or {}).get("name"),
+                "device": (meta.get("environment") or {}).get("device"),
                 "settings": meta.get("settings"), "fit": fit, "path": p}
     return ThroughputData([int(r["batch_size"]) for r in rows], [float(r["step_time_s"]) for r in rows],
                           energy if any(e is not None for e in energy) else None, curve, out_meta)
@@ -235,8 +237,10 @@ class TimeToResult:
         return {"rows": self.rows, "b_crit": self.b_crit, "b_hw": self.b_hw, "b_star": self.b_star,
                 "b_crit_ci": self.b_crit_ci, "b_star_ci": self.b_star_ci, "warnings": self.warnings,
                 "t_star_s": self.t_star, "best_measured": self.best_measured,
-                "steps_fit": None if self.steps_fit is None else {"S_min": self.steps_fit.s_min, "E_min": self.steps_fit.e_min},
-                "time_fit": None if self.time_fit is None else {"t0_s": self.time_fit.t0, "throughput": self.time_fit.throughput}}
+                "steps_fit": None if self.steps_fit is None else {"S_min": self.steps_fit.s_min,
+                                                                  "E_min": self.steps_fit.e_min},
+                "time_fit": None if self.time_fit is None else {"t0_s": self.time_fit.t0,
+                                                                "throughput": self.time_fit.throughput}}
 
 
 def _at(data: ThroughputData, values: Sequence[Optional[float]], b: float):

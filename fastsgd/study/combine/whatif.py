@@ -254,7 +254,8 @@ def _from_allreduce_bench(d: Any) -> Dict[str, Any]:
     if meta.get("allreduce_bandwidth_GBps"):
         out["bandwidth_bytes_per_s"] = float(meta["allreduce_bandwidth_GBps"]) * 1e9 * 2 * (w - 1) / w
     rows = [r for r in d.get("rows", []) if isinstance(r, dict) and r.get("hidden_comm") is not None]
-    fused = [r["hidden_comm"] for r in rows if r.get("provider") == "bdp+fused_step"] or [r["hidden_comm"] for r in rows]
+    fused = ([r["hidden_comm"] for r in rows if r.get("provider") == "bdp+fused_step"]
+             or [r["hidden_comm"] for r in rows])
     if fused:
         out["overlap_fraction"] = float(np.median(fused))
     return out

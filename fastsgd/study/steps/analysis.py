@@ -133,7 +133,8 @@ class TrialRecord:
     steps: List[int] = field(default_factory=list)
     metrics: Dict[str, List[float]] = field(default_factory=dict)
     max_steps: Optional[int] = None
-    role: str = "search"  # "search", "refine" (second search stage) or "reseed" (a batch size's best setting rerun with another seed)
+    # "search", "refine" (second search stage) or "reseed" (a batch size's best setting rerun with another seed)
+    role: str = "search"
     base_trial: Optional[int] = None  # role "reseed": the trial whose hyperparameters it reruns
 
     def curve(self, metric: str) -> Tuple[List[int], List[float]]:

@@ -379,8 +379,9 @@ def convert(model: nn.Module, tensors: Dict[str, Tensor], ctx: StepContext) -> t
     try:
         gm = torch.fx.symbolic_trace(copy.deepcopy(root))
     except Exception as exc:  # data-dependent control flow, unsupported Python, ...
+        first = str(exc).splitlines()[0] if str(exc) else ""
         raise NotConvertible(f"model ({type(model).__name__})",
-                             f"torch.fx cannot trace its forward ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+                             f"torch.fx cannot trace its forward ({type(exc).__name__}: {first})") from exc
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         _check_node(node, modules)

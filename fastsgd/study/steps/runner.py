@@ -57,15 +57,23 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from fastsgd.measure import strict_json
 from fastsgd.study.progress import Progress
-from fastsgd.study.steps import search
-from fastsgd.study.steps import curves
-from fastsgd.study.workloads import get_workload
-from fastsgd.study.workloads.data import restrict_eval_sets
-from fastsgd.study.steps.analysis import (CENSORED, FINAL_OUTCOMES, INFEASIBLE, SCHEMA, TrialRecord, analyze,
-                                           effective_lr, golmant_goal, trial_steps_to_result)
+from fastsgd.study.steps import curves, search
+from fastsgd.study.steps.analysis import (
+    CENSORED,
+    FINAL_OUTCOMES,
+    INFEASIBLE,
+    SCHEMA,
+    TrialRecord,
+    analyze,
+    effective_lr,
+    golmant_goal,
+    trial_steps_to_result,
+)
 from fastsgd.study.steps.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, StudyStorage
 from fastsgd.study.steps.trials import RunSettings, run_trials
+from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.base import Workload
+from fastsgd.study.workloads.data import restrict_eval_sets
 
 PROTOCOLS = ("tuned",) + search.SCALING_RULES
 GOAL_RULES = ("fixed", "golmant")

@@ -47,8 +47,14 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from fastsgd.study.steps.analysis import (FINAL_OUTCOMES, INFEASIBLE, SEARCH_ROLES, TrialRecord, effective_lr,
-                                           trial_steps_to_result)
+from fastsgd.study.steps.analysis import (
+    FINAL_OUTCOMES,
+    INFEASIBLE,
+    SEARCH_ROLES,
+    TrialRecord,
+    effective_lr,
+    trial_steps_to_result,
+)
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov")
 KNOWN = ("lr", "one_minus_momentum", "momentum", "weight_decay", "decay_alpha", "decay_fraction")

@@ -170,7 +170,7 @@ class _Heartbeat:
                 try:
                     self.storage.record_heartbeat(trial_id)
                 except Exception as exc:  # a database hiccup must not kill training; the next beat retries
-                    warnings.warn(f"heartbeat of trial {trial_id} not written: {exc}", RuntimeWarning)
+                    warnings.warn(f"heartbeat of trial {trial_id} not written: {exc}", RuntimeWarning, stacklevel=2)
 
 
 def storage_url(url_or_path: str) -> str:
@@ -321,7 +321,8 @@ class StudyStorage:
         """Take up to ``n`` enqueued trials (atomically, so several processes can share a study)."""
         out = []
         while len(out) < n and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize(); they are beaten here
+            # Optuna warns that heartbeats are meant for optimize(); they are beaten here
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 trial = study.ask()
             self.heartbeat.add(trial._trial_id)

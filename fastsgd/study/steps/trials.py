@@ -57,9 +57,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from fastsgd.backends import get_backend
-from fastsgd.study.steps.engine import (KeyedDropout, NotConvertible, StepContext, TrialEngine, batch_indices,
-                                        trial_keys)
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, beats
+from fastsgd.study.steps.engine import KeyedDropout, NotConvertible, StepContext, TrialEngine, batch_indices, trial_keys
 from fastsgd.study.workloads.base import Workload
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov")

@@ -20,7 +20,6 @@ from fastsgd.study.workloads.base import Workload
 from fastsgd.study.workloads.data import digits_mlp, mnist1d_cnn, mnist1d_mlp
 
 
-
 def _elsewhere(module: str, factory: str, **fixed) -> Callable[..., Workload]:
     """A factory of another module, imported when called (the language model reads its corpus then)."""
     def make(**kwargs) -> Workload:

@@ -38,8 +38,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from fastsgd.study.workloads.base import Workload
 
