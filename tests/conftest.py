@@ -58,3 +58,13 @@ def cuda_device() -> torch.device:
     """A CUDA device, or a skip (a failure under FASTSGD_REQUIRE_GPU=1)."""
     requirements.gpu()
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of small-tensor tests: on a shared, oversubscribed CPU, OpenMP threads
+    waiting for each other turn sub-millisecond steps into slow and noisy ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

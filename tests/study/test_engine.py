@@ -16,13 +16,7 @@ from fastsgd.study.workloads.data import make_data_workload, restrict_eval_sets
 FEATURES, CLASSES, VOCAB = 16, 3, 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waits that make these tests slow on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _workload(make_model, tokens=False, seed=0):

@@ -8,14 +8,7 @@ from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, _Schedules, pruning_cap, run_trials, train_single
 from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waits that make these tests slow on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
