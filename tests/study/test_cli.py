@@ -19,6 +19,9 @@ from fastsgd.study.cli import COMMANDS, run_command
 from fastsgd.study.progress import Progress, progress_mode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The subcommands run in this process set torch's thread count (--threads 1); the fixture restores it after
+# the module, so later test modules run as they would alone.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A user's own workload: a linearly separable 2-class problem an MLP learns in a few dozen steps.
 USER_MODULE = textwrap.dedent('''

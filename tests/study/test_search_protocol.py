@@ -5,6 +5,7 @@ batch_science status mapping. (A tiny whole study: test_search_protocol_study.py
 import csv
 import json
 import os
+import time
 
 import pytest
 
@@ -261,12 +262,14 @@ def test_storage_keeps_roles_and_a_rerun_replaces_the_earlier_attempt(tmp_path):
 
 
 def test_recovered_trials_keep_their_run_settings(tmp_path):
-    store = StudyStorage(str(tmp_path / "s.db"), "x", {"k": 1}, stale_seconds=0.0)
+    store = StudyStorage(str(tmp_path / "s.db"), "x", {"k": 1}, heartbeat_interval=1, grace_period=2)
     study = store.batch_study(32, 100)
     store.enqueue(study, [{"index": 3, "seed": 1, "point": {}, "hparams": {"lr": 0.1}, "role": "reseed",
                            "base_trial": 0, "max_steps": 400, "goal_stop": False, "prune": False}], stage="reseed")
     (trial, _), = store.claim(study, 1)
-    trial.set_user_attr("owner", {"host": "elsewhere", "pid": 1})  # a dead run on another machine, long silent
+    trial.set_user_attr("owner", {"host": "elsewhere", "pid": 1})  # a dead run on another machine:
+    store.heartbeat.remove(trial._trial_id)  # its heartbeats stopped, and the grace period passes
+    time.sleep(3)
     assert store.recover_stale(study) == 1
     (again, spec), = store.claim(study, 1)
     assert spec.trial_id == 3
