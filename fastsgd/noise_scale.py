@@ -26,10 +26,10 @@ Where the two norms come from
 Cost: everything stays on the gradients' device as 0-dim tensors; nothing synchronises
 with the host until you read a value (``float(...)``, :meth:`GradientNoiseScale.read`,
 :func:`to_floats`). The cost per step is a fixed few dozen small tensor ops plus one pass
-over the gradients: ``bench/noise_scale_overhead.py`` measured (shared 2-core CPU, one
-thread) about 0 % of the step for a 3.3M-parameter CNN with ``mode="first"`` and 3-5 %
-with ``mode="each"``, but 13-36 % for a 0.5 ms-per-micro-batch MLP, where the fixed op
-count dominates -- measure every k-th step there.
+over the gradients (``bench/noise_scale_overhead.py`` measures it): negligible for a model
+whose step is dominated by compute, but a noticeable share for a tiny model whose micro-batch
+takes well under a millisecond, where the fixed op count dominates -- measure every k-th step
+there.
 """
 from __future__ import annotations
 

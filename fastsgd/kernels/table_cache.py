@@ -3,8 +3,8 @@
 A fused step hands the kernels one table that lists every tensor of the call
 (addresses, sizes, dtype codes, flags; each backend encodes its own rows).
 Building it means checking every tensor (devices, shapes, layouts, dtypes),
-which costs about 1 us per tensor in torch's Python API, so the finished
-table is cached. The rules, the same for every backend:
+which costs a Python-level attribute read per tensor and field (thousands of
+them for a model with many small tensors), so the finished table is cached. The rules, the same for every backend:
 
 - **Key without the grads.** The key holds what the table depends on apart
   from the gradients (the params' and state tensors' addresses, element

@@ -88,8 +88,8 @@ def _pid_alive(pid: int) -> bool:
 def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
     """Write-ahead log with synchronous=NORMAL: each evaluation is still committed
     before training goes on (safe when the process is killed; only an OS crash
-    may lose the last commits), at about a third of the default's cost per write
-    (measured 1.6 vs 4-5 ms), which matters with tens of thousands of evaluations."""
+    may lose the last commits), at a fraction of the default's cost per write, which
+    matters with tens of thousands of evaluations."""
     from sqlalchemy import event
 
     def pragmas(dbapi_connection, _record):
