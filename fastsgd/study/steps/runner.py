@@ -535,6 +535,19 @@ def analyze_study(config: StudyConfig, records: List[TrialRecord], goal: float, 
     return result
 
 
+def storage_label(url: str, out: str) -> str:
+    """The storage as the summary records it: a SQLite file inside the study's folder by its file name (the
+    summary may be committed or moved), any other URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.drivername.startswith("sqlite") and parsed.database:
+        path = os.path.abspath(parsed.database)
+        if os.path.dirname(path) == os.path.abspath(out):
+            return f"sqlite:///{os.path.basename(path)} (in this folder)"
+    return parsed.render_as_string(hide_password=True)
+
+
 def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str, space, *,
               wall_seconds: float) -> Dict[str, object]:
     """Analyse the stored trials, draw the plots and write study_summary.json and curves.csv.gz."""
@@ -546,7 +559,7 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
     total = float(store.get_meta("wall_seconds_total") or 0.0) + wall_seconds
     store.set_meta("wall_seconds_total", total)
     summary = {"schema": SCHEMA, "workload": config.workload, "optimizer": config.optimizer,
-               "protocol": config.protocol, "storage": store.url, "search_space": space,
+               "protocol": config.protocol, "storage": storage_label(store.url, config.out), "search_space": space,
                **result, "config": config.stored(), "wall_seconds": wall_seconds, "wall_seconds_total": total}
     summary["plots"] = render.write_study_figures(summary, records, config.out)
     curves.write_curves(records, os.path.join(config.out, curves.FILENAME), meta={"study": config.study_name()})
