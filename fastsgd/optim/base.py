@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastsgd.backends import get_backend, requested_backend
-from fastsgd.kernels.tensors import grad_like_param, grads_fit, is_dense  # noqa: F401  (re-exported)
+from fastsgd.kernels.tensors import grad_like_param, is_dense
 
 # Per-tensor reads go through C-level map() with these: a step over 10,000
 # small params spends most of its host time in such loops.

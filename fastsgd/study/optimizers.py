@@ -70,7 +70,8 @@ def implementation(optimizer: torch.optim.Optimizer) -> str:
     (raises BackendUnavailable/TypeError, with the reason, if the requested one
     cannot run them: call this before timing anything)."""
     from fastsgd.backends import get_backend
-    from fastsgd.optim.base import FusedOptimizer, is_dense
+    from fastsgd.kernels.tensors import is_dense
+    from fastsgd.optim.base import FusedOptimizer
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if not params:
