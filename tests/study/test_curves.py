@@ -19,7 +19,8 @@ from fastsgd.study.steps.storage import StudyStorage
 from fastsgd.study.steps.trials import TrialResult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMITTED = [os.path.join(ROOT, "bench", "results", d) for d in ("steps_mnist1d_mlp_sgd", "steps_mnist1d_mlp_nesterov")]
+COMMITTED = [os.path.join(ROOT, "bench", "results", d) for d in ("steps_mnist1d_mlp_sgd", "steps_mnist1d_mlp_nesterov",
+                                                              "steps_mnist1d_mlp_sgd_100", "steps_mnist1d_mlp_nesterov_100")]
 
 
 def same(a, b, where="record"):
