@@ -217,3 +217,15 @@ def check_compiled_training_step(make_optimizer, device="cpu", compile_backend="
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)
     ours = [reason for reason in counters["graph_break"] if "fastsgd" in reason or "FusedOptimizer" in reason]
     assert ours and all("FusedOptimizer._step" in r and "torch.compiler.disable" in r for r in ours), ours
+
+
+def cuda_kernel_launches(fn) -> List[str]:
+    """Names of the CUDA kernels one call of ``fn`` launches (copies and memsets left out), from the
+    profiler; the GPU launch-count tests of every backend read it."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]

@@ -579,14 +579,8 @@ def test_unaligned_tensors_take_the_scalar_path(dev, dtype):
 # GPU: launches, CUDA graphs, large tensors
 # =============================================================================
 def _kernel_launches(fn) -> list:
-    from torch.profiler import ProfilerActivity, profile
     fn()  # warm-up: builds and caches the tensor table
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-            and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    return kc.cuda_kernel_launches(fn)
 
 
 @gpu
