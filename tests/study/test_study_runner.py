@@ -18,7 +18,7 @@ from fastsgd.study.steps import runner
 from fastsgd.study.steps.analysis import FINAL_OUTCOMES, SCHEMA
 from fastsgd.study.steps.batch_science import import_records
 from fastsgd.study.steps.runner import StudyConfig, open_storage, run_study
-from fastsgd.study.steps.storage import EVAL_PREFIX, StudyStorage
+from fastsgd.study.steps.storage import EVAL_PREFIX, EVALS_PREFIX, StudyStorage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A fixed search (no top-ups, no budget extension, no reseeds): the storage/resume tests count trials.
@@ -100,7 +100,7 @@ def test_resume_after_simulated_kill_loses_nothing_reruns_nothing(clean_study, t
     before = {}
     for _bs, study in open_storage(config).batch_studies().items():
         for t in study.get_trials(deepcopy=False):
-            before[t._trial_id] = {k: v for k, v in t.user_attrs.items() if k.startswith(EVAL_PREFIX)}
+            before[t._trial_id] = {k: v for k, v in t.user_attrs.items() if k.startswith((EVAL_PREFIX, EVALS_PREFIX))}
     assert sum(len(v) for v in before.values()) > 0
 
     trained = []

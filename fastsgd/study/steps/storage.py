@@ -1,4 +1,4 @@
-"""Study storage on Optuna: every evaluation written as it happens, resume after a kill.
+"""Study storage on Optuna: every evaluation stored, resume after a kill.
 
 Layout in the Optuna storage (SQLite file by default; any SQLAlchemy URL, e.g.
 PostgreSQL, lets many processes on many machines share one study):
@@ -16,7 +16,14 @@ PostgreSQL, lets many processes on many machines share one study):
   goal) and ``prune``. A trial rerun with a larger budget or without the goal
   stop keeps its index in a new stage; the latest attempt per index is the
   trial's record;
-- every evaluation as user attr ``"eval:<step, 7 digits>"`` = {metric: value, "t": unix time};
+- the evaluations in chunks, user attrs ``"evals:<first step, 7 digits>"`` =
+  {"steps": [...], "t": [unix times], "metrics": {metric: [values]}}: a running
+  trial's evaluations are written at least every ``EVAL_FLUSH_SECONDS`` and at
+  its end. One write per evaluation made the study's database reads grow with
+  every evaluation ever stored (Optuna loads a trial with all its attributes);
+  chunks keep a trial at a handful of rows. A kill loses at most the last
+  seconds of a running trial's curve, which its rerun reproduces anyway.
+  (Studies stored one ``"eval:<step>"`` attr per evaluation are still read.)
 - at the end: user attrs ``outcome`` (goal | budget | infeasible | pruned) and
   ``end_step``; state COMPLETE with value = steps to result when the goal was
   beaten, else PRUNED (the analysis reads the curves, not the Optuna values);
@@ -64,7 +71,9 @@ from optuna.trial import TrialState
 from fastsgd.study.steps.analysis import FINAL_OUTCOMES, GOAL, TrialRecord
 from fastsgd.study.steps.trials import TrialResult, TrialSpec
 
-EVAL_PREFIX = "eval:"
+EVAL_PREFIX = "eval:"    # one evaluation per attr (the earlier layout; read, no longer written)
+EVALS_PREFIX = "evals:"  # a chunk of evaluations per attr
+EVAL_FLUSH_SECONDS = 30.0  # a running trial's buffered evaluations are written at least this often
 DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)
 SPURIOUS = "spurious"    # ask() found no enqueued trial left (another process took it)
 HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
@@ -204,6 +213,7 @@ class StudyStorage:
         self.heartbeat = _Heartbeat(self.storage, heartbeat_interval)
         self.config = json.loads(json.dumps(config))  # JSON-normalised, so it compares equal after a round trip
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex}
+        self._pending: Dict[int, dict] = {}  # Optuna trial id -> evaluations not yet written
         self.meta = self._study("meta")
 
     def lock(self, purpose: str = "study"):
@@ -318,9 +328,14 @@ class StudyStorage:
             deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)))
 
     def claim(self, study: optuna.Study, n: int) -> List[Tuple[optuna.Trial, TrialSpec]]:
-        """Take up to ``n`` enqueued trials (atomically, so several processes can share a study)."""
-        out = []
-        while len(out) < n and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        """Take up to ``n`` enqueued trials (atomically, so several processes can share a study).
+
+        Reads the study twice per call plus once per trial taken (Optuna's ``ask``): a study's
+        trials are read whole, so reads per trial would make claiming grow with the study."""
+        out: List[Tuple[optuna.Trial, TrialSpec]] = []
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        taken = self._taken_runs(study)
+        while len(out) < min(n, waiting):
             # Optuna warns that heartbeats are meant for optimize(); they are beaten here
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
@@ -332,11 +347,13 @@ class StudyStorage:
                 study.tell(trial, state=TrialState.FAIL)
                 self.heartbeat.remove(trial._trial_id)
                 break
-            if self._taken(study, trial):
+            run = (attrs["index"], attrs.get("stage"))
+            if run in taken:
                 trial.set_user_attr("outcome", DUPLICATE)
                 study.tell(trial, state=TrialState.FAIL)
                 self.heartbeat.remove(trial._trial_id)
                 continue
+            taken.add(run)
             for name, value in attrs["point"].items():
                 trial.suggest_float(name, value, value)  # record the point as Optuna params (for dashboards)
             trial.set_user_attr("owner", self.owner)
@@ -345,24 +362,41 @@ class StudyStorage:
         return out
 
     @staticmethod
-    def _taken(study: optuna.Study, trial: optuna.Trial) -> bool:
-        """Whether another trial with the same index and stage already runs or has finished: two
-        processes that reached a new batch size together may both have enqueued it."""
-        index, stage = trial.user_attrs["index"], trial.user_attrs.get("stage")
-        return any(t.number != trial.number and t.user_attrs.get("index") == index
-                   and t.user_attrs.get("stage") == stage
-                   for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
-                                                                     TrialState.PRUNED)))
+    def _taken_runs(study: optuna.Study) -> set:
+        """(index, stage) of the trials that run or have finished: a second enqueued copy of one of
+        them (two processes that reached a new batch size together on a database without the
+        study lock may both have enqueued it) is not trained again."""
+        return {(t.user_attrs.get("index"), t.user_attrs.get("stage"))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE,
+                                                                  TrialState.PRUNED))
+                if "index" in t.user_attrs}
 
     def record_eval(self, trial: optuna.Trial, step: int, metrics: Dict[str, float]) -> None:
-        value = {k: float(v) for k, v in metrics.items()}
-        value["t"] = time.time()
+        """Buffer one evaluation; the trial's buffer is written when it is ``EVAL_FLUSH_SECONDS``
+        old, and by :meth:`finish`."""
+        chunk = self._pending.get(trial._trial_id)
+        if chunk is None:
+            chunk = self._pending[trial._trial_id] = {"steps": [], "t": [], "metrics": {}, "since": time.monotonic()}
+        chunk["steps"].append(int(step))
+        chunk["t"].append(time.time())
+        for k, v in metrics.items():
+            chunk["metrics"].setdefault(k, []).append(float(v))
+        if time.monotonic() - chunk["since"] >= EVAL_FLUSH_SECONDS:
+            self.flush_evals(trial)
+
+    def flush_evals(self, trial: optuna.Trial) -> None:
+        """Write the trial's buffered evaluations as one chunk."""
+        chunk = self._pending.pop(trial._trial_id, None)
+        if not chunk or not chunk["steps"]:
+            return
+        value = {k: chunk[k] for k in ("steps", "t", "metrics")}
         try:
-            self.storage.set_trial_user_attr(trial._trial_id, f"{EVAL_PREFIX}{step:07d}", value)
+            self.storage.set_trial_user_attr(trial._trial_id, f"{EVALS_PREFIX}{chunk['steps'][0]:07d}", value)
         except UpdateFinishedTrialError:
             pass  # declared abandoned (no heartbeat within the grace period) and rerun elsewhere: the rerun counts
 
     def finish(self, study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
+        self.flush_evals(trial)
         self.heartbeat.remove(trial._trial_id)
         try:
             self.storage.set_trial_user_attr(trial._trial_id, "outcome", result.outcome)
@@ -372,7 +406,7 @@ class StudyStorage:
             else:
                 study.tell(trial, state=TrialState.PRUNED)
         except UpdateFinishedTrialError:
-            pass  # as in record_eval
+            pass  # as in flush_evals
 
     # -- reading ---------------------------------------------------------------------------------
     def records(self, batch_size: Optional[int] = None) -> List[TrialRecord]:
@@ -393,13 +427,23 @@ class StudyStorage:
         return out
 
 
+def stored_evaluations(user_attrs: Dict[str, object]) -> List[Tuple[int, Dict[str, float]]]:
+    """(step, {metric: value}) of every stored evaluation of a trial, in step order (both layouts)."""
+    evals = [(int(k[len(EVAL_PREFIX):]), {m: float(x) for m, x in v.items() if m != "t"})
+             for k, v in user_attrs.items() if k.startswith(EVAL_PREFIX)]
+    for k, chunk in user_attrs.items():
+        if k.startswith(EVALS_PREFIX):
+            evals += [(int(step), {m: float(vals[i]) for m, vals in chunk["metrics"].items()})
+                      for i, step in enumerate(chunk["steps"])]
+    return sorted(evals, key=lambda e: e[0])
+
+
 def frozen_to_record(batch_size: int, t: optuna.trial.FrozenTrial, max_steps: Optional[int]) -> TrialRecord:
-    evals = sorted((int(k[len(EVAL_PREFIX):]), v) for k, v in t.user_attrs.items() if k.startswith(EVAL_PREFIX))
+    evals = stored_evaluations(t.user_attrs)
     metrics: Dict[str, List[float]] = {}
     for _, m in evals:
         for k, v in m.items():
-            if k != "t":
-                metrics.setdefault(k, []).append(float(v))
+            metrics.setdefault(k, []).append(v)
     outcome = t.user_attrs.get("outcome", "running")
     if outcome not in FINAL_OUTCOMES and t.state != TrialState.RUNNING:
         outcome = "interrupted"
