@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from fastsgd.study.steps.analysis import INFEASIBLE
-from fastsgd.study.steps.engine import NotConvertible, StepContext, batch_indices, convert, trial_keys
+from fastsgd.study.steps.engine import (
+    NotConvertible,
+    StepContext,
+    batch_indices,
+    batch_indices_block,
+    convert,
+    trial_keys,
+)
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, run_trials, train_single
 from fastsgd.study.workloads.data import make_data_workload, restrict_eval_sets
 
@@ -190,6 +197,18 @@ def test_counter_based_draws():
     assert int(counts.min()) > 9500 and int(counts.max()) < 10500  # about uniform (sd ~95)
     with pytest.raises(ValueError, match="need 0 < n < 2\\*\\*31"):
         batch_indices(keys, 0, 4, 0)
+
+
+def test_batch_draws_are_pinned_and_a_block_of_steps_draws_the_same_indices():
+    # pinned: stored studies are resumed and rerun with these draws (a change would alter their trials)
+    assert batch_indices(trial_keys([12345]), 3, 6, 1000).tolist() == [[994, 650, 100, 316, 583, 742]]
+    assert batch_indices(trial_keys([2 ** 63 + 7]), 2 ** 32 + 3, 4, 2 ** 31 - 1).tolist() == [
+        [1348458856, 1924178818, 1042574603, 391700172]]
+    keys = trial_keys([3, 2 ** 40 + 5, 2 ** 64 - 1])
+    block = batch_indices_block(keys, 2 ** 32 - 4, 9, 50, 1000)  # across the counter's 32-bit boundary
+    assert block.shape == (3, 9, 50)
+    for i in range(9):
+        assert torch.equal(block[:, i], batch_indices(keys, 2 ** 32 - 4 + i, 50, 1000))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

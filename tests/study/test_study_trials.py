@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED
-from fastsgd.study.steps.trials import RunSettings, TrialSpec, _Schedules, pruning_cap, run_trials, train_single
+from fastsgd.study.steps.engine import batch_indices, trial_keys
+from fastsgd.study.steps.trials import (
+    RunSettings,
+    TrialSpec,
+    _Batches,
+    _Schedules,
+    data_seed,
+    pruning_cap,
+    run_trials,
+    train_single,
+)
 from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,3 +129,24 @@ def test_settings_errors():
         RunSettings(batch_size=8, max_steps=10, engine="jit")
     with pytest.raises(ValueError, match="momentum != 0"):
         run_trials(digits_mlp(), [SPECS[0]], RunSettings(batch_size=8, max_steps=2, optimizer="sgd"))
+
+
+def test_batches_drawn_in_blocks_are_each_steps_own_draw_also_after_trials_leave():
+    wl = digits_mlp()
+    x, y = wl.train_data
+    seeds = [11, 12, 13, 14]
+    batches = _Batches(wl, seeds, torch.device("cpu"))
+    keys = trial_keys([data_seed(s) for s in seeds])
+    live = list(range(4))
+    for step in range(2 * _Batches.BLOCK + 5):  # crosses two block boundaries
+        if step == _Batches.BLOCK - 3:  # trial 1 leaves mid-block, trial 3 at a block boundary
+            live.remove(1)
+            batches.keep(torch.tensor([0, 2, 3]))
+        if step == 2 * _Batches.BLOCK:
+            live.remove(3)
+            batches.keep(torch.tensor([0, 1]))
+        xb, yb = batches.draw(step, 16)
+        idx = batch_indices(keys[live], step, 16, len(x))
+        assert torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
+    xb, _ = batches.draw(7, 4)  # another batch size or an earlier step: drawn anew
+    assert torch.equal(xb, x[batch_indices(keys[live], 7, 4, len(x))])

@@ -74,17 +74,29 @@ def counter_bits(keys: Tensor, stream: int, counter: int, n: int) -> Tensor:
     """(trials, n) uniform 32-bit values (as int64) that depend only on each trial's key,
     ``stream``, ``counter`` and the position 0..n-1: a stateless (counter-based) generator.
     Not cryptographic; built for independent-looking draws from integer ops that any device runs."""
+    return counter_bits_block(keys, stream, int(counter), 1, n)[:, 0]
+
+
+def counter_bits_block(keys: Tensor, stream: int, first_counter: int, counters: int, n: int) -> Tensor:
+    """(trials, counters, n): :func:`counter_bits` for ``counters`` consecutive counters from
+    ``first_counter`` at once (the same values; one set of ops instead of one per counter)."""
     k = _mix32(keys[:, 0] ^ _mix32(keys[:, 1] ^ (int(stream) * _GOLDEN & _M32)))
-    k = _mix32(k ^ (int(counter) & _M32)) ^ (_mix32(torch.full_like(k, (int(counter) >> 32) & _M32)))
+    c = torch.arange(int(first_counter), int(first_counter) + counters, dtype=torch.int64, device=keys.device)
+    k = _mix32(k[:, None] ^ (c & _M32)) ^ _mix32((c >> 32) & _M32)  # (trials, counters)
     pos = torch.arange(n, dtype=torch.int64, device=keys.device) * _GOLDEN & _M32
-    return _mix32(_mix32((k[:, None] + pos) & _M32) ^ k[:, None])
+    return _mix32(_mix32((k[..., None] + pos) & _M32) ^ k[..., None])
 
 
 def batch_indices(keys: Tensor, step: int, batch_size: int, n: int) -> Tensor:
     """(trials, batch_size) indices in [0, n), drawn with replacement for update ``step``."""
+    return batch_indices_block(keys, step, 1, batch_size, n)[:, 0]
+
+
+def batch_indices_block(keys: Tensor, first_step: int, steps: int, batch_size: int, n: int) -> Tensor:
+    """(trials, steps, batch_size): :func:`batch_indices` of ``steps`` consecutive updates at once."""
     if not 0 < n < 2 ** 31:
         raise ValueError(f"batch_indices: need 0 < n < 2**31 examples, got {n}")
-    return (counter_bits(keys, 0, step, batch_size) * n) >> 32
+    return (counter_bits_block(keys, 0, first_step, steps, batch_size) * n) >> 32
 
 
 class StepContext:

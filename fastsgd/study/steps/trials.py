@@ -58,7 +58,14 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from fastsgd.backends import get_backend
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, beats
-from fastsgd.study.steps.engine import KeyedDropout, NotConvertible, StepContext, TrialEngine, batch_indices, trial_keys
+from fastsgd.study.steps.engine import (
+    KeyedDropout,
+    NotConvertible,
+    StepContext,
+    TrialEngine,
+    batch_indices_block,
+    trial_keys,
+)
 from fastsgd.study.workloads.base import Workload
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov")
@@ -343,8 +350,11 @@ def _stacked_backend(name: str, device: torch.device, dtypes):
 
 
 class _Batches:
-    """Every live trial's training batch for a step: one counter-based index draw when the workload
-    exposes ``train_data``, else ``sample_batch`` with a generator per trial."""
+    """Every live trial's training batch for a step: counter-based index draws when the workload
+    exposes ``train_data`` (``BLOCK`` steps' indices drawn at once), else ``sample_batch`` with a
+    generator per trial."""
+
+    BLOCK = 64  # steps of indices drawn together: the draw costs about as much as a small step
 
     def __init__(self, workload: Workload, seeds: Sequence[int], device: torch.device):
         self.workload, self.device = workload, device
@@ -352,17 +362,24 @@ class _Batches:
         self.data = None if data is None else tuple(t.to(device) for t in data)
         self.keys = trial_keys([data_seed(s) for s in seeds], device)
         self.gens = [torch.Generator().manual_seed(data_seed(s)) for s in seeds] if data is None else None
+        self.block, self.block_start = None, 0  # (trials, BLOCK, batch) indices of steps block_start...
 
     def draw(self, step: int, batch_size: int):
         if self.data is not None:
             x, y = self.data
-            idx = batch_indices(self.keys, step, batch_size, len(x))
+            if (self.block is None or not 0 <= step - self.block_start < self.block.shape[1]
+                    or self.block.shape[2] != batch_size):
+                self.block = batch_indices_block(self.keys, step, self.BLOCK, batch_size, len(x))
+                self.block_start = step
+            idx = self.block[:, step - self.block_start]
             return x[idx], y[idx]
         x, y = zip(*(self.workload.sample_batch(batch_size, g, self.device) for g in self.gens))
         return torch.stack(x), torch.stack(y)
 
     def keep(self, idx: Tensor) -> None:
         self.keys = self.keys[idx.to(self.keys.device)]
+        if self.block is not None:
+            self.block = self.block[idx.to(self.block.device)]
         if self.gens is not None:
             self.gens = [self.gens[i] for i in idx.tolist()]
 
