@@ -34,6 +34,7 @@ import torch
 from fastsgd.backends import get_backend
 from fastsgd.measure import environment, write_rows
 from fastsgd.study.steps import search
+from fastsgd.study.steps.allocator import keep_freed_memory
 from fastsgd.study.steps.engine import batch_indices, trial_keys
 from fastsgd.study.steps.trials import RunSettings, TrialSpec, data_seed, evaluation_steps, run_trials
 from fastsgd.study.tables import format_table
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("bench", "results", "trials_per_second.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    freed_memory_kept = keep_freed_memory()  # for every method alike (see fastsgd.study.steps.allocator)
     specs = specs_for(a.trials, seed=0)
     backend = get_backend("auto", CPU, {torch.float32}).NAME
     methods = a.methods.split(",")
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
                     row[f"engine_vs_{m}_cpu_time"] = statistics.median(o[1] / e[1] for o, e in pairs)
             if eval_share:
                 row["engine_eval_share"] = statistics.median(eval_share)
-            row.update(backend=backend, threads=torch.get_num_threads(), load_avg_1min=os.getloadavg()[0])
+            row.update(backend=backend, threads=torch.get_num_threads(), keep_freed_memory=freed_memory_kept,
+                       load_avg_1min=os.getloadavg()[0])
             rows.append(row)
             cols = ["workload", "batch_size"] + [f"{m}_trials_per_s" for m in methods] + \
                 [k for k in row if k.startswith("engine_vs_") or k == "engine_eval_share"] + ["load_avg_1min"]

@@ -27,6 +27,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from fastsgd.study.cli import args as cli_args
+from fastsgd.study.steps.allocator import keep_freed_memory
 
 HELP = "recommend a batch size for a workload on this machine (throughput, noise scale, optional study)"
 SCHEMA = "fastsgd.advise/1"
@@ -137,6 +138,7 @@ def run_study(args, spec: str, sizes: List[int], out_dir: str) -> Dict[str, Any]
     from fastsgd.study.steps.runner import StudyConfig
     from fastsgd.study.steps.runner import run_study as run
 
+    keep_freed_memory()  # after the step times are measured: they reflect the allocator users train with
     config = StudyConfig(out=out_dir, workload=spec, optimizer=args.optimizer, batch_sizes=sizes,
                          trials=args.study_trials, goal=args.goal, seed=args.seed, storage=args.storage,
                          backend=args.backend)

@@ -43,6 +43,7 @@ import os
 import sys
 
 from fastsgd.study.cli import args as cli_args
+from fastsgd.study.steps.allocator import keep_freed_memory
 from fastsgd.study.steps.runner import GOAL_RULES, PROTOCOLS, StudyConfig, run_study
 from fastsgd.study.steps.search import OPTIMIZERS
 
@@ -105,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace, p: argparse.ArgumentParser) -> int:
     cli_args.set_threads(a.threads)
+    keep_freed_memory()  # trials allocate the same large activations every step
     goal, rule = None, "fixed"
     if a.goal is not None:
         if a.goal in GOAL_RULES[1:]:

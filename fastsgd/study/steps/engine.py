@@ -437,14 +437,14 @@ class TrialEngine:
     weights are copied in once. ``keys``: :func:`trial_keys` of the trials (dropout masks).
 
     On a CPU, trials run in groups of rows whose largest activation stays within
-    ``GROUP_BYTES`` (about the last-level cache): element-wise ops on activations far
+    ``GROUP_BYTES`` (about two cores' L2 caches): element-wise ops on activations far
     larger than the cache run at memory speed, and fewer, larger ops keep the thread
     synchronisation per step low. A trial's arithmetic does not depend on the group it
     runs in, so grouping changes no result.
     """
 
     EVAL_CHUNK = 1024  # evaluation examples per forward pass; fixed so a trial's results do not depend on T
-    GROUP_BYTES = {"cpu": 8 << 20}  # largest activation of a group; other devices: all trials in one group
+    GROUP_BYTES = {"cpu": 2 << 20}  # largest activation of a group; other devices: all trials in one group
 
     def __init__(self, workload, models: Sequence[nn.Module], *, momentum: bool, keys: Tensor,
                  device: torch.device):
