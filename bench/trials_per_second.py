@@ -15,8 +15,10 @@ cost grows linearly with the number of trials, so it runs --baseline-trials of
 them and its rate is scaled from those. The three are interleaved in each of
 --reps rounds, so a disturbance on a shared machine hits them alike; each row
 gives the median of the rounds, the paired ratios (median over rounds of
-one_at_a_time time per trial / engine time per trial, wall and CPU time) and
-the engine's evaluation share (seconds in evaluation / total).
+one_at_a_time time per trial / engine time per trial, wall and CPU time), the
+same ratio for the training alone (wall time outside evaluation: evaluation is
+the same matrix products in every method, so batching cannot shrink it much)
+and each method's evaluation share (seconds in evaluation / total).
 
 Writes bench/results/trials_per_second.json (or --out) with the environment
 (device, versions, threads, date, commit) in "meta".
@@ -53,7 +55,16 @@ def specs_for(n: int, seed: int):
             enumerate(zip(pts, search.trial_seeds(seed, 0, n)))]
 
 
-def one_at_a_time(workload, specs, batch_size: int, steps: int, eval_ratio: float) -> None:
+def one_at_a_time(stats: dict):
+    def run(workload, specs, batch_size: int, steps: int, eval_ratio: float) -> None:
+        stats["eval_seconds"] = 0.0
+        start = time.perf_counter()
+        train_one_at_a_time(workload, specs, batch_size, steps, eval_ratio, stats)
+        stats["total_seconds"] = time.perf_counter() - start
+    return run
+
+
+def train_one_at_a_time(workload, specs, batch_size: int, steps: int, eval_ratio: float, stats: dict) -> None:
     """What a user without the engine writes: one model and optimizer per trial, the same batches."""
     evals = set(evaluation_steps(steps, eval_ratio))
     x_train, y_train = workload.train_data
@@ -65,9 +76,11 @@ def one_at_a_time(workload, specs, batch_size: int, steps: int, eval_ratio: floa
         key = trial_keys([data_seed(spec.seed)])
         for t in range(steps + 1):
             if t in evals:
+                t0 = time.perf_counter()
                 model.eval()
                 workload.evaluate(model, CPU)
                 model.train()
+                stats["eval_seconds"] += time.perf_counter() - t0
             if t == steps:
                 break
             idx = batch_indices(key, t, batch_size, len(x_train))[0]
@@ -111,20 +124,23 @@ def main(argv=None) -> int:
     for name in a.workloads.split(","):
         workload = restrict_eval_sets(get_workload(name), ["val"])
         for bs in (int(b) for b in a.batch_sizes.split(",")):
-            stats = {}
-            runs = {"engine": (batched("engine", stats), specs), "vmap": (batched("vmap", {}), specs),
-                    "one_at_a_time": (one_at_a_time, specs[:a.baseline_trials])}
+            stats = {m: {} for m in methods}
+            runs = {"engine": (batched("engine", stats["engine"]), specs),
+                    "vmap": (batched("vmap", stats["vmap"]), specs),
+                    "one_at_a_time": (one_at_a_time(stats["one_at_a_time"]), specs[:a.baseline_trials])}
             for m in methods:  # warm-up: first calls, allocator, vmap/fx tracing
                 runs[m][0](workload, runs[m][1][:2], bs, 2, a.eval_ratio)
             per_trial = {m: [] for m in methods}  # (wall, cpu) seconds per trial, one entry per round
-            eval_share = []
+            training = {m: [] for m in methods}  # wall seconds per trial outside evaluation
+            eval_share = {m: [] for m in methods}
             for _ in range(a.reps):
                 for m in methods:
                     fn, trial_specs = runs[m]
                     wall, cpu = timed(fn, workload, trial_specs, bs, a.steps, a.eval_ratio)
                     per_trial[m].append((wall / len(trial_specs), cpu / len(trial_specs)))
-                    if m == "engine":
-                        eval_share.append(stats["eval_seconds"] / stats["total_seconds"])
+                    st = stats[m]
+                    training[m].append((st["total_seconds"] - st["eval_seconds"]) / len(trial_specs))
+                    eval_share[m].append(st["eval_seconds"] / st["total_seconds"])
             row = {"workload": name, "batch_size": bs, "trials": a.trials, "baseline_trials": a.baseline_trials,
                    "steps": a.steps, "eval_ratio": a.eval_ratio, "reps": a.reps}
             for m in methods:
@@ -134,13 +150,16 @@ def main(argv=None) -> int:
                     pairs = list(zip(per_trial[m], per_trial["engine"]))
                     row[f"engine_vs_{m}"] = statistics.median(o[0] / e[0] for o, e in pairs)
                     row[f"engine_vs_{m}_cpu_time"] = statistics.median(o[1] / e[1] for o, e in pairs)
-            if eval_share:
-                row["engine_eval_share"] = statistics.median(eval_share)
+                    row[f"engine_vs_{m}_training"] = statistics.median(
+                        o / e for o, e in zip(training[m], training["engine"]))
+            for m in methods:
+                row[f"{m}_eval_share"] = statistics.median(eval_share[m])
             row.update(backend=backend, threads=torch.get_num_threads(), keep_freed_memory=freed_memory_kept,
                        load_avg_1min=os.getloadavg()[0])
             rows.append(row)
             cols = ["workload", "batch_size"] + [f"{m}_trials_per_s" for m in methods] + \
-                [k for k in row if k.startswith("engine_vs_") or k == "engine_eval_share"] + ["load_avg_1min"]
+                [k for k in row if k.startswith("engine_vs_") and not k.endswith("_cpu_time")] + \
+                [f"{m}_eval_share" for m in methods] + ["load_avg_1min"]
             print(format_table(rows[-1:], cols), flush=True)
             write_rows(a.out, rows, meta=environment("cpu"))  # after every row: an interrupted run keeps its rows
     print(f"wrote {a.out}")
