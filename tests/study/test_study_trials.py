@@ -14,6 +14,7 @@ from fastsgd.study.steps.trials import (
     data_seed,
     pruning_cap,
     run_trials,
+    stacked_backend,
     train_single,
 )
 from fastsgd.study.workloads.data import digits_mlp, restrict_eval_sets
@@ -150,3 +151,19 @@ def test_batches_drawn_in_blocks_are_each_steps_own_draw_also_after_trials_leave
         assert torch.equal(xb, x[idx]) and torch.equal(yb, y[idx])
     xb, _ = batches.draw(7, 4)  # another batch size or an earlier step: drawn anew
     assert torch.equal(xb, x[batch_indices(keys[live], 7, 4, len(x))])
+
+
+def test_the_study_backend_must_step_stacked_trials_and_is_refused_before_training(monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("triton is part of the test install")
+    wl = restrict_eval_sets(digits_mlp(), ["val"])
+    evaluated = []
+    with pytest.raises(ValueError, match="'triton' cannot step stacked trials.*one of: reference, cpu"):
+        run_trials(wl, [TrialSpec(0, 1, {"lr": 0.1, "momentum": 0.9})],
+                   RunSettings(batch_size=8, max_steps=3, optimizer="nesterov", backend="triton"),
+                   on_eval=lambda *a: evaluated.append(a))
+    assert evaluated == []
+    assert stacked_backend("auto", torch.device("cpu")).NAME == "cpu"
+    monkeypatch.setenv("FASTSGD_BACKEND", "reference")  # stands in for "auto", as for the optimizers
+    assert stacked_backend("auto", torch.device("cpu")).NAME == "reference"

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from fastsgd import backends
 from fastsgd.backends import get_backend
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, beats
 from fastsgd.study.steps.engine import (
@@ -338,15 +339,29 @@ def _make_stack(mode: str, workload: Workload, models, momentum: bool, keys: Ten
     return _Stack(workload, models, momentum, device)
 
 
-def _stacked_backend(name: str, device: torch.device, dtypes):
-    """The kernel backend for a stacked-trials step: "auto" skips backends without stacked trials (triton)."""
-    if name == "auto" and device.type == "cuda":
-        for candidate in ("cuda", "reference"):
-            try:
-                return get_backend(candidate, device, dtypes)
-            except Exception:  # not built here; try the next
-                continue
-    return get_backend(name, device, dtypes)
+def stacked_backend(name: str, device: torch.device, dtypes=(torch.float32,)):
+    """The kernel backend that steps all trials of a batch size in one call. ``name``: a backend
+    name or "auto" (FASTSGD_BACKEND stands in for it, as for the optimizers); "auto" takes the
+    first backend of the device's auto order whose capabilities include stacked trials. A named
+    backend without them is refused here, before any trial trains."""
+    name = backends.requested_backend(name)
+    device = torch.device(device)
+    able = [n for n, reason in backends.available_backends().items()
+            if reason is None and backends.capabilities(n).stacked_trials]
+    if name == "auto":
+        for candidate in backends.AUTO_ORDER.get(device.type, ()) + ("reference",):
+            if candidate in able:
+                try:
+                    return backends.get_backend(candidate, device, dtypes)
+                except (backends.BackendUnavailable, TypeError):
+                    continue
+        raise backends.BackendUnavailable(f"no fastsgd backend steps stacked trials of {sorted(map(str, dtypes))} "
+                                          f"on {device}")
+    mod = backends.get_backend(name, device, dtypes)
+    if not mod.CAPABILITIES.stacked_trials:
+        raise ValueError(f"fastsgd backend {name!r} cannot step stacked trials (all trials of a batch size in "
+                         f"one call), which the study needs; use 'auto' or one of: {', '.join(able)}")
+    return mod
 
 
 class _Batches:
@@ -403,8 +418,8 @@ def _run(workload: Workload, specs: Sequence[TrialSpec], settings: RunSettings, 
     batches = _Batches(workload, [s.seed for s in specs], device)
     stack = _make_stack(mode, workload, models, momentum, batches.keys, device)
     dtypes = {p.dtype for m in models[:1] for p in m.parameters()}
-    backend = _stacked_backend(settings.backend, device, dtypes) if mode != "single" else \
-        get_backend(settings.backend, device, dtypes)
+    backend = stacked_backend(settings.backend, device, dtypes) if mode != "single" else \
+        get_backend(backends.requested_backend(settings.backend), device, dtypes)
     results = [TrialResult(spec=s) for s in specs]
     live = list(range(len(specs)))  # positions in ``specs`` of the rows of the stack
     initial_loss = torch.full((len(specs),), math.nan)  # by position in ``specs``; set at the first step
