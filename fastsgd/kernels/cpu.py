@@ -213,6 +213,12 @@ def _trial_values(what: str, name: str, x: Scalar) -> Optional[List[float]]:
     return None
 
 
+# Expanded tables by (table bytes, trials, fields): the same few every step of a study. The
+# table bytes hold every address and size, so a hit is the very table a rebuild would give.
+_expanded: dict = {}
+_EXPANDED_MAX = 64
+
+
 def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials: int, lrs: List[float],
                    mus: List[float], ptr_fields: Sequence[int], dtype_fields: Sequence[int]):
     """Row i of every tensor becomes its own entry with lr[i] and momentum[i]."""
@@ -223,20 +229,28 @@ def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials
         if p.numel() > 0 and trials > 1 and p.stride(0) * trials != p.numel():
             raise ValueError(f"{what}: params[{i}] (stacked trials) must keep each trial's row contiguous "
                              f"(strides {p.stride()})")
-    elem_size = np.zeros(len(_codes), dtype=np.int64)
-    for d, c in _codes.items():
-        elem_size[c] = torch.empty((), dtype=d).element_size()
-    out = np.repeat(rows, trials, axis=0)
-    row = np.tile(np.arange(trials, dtype=np.int64), len(params))
-    row_numel = out[:, _S["numel"]] // trials
-    out[:, _S["numel"]] = row_numel
-    for ptr_field, dtype_field in zip(ptr_fields, dtype_fields):
-        elem = elem_size[out[:, dtype_field]]
-        nonzero = out[:, ptr_field] != 0
-        out[nonzero, ptr_field] += (row * row_numel * elem)[nonzero]
-    hparams = np.ascontiguousarray(np.stack([np.tile(lrs, len(params)), np.tile(mus, len(params))], axis=1),
-                                   dtype=np.float64)
-    return np.ascontiguousarray(out), hparams
+    key = (rows.tobytes(), rows.shape, trials, tuple(ptr_fields), tuple(dtype_fields))
+    out = _expanded.get(key)
+    if out is None:
+        elem_size = np.zeros(len(_codes), dtype=np.int64)
+        for d, c in _codes.items():
+            elem_size[c] = torch.empty((), dtype=d).element_size()
+        out = np.repeat(rows, trials, axis=0)
+        row = np.tile(np.arange(trials, dtype=np.int64), len(params))
+        row_numel = out[:, _S["numel"]] // trials
+        out[:, _S["numel"]] = row_numel
+        for ptr_field, dtype_field in zip(ptr_fields, dtype_fields):
+            elem = elem_size[out[:, dtype_field]]
+            nonzero = out[:, ptr_field] != 0
+            out[nonzero, ptr_field] += (row * row_numel * elem)[nonzero]
+        out = np.ascontiguousarray(out)
+        if len(_expanded) >= _EXPANDED_MAX:  # a study keeps a few layouts at a time (trials leave, groups)
+            _expanded.pop(next(iter(_expanded)))
+        _expanded[key] = out
+    hparams = np.empty((len(params) * trials, 2), dtype=np.float64)
+    hparams[:, 0] = np.tile(lrs, len(params))
+    hparams[:, 1] = np.tile(mus, len(params))
+    return out, hparams
 
 
 # ---- table cache -------------------------------------------------------------------

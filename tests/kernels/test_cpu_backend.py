@@ -179,18 +179,27 @@ def test_grads_never_modified_and_norms_deterministic():
 @pytest.mark.parametrize("hp", [dict(nesterov=True), dict(lr_in_momentum=True, dampening=0.1),
                                 dict(weight_decay=0.01, maximize=True)], ids=_id)
 @pytest.mark.parametrize("stack", ["lr", "momentum", "both"])
-def test_stacked_trials_match_reference(stack, hp):
+@pytest.mark.parametrize("grads_in_place", [False, True], ids=["new-grads", "same-grad-buffers"])
+def test_stacked_trials_match_reference(stack, hp, grads_in_place):
+    # same-grad-buffers: every step's table is the one of the step before (the engine's case), so
+    # only the per-trial hparams change between calls
     trials = 3
     shapes = [(trials,), (trials, 5), (trials, 7, 2), (trials, 0)]
     params = kc.make_tensors(shapes, torch.float32, "cpu")
     bufs = [torch.zeros_like(p) for p in params]
     rp, rb = [p.clone() for p in params], [b.clone() for b in bufs]
     mus = torch.tensor([0.0, 0.5, 0.9])
+    grads = kc.make_tensors(shapes, torch.float32, "cpu", seed=49)
     for step in range(3):
         lrs = torch.tensor([0.1, 0.02, 0.3]) * (step + 1)
         lr = lrs if stack in ("lr", "both") else 0.1
-        mu = mus if stack in ("momentum", "both") else 0.9
-        grads = kc.make_tensors(shapes, torch.float32, "cpu", seed=50 + step)
+        mu = (mus + 0.01 * step) if stack in ("momentum", "both") else 0.9
+        new = kc.make_tensors(shapes, torch.float32, "cpu", seed=50 + step)
+        if grads_in_place:
+            for g, n in zip(grads, new):
+                g.copy_(n)
+        else:
+            grads = new
         kw = dict(_sgd_args(**hp), momentum=mu, first_step=step == 0, stacked_trials=True)
         cpu.sgd_step(params, grads, bufs, lr=lr, **kw)
         reference.sgd_step(rp, grads, rb, lr=lr, **kw)
