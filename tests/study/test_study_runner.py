@@ -124,6 +124,59 @@ def test_resume_after_simulated_kill_loses_nothing_reruns_nothing(clean_study, t
     same_records(store.records(), clean)  # the reruns reproduce the uninterrupted study exactly
 
 
+def die_while_enqueueing(monkeypatch, kill):
+    """Raise like a kill from the write of the ``n``-th enqueued trial of the run (``("trial", n)``) or of the
+    ``n``-th stage marker (``("marker", n)``), the last write of a stage."""
+    import sqlalchemy.orm
+    from optuna.storages._rdb import models
+
+    kind, n = kill
+    calls = []
+    if kind == "trial":
+        real = optuna.storages.RDBStorage._get_prepared_new_trial
+
+        def dying(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise SimulatedKill()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(optuna.storages.RDBStorage, "_get_prepared_new_trial", dying)
+    else:
+        real_add = sqlalchemy.orm.Session.add
+
+        def dying(self, instance, *args, **kwargs):
+            if isinstance(instance, models.StudyUserAttributeModel) and instance.key.startswith("enqueued:"):
+                calls.append(1)
+                if len(calls) == n:
+                    raise SimulatedKill()
+            return real_add(self, instance, *args, **kwargs)
+
+        monkeypatch.setattr(sqlalchemy.orm.Session, "add", dying)
+
+
+# ("trial", 3): in the middle of the first stage (B = 32, two of its four trials written);
+# ("marker", 2): every trial of B = 128's stage written, its marker not yet (B = 32 already finished).
+@pytest.mark.parametrize("kill", [("trial", 3), ("marker", 2)], ids=["mid-stage", "before-marker"])
+def test_resume_after_a_kill_while_enqueueing_gives_the_uninterrupted_study(clean_study, tmp_path, monkeypatch,
+                                                                            kill):
+    _, clean = clean_study
+    config = StudyConfig(out=str(tmp_path), **TINY)
+    with monkeypatch.context() as m:
+        die_while_enqueueing(m, kill)
+        with pytest.raises(SimulatedKill):
+            run_study(config, progress=False, log=lambda s: None)
+    run_study(config, progress=False, log=lambda s: None)
+    store = open_storage(config)
+    for bs, study in store.batch_studies().items():
+        trials = study.get_trials(deepcopy=False)
+        assert [t.state for t in trials if t.state not in (optuna.trial.TrialState.COMPLETE,
+                                                           optuna.trial.TrialState.PRUNED)] == [], bs
+        keys = [(t.user_attrs["stage"], t.user_attrs["index"]) for t in trials]
+        assert sorted(keys) == [("search@0", i) for i in range(4)], bs  # one stage, each trial once
+    same_records(store.records(), clean)
+
+
 def finished_trials(db):
     """(batch-size study, trial number) of every finished trial in a SQLite study file."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
