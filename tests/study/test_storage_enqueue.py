@@ -83,5 +83,31 @@ def test_a_stage_killed_while_enqueued_leaves_nothing_and_is_enqueued_whole_late
     assert stage_rows(other_study) == want and stage_rows(study) == want
     assert other.enqueued(other_study) == {"search@0": N}
     claimed = store.claim(study, 10)
+    for t, _ in claimed:
+        store.heartbeat.remove(t._trial_id)  # this test's "worker" stops here
     assert [(spec.trial_id, spec.seed) for _, spec in claimed] == [(i, 100 + i) for i in range(N)]
     assert [t.params for t, _ in claimed] == [t["point"] for t in TRIALS]  # the point as Optuna params
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the bare ask() below stands for a dying worker
+def test_a_recovery_killed_halfway_leaves_the_trial_to_recover_again(url, monkeypatch):
+    """Recovering a dead worker's trial marks it FAIL and enqueues it again; a kill between the two would
+    leave a failed trial that nobody reruns (lost), so both are one transaction."""
+    import time
+
+    store = StudyStorage(url, "x", {"k": 1}, heartbeat_interval=1, grace_period=2)
+    study = store.batch_study(8, 10)
+    store.enqueue(study, TRIALS[:1])
+    study.ask()  # taken from the queue by a worker that dies before writing its owner
+    time.sleep(2.5)  # past the grace period
+    with monkeypatch.context() as m:
+        die_at_trial(m, 1)  # the re-enqueued copy is the recovery's only new trial
+        with pytest.raises(Killed):
+            store.recover_stale(study)
+    assert [(i, state) for i, _, _, state in stage_rows(study)] == [(0, TrialState.RUNNING)]
+    assert store.recover_stale(study) == 1
+    ((trial, spec),) = store.claim(study, 5)
+    store.heartbeat.remove(trial._trial_id)  # this test's "worker" stops here
+    assert (spec.trial_id, spec.seed) == (0, 100)
+    assert [(i, t.user_attrs.get("outcome")) for (i, *_), t in zip(stage_rows(study), study.get_trials())] == \
+        [(0, "interrupted"), (0, None)]

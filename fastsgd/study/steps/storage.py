@@ -27,7 +27,8 @@ PostgreSQL, lets many processes on many machines share one study):
   trains every ``heartbeat_interval`` seconds, from a background thread, and
   the staleness test uses the database server's clock) is marked FAIL with
   outcome ``interrupted`` — its evaluations stay stored — and its point and
-  seed are enqueued again. Trials are deterministic given their seed, so the
+  seed are enqueued again, in the same transaction (a kill in between cannot
+  leave it failed and not rerun). Trials are deterministic given their seed, so the
   rerun reproduces the lost part exactly; finished trials never rerun.
 - a study-level ``"<study name>/meta"`` study holds the ``config`` and, for
   Golmant's goal rule, the computed ``goal``.
@@ -330,15 +331,29 @@ class StudyStorage:
                     continue
                 if t._trial_id not in no_heartbeat and not self._dead_here(t) and not self._never_claimed(t):
                     continue
-                try:
-                    self.storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
-                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                except UpdateFinishedTrialError:
-                    continue  # it finished after all
-                study.enqueue_trial(t.user_attrs["point"],
-                                    user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
-                n += 1
+                n += self._requeue(study._study_id, t)
         return n
+
+    def _requeue(self, study_id: int, t: optuna.trial.FrozenTrial) -> bool:
+        """One transaction: mark the RUNNING trial ``t`` FAIL with outcome ``interrupted`` and enqueue
+        its point and seed again, so that a kill in between cannot leave it failed without a rerun.
+        False when it finished meanwhile."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.storage.scoped_session) as session:
+            row = models.TrialModel.find_or_raise_by_id(t._trial_id, session, for_update=True)
+            if row.state != TrialState.RUNNING:
+                return False  # it finished after all
+            self.storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, t._trial_id,
+                                                        "outcome", "interrupted")
+            row.state = TrialState.FAIL
+            row.datetime_complete = datetime.datetime.now()
+            template = optuna.trial.create_trial(
+                state=TrialState.WAITING, system_attrs={"fixed_params": dict(t.user_attrs["point"])},
+                user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
+            self.storage._get_prepared_new_trial(study_id, template, session)
+        return True
 
     def unfinished(self, study: optuna.Study) -> int:
         """Trials of this batch size still waiting or running (in any process)."""
