@@ -177,6 +177,23 @@ def test_resume_after_a_kill_while_enqueueing_gives_the_uninterrupted_study(clea
     same_records(store.records(), clean)
 
 
+def test_wall_seconds_total_counts_training_only(clean_study, tmp_path, monkeypatch):
+    """A second run of a finished study trains nothing and adds nothing to wall_seconds_total; the total is the
+    time the groups of trials took to train, so it is positive and below the first run's wall time."""
+    import shutil
+
+    out, _ = clean_study
+    first = json.loads((out / "study_summary.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # the finished study (its SQLite file with the write-ahead log)
+    trained = []
+    monkeypatch.setattr(runner, "run_trials", lambda workload, specs, *a, **kw: trained.extend(specs))
+    again = run_study(StudyConfig(out=str(copy), **TINY), progress=False, log=lambda s: None)
+    assert trained == []
+    assert 0 < first["wall_seconds_total"] < first["wall_seconds"]
+    assert again["wall_seconds_total"] == first["wall_seconds_total"]
+
+
 def finished_trials(db):
     """(batch-size study, trial number) of every finished trial in a SQLite study file."""
     storage = optuna.storages.RDBStorage(f"sqlite:///{db}")

@@ -30,8 +30,10 @@ PostgreSQL, lets many processes on many machines share one study):
   seed are enqueued again, in the same transaction (a kill in between cannot
   leave it failed and not rerun). Trials are deterministic given their seed, so the
   rerun reproduces the lost part exactly; finished trials never rerun.
-- a study-level ``"<study name>/meta"`` study holds the ``config`` and, for
-  Golmant's goal rule, the computed ``goal``.
+- a study-level ``"<study name>/meta"`` study holds the ``config``, for
+  Golmant's goal rule the computed ``goal``, and ``train_seconds``: the
+  seconds spent training groups of trials, added by every run and worker as
+  each group ends.
 
 Scaling out: run the same command (same ``--storage`` URL, e.g. PostgreSQL)
 in several processes or machines. They take enqueued trials atomically from
@@ -252,6 +254,14 @@ class StudyStorage:
     def set_meta(self, key: str, value) -> None:
         with self.lock():
             self.meta.set_user_attr(key, value)
+
+    def add_meta(self, key: str, amount: float) -> float:
+        """Add ``amount`` to the number stored under ``key`` (0 when absent), read and written under the
+        study's lock so that concurrent workers add up; returns the new value."""
+        with self.lock():
+            value = float(self.meta.user_attrs.get(key) or 0.0) + float(amount)
+            self.meta.set_user_attr(key, value)
+        return value
 
     # -- trials ----------------------------------------------------------------------------------
     def enqueue(self, study: optuna.Study, trials: List[Dict[str, object]], stage: str = "search") -> bool:
