@@ -195,13 +195,21 @@ def test_wall_seconds_total_counts_training_only(clean_study, tmp_path, monkeypa
 
 
 def finished_trials(db):
-    """(batch-size study, trial number) of every finished trial in a SQLite study file."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    """(batch-size study, trial number) of every finished trial in a SQLite study file.
+
+    Finished means the trial's state is final: a process killed between writing a trial's outcome and its
+    state leaves it RUNNING, to be failed and rerun by the resume. The reader never creates Optuna's schema
+    (it would race the study's process creating it)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_compatibility_check=True,
+                                         skip_table_creation=True)
     out = set()
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        out |= {(summary.study_name, t.number) for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("outcome") in FINAL_OUTCOMES}
+    try:
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            out |= {(summary.study_name, t.number) for t in study.get_trials(deepcopy=False)
+                    if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)}
+    finally:
+        storage.engine.dispose()
     return out
 
 
