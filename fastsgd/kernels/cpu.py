@@ -50,7 +50,7 @@ from torch import Tensor
 from fastsgd._native import native, native_error
 from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense, trial_hparams
+from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense, single_hparams, trial_hparams
 
 Scalar = Union[float, Tensor]
 
@@ -370,8 +370,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
     what = "fastsgd cpu lars_step"
     mod = _native()
     _no_stochastic_rounding(what, stochastic_rounding)
-    if _trial_values(what, "lr", lr) is not None or _trial_values(what, "momentum", momentum) is not None:
-        raise ValueError(f"{what}: stacked trials (1-D lr/momentum) are supported by sgd_step only")
+    lr, momentum = single_hparams(what, lr=lr, momentum=momentum)
     lr_f = _host_scalar(what, "lr", lr, 0.0)
     mu_f = _host_scalar(what, "momentum", momentum, 0.0)
     scale = _host_scalar(what, "grad_scale", grad_scale, 1.0)
@@ -427,8 +426,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     ``steps[i]`` (0-dim float32/float64 CPU tensor) is incremented."""
     what = "fastsgd cpu lamb_step"
     mod = _native()
-    if isinstance(lr, Tensor) and lr.ndim == 1:
-        raise ValueError(f"{what}: stacked trials (1-D lr) are supported by sgd_step only")
+    lr, clip_divisor = single_hparams(what, lr=lr, clip_divisor=clip_divisor)
     lr_f = _host_scalar(what, "lr", lr, 0.0)
     divisor = _host_scalar(what, "grad_scale", grad_scale, 1.0) * _host_scalar(what, "clip_divisor",
                                                                                clip_divisor, 1.0)
