@@ -104,8 +104,8 @@ class BucketedDataParallel(nn.Module):
             instead of raising.
         broadcast_buffers: broadcast rank 0's buffers before each training forward.
         track_grad_norms: compute the local and global squared gradient norms
-            (:attr:`last_grad_sq_norms`); costs two reads of the gradients per
-            step (about 1 ms per 14 MiB each on one CPU core), hence off by default.
+            (:attr:`last_grad_sq_norms`); costs two extra reads of the gradients
+            per step, hence off by default.
         eager_step: with ``optimizer=``, update finished buckets from the
             gradient hooks during backward rather than after the last launch.
     """

@@ -9,13 +9,23 @@ calling):
 
 - ``params``/``grads``/state lists are aligned, tensors on one device, each
   grad with its param's shape and dtype, state tensors with the param's shape.
-- ``lr`` is a float or a 0-dim tensor.
-- Stacked trials: ``lr`` and ``momentum`` may also be 1-D tensors of length T
-  when every param has T as its first dimension (T independent models trained
-  side by side, as the study harness does); row i of every param, grad and
-  buffer then uses lr[i] and momentum[i]. Such hyperparameter tensors live on
-  the CPU for the cpu backend and on the params' device for GPU backends
-  (``Capabilities.stacked_trials``).
+- ``lr`` (and ``momentum``, lamb's ``clip_divisor``) is a float or a tensor
+  holding one value (0-dim or 1-element, as torch.optim takes
+  ``lr=torch.tensor([0.1])``). A tensor with several values is refused
+  before anything is modified, with an error that names the argument and
+  stacked trials, whatever the params' shapes: stacking is never inferred
+  from a shape (fastsgd.kernels.tensors.trial_hparams / single_hparams read
+  these arguments the same way for every backend).
+- Stacked trials, the one exception: ``sgd_step(..., stacked_trials=True)``
+  (an explicit opt-in; lars_step and lamb_step have no such mode). ``lr`` and
+  ``momentum`` may then be 1-D tensors of length T, every param has T as its
+  first dimension (T independent models trained side by side, as the study
+  harness does), and row i of every param, grad and buffer uses lr[i] and
+  momentum[i]. Such hyperparameter tensors live on the CPU for the cpu backend
+  and on the params' device for GPU backends. Only backends whose
+  ``Capabilities.stacked_trials`` is True take the flag; the others refuse it
+  with an error naming stacked trials, so callers pick a backend by that
+  field.
 - ``first_step[i]`` is True when ``bufs[i]`` is new: then b = g (or lr*g in
   the lr_in_momentum form) instead of b = mu*b + (1-tau)*g.
 - ``grad_scale`` (0-dim tensor or None): gradients are divided by it.
@@ -109,10 +119,9 @@ class Capabilities:
     devices: str                          # in words, for messages ("CPU tensors", ...)
     dtypes: Tuple[torch.dtype, ...]       # param dtypes
     strided: bool = False                 # takes views with gaps (else dense layouts only)
-    stacked_trials: bool = False          # sgd_step with 1-D lr/momentum (one value per trial)
+    stacked_trials: bool = False          # sgd_step(stacked_trials=True): 1-D lr/momentum, one value per trial
     stochastic_rounding: bool = False     # bfloat16 momentum buffers rounded stochastically
     device_scalars: bool = False          # lr/grad_scale/found_inf read on the device (capturable, no sync)
-    trust_clip_per_trial_lr: bool = False  # lars_step trust_clip with a 1-D lr
 
     def handles(self, dtypes: Sequence[torch.dtype], dense: bool) -> bool:
         return (dense or self.strided) and all(dt in self.dtypes for dt in dtypes)

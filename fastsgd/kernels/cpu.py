@@ -22,21 +22,21 @@ Math is float32 for float32/bfloat16/float16 tensors and float64 when the
 param or its state is float64; norms (LARS, LAMB) accumulate in float64 in a
 fixed order, so results do not depend on the thread count.
 
-Host-side cost: the checks read tensor shapes, which costs about 1 us per
-tensor in torch's Python API, so a call over 10,000 small params would spend
-~30 ms checking. The finished table is therefore cached (``table_cache.TableCache``,
-32 entries), keyed on what it depends on apart from the gradients: the
-params' and state tensors' addresses, element counts and dtypes, and the
-first-step flags. Gradients move (autograd re-creates them every step with
-``zero_grad(set_to_none=True)``), so on a hit their addresses are written
-into a copy of the table after a cheap check against the params (device,
-element count, dtype, contiguity). A hit costs ~12 attribute reads per param
-(~0.6 us) and skips the shape checks, since an identical key means they
-would pass again. Tensors that are not contiguous (channels_last, ...) are
-checked on every call and never cached. One thing the key cannot see: a
-tensor re-created at the same address with the same element count but
-another shape passes as the old one (the kernels walk flat memory, so this
-is a wrong-shape argument going unreported, never a wrong address).
+Host-side cost: the checks read tensor shapes through torch's Python API, a
+cost per tensor that adds up over thousands of small params. The finished
+table is therefore cached (``table_cache.TableCache``, 32 entries), keyed on
+what it depends on apart from the gradients: the params' and state tensors'
+addresses, element counts and dtypes, and the first-step flags. Gradients
+move (autograd re-creates them every step with ``zero_grad(set_to_none=True)``),
+so on a hit their addresses are written into a copy of the table after a cheap
+check against the params (device, element count, dtype, contiguity): a few
+attribute reads per param instead of the shape checks, which an identical key
+means would pass again (the effect is measured in
+bench/results/optimizer_step_cpu.json). Tensors that are not contiguous
+(channels_last, ...) are checked on every call and never cached. One thing the
+key cannot see: a tensor re-created at the same address with the same element
+count but another shape passes as the old one (the kernels walk flat memory,
+so this is a wrong-shape argument going unreported, never a wrong address).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ from torch import Tensor
 from fastsgd._native import native, native_error
 from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense, trial_hparams
+from fastsgd.kernels.tensors import first_step_flags, grads_fit, is_dense, single_hparams, trial_hparams
 
 Scalar = Union[float, Tensor]
 
@@ -384,8 +384,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
     what = "fastsgd cpu lars_step"
     mod = _native()
     _no_stochastic_rounding(what, stochastic_rounding)
-    if _trial_values(what, "lr", lr) is not None or _trial_values(what, "momentum", momentum) is not None:
-        raise ValueError(f"{what}: stacked trials (1-D lr/momentum) are supported by sgd_step only")
+    lr, momentum = single_hparams(what, lr=lr, momentum=momentum)
     lr_f = _host_scalar(what, "lr", lr, 0.0)
     mu_f = _host_scalar(what, "momentum", momentum, 0.0)
     scale = _host_scalar(what, "grad_scale", grad_scale, 1.0)
@@ -441,8 +440,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     ``steps[i]`` (0-dim float32/float64 CPU tensor) is incremented."""
     what = "fastsgd cpu lamb_step"
     mod = _native()
-    if isinstance(lr, Tensor) and lr.ndim == 1:
-        raise ValueError(f"{what}: stacked trials (1-D lr) are supported by sgd_step only")
+    lr, clip_divisor = single_hparams(what, lr=lr, clip_divisor=clip_divisor)
     lr_f = _host_scalar(what, "lr", lr, 0.0)
     divisor = _host_scalar(what, "grad_scale", grad_scale, 1.0) * _host_scalar(what, "clip_divisor",
                                                                                clip_divisor, 1.0)

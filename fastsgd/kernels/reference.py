@@ -1,27 +1,18 @@
 """Reference kernels: plain PyTorch, computed in float64, the oracle.
 
 Every backend implements the ops of fastsgd/kernels/contract.py with the
-same signatures; the contract's rules, in short:
-- ``params``/``grads``/state lists are aligned, tensors on one device, each
-  grad with its param's shape and dtype, state tensors with the param's shape.
-- ``lr`` is a float or a 0-dim tensor.
-- Stacked trials (``sgd_step(..., stacked_trials=True)``, an explicit opt-in):
-  ``lr`` and ``momentum`` may also be 1-D tensors of length T
-  when every param has T as its first dimension (T independent models trained
-  side by side, as the study harness does); row i of every param, grad and
-  buffer then uses lr[i] and momentum[i]. Such hyperparameter tensors live on
-  the CPU for the cpu backend and on the params' device for GPU backends.
-  Without the flag a 1-element 1-D tensor is one value for all (as
-  torch.optim takes ``lr=torch.tensor([0.1])``) and a longer one is an error.
-- ``first_step[i]`` is True when ``bufs[i]`` is new: then b = g (or lr*g in
-  the lr_in_momentum form) instead of b = mu*b + (1-tau)*g.
-- ``grad_scale`` (0-dim tensor or None): gradients are divided by it.
-  ``found_inf`` (0-dim tensor or None): when non-zero, nothing is modified.
-- Gradients are never modified.
-- ``stochastic_rounding`` (sgd/lars): GPU backends may round bfloat16
-  momentum buffers stochastically (unbiased). The reference always rounds to
-  nearest and ignores the flag: it is the expected value the stochastic
-  result is tested against.
+same signatures, under the contract's rules (its module docstring). Here:
+
+- stacked trials are ``sgd_step(..., stacked_trials=True)`` only: ``lr`` and
+  ``momentum`` may then be 1-D tensors of length T (on any device; they are
+  moved to the params'), every param's first dimension must be T, and row i
+  of every param, grad and buffer uses lr[i] and momentum[i]. Without the
+  flag, and in ``lars_step`` / ``lamb_step`` always, a hyperparameter tensor
+  must hold one value (0-dim or 1-element) and one with several raises a
+  ValueError (fastsgd.kernels.tensors), whatever the params' shapes;
+- ``stochastic_rounding`` is accepted and ignored: the reference rounds
+  bfloat16 buffers to nearest, the expected value the GPU backends'
+  stochastic result is tested against.
 
 The reference is written for clarity, not speed: one tensor at a time, math in
 float64 (complex128 for complex params), results rounded once into the
@@ -35,14 +26,14 @@ import torch
 from torch import Tensor
 
 from fastsgd.kernels.contract import FLOATS, Capabilities
-from fastsgd.kernels.tensors import first_step_flags, trial_hparams  # noqa: F401  (the backends' shared reading)
+from fastsgd.kernels.tensors import first_step_flags, single_hparams, trial_hparams
 
 Scalar = Union[float, Tensor]
 
 NAME = "reference"
 CAPABILITIES = Capabilities(
     NAME, "tensors on any device", FLOATS + (torch.complex64, torch.complex128), strided=True,
-    stacked_trials=True, trust_clip_per_trial_lr=True)
+    stacked_trials=True)
 STRIDED = CAPABILITIES.strided  # plain torch ops: any layout
 
 
@@ -58,15 +49,33 @@ def _wide(t: Tensor) -> Tensor:
     return t.to(torch.complex128 if t.is_complex() else torch.float64)
 
 
-def _hp(x: Scalar, like: Tensor) -> Scalar:
-    """A hyperparameter as float64; a 1-D per-trial tensor becomes (T, 1, ...)
-    so that row i of ``like`` uses entry i."""
+def _hp(x: Scalar, like: Tensor, stacked: bool = False) -> Scalar:
+    """A hyperparameter as float64. With ``stacked`` (sgd_step's stacked_trials=True) a 1-D tensor holds
+    one value per trial and becomes (T, 1, ...), so that row i of ``like`` uses entry i; otherwise the
+    callers have made every tensor 0-dim (fastsgd.kernels.tensors), so no shape is read as stacking."""
     if isinstance(x, Tensor):
         x = x.to(device=like.device, dtype=torch.float64)
-        if x.ndim == 1:
+        if stacked and x.ndim == 1:
             x = x.reshape((-1,) + (1,) * (like.ndim - 1))
         return x
     return float(x)
+
+
+def _check_stacked(params: Sequence[Tensor], *hps: Scalar) -> None:
+    """Every param has the trial count of the 1-D hyperparameters as its first dimension."""
+    counts = {x.numel() for x in hps if isinstance(x, Tensor) and x.ndim == 1}
+    if len(counts) > 1:
+        raise ValueError(f"sgd_step: per-trial hyperparameters have different lengths {sorted(counts)}")
+    for x in hps:
+        if isinstance(x, Tensor) and x.ndim > 1:
+            raise ValueError(f"sgd_step: a hyperparameter has shape {tuple(x.shape)}; stacked trials take 1-D "
+                             "tensors (one value per trial), 0-dim tensors or floats")
+    if counts:
+        (trials,) = counts
+        for i, p in enumerate(params):
+            if p.ndim == 0 or p.shape[0] != trials:
+                raise ValueError(f"sgd_step: lr/momentum hold {trials} values (stacked trials), so every param "
+                                 f"needs {trials} as its first dimension; params[{i}] has shape {tuple(p.shape)}")
 
 
 def _skipped(found_inf: Optional[Tensor]) -> bool:
@@ -81,11 +90,11 @@ def _unscaled(g: Tensor, grad_scale: Optional[Tensor]) -> Tensor:
 
 
 def _apply_momentum(p: Tensor, p64: Tensor, g64: Tensor, buf: Optional[Tensor], *,
-                    lr, momentum, dampening, nesterov, lr_in_momentum, first) -> None:
+                    lr, momentum, dampening, nesterov, lr_in_momentum, first, stacked: bool = False) -> None:
     """PyTorch/TensorFlow momentum (lr outside the buffer) or the
     Sutskever/Goyal form (lr inside), then the parameter update."""
-    lr = _hp(lr, p)
-    mu = _hp(momentum, p)
+    lr = _hp(lr, p, stacked)
+    mu = _hp(momentum, p, stacked)
     has_momentum = buf is not None
     if not has_momentum:
         p.copy_(p64 - lr * g64)
@@ -111,6 +120,8 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
     """torch.optim.SGD's update (plain, momentum, Nesterov, dampening, weight
     decay, maximize), optionally in the lr-inside-momentum form."""
     lr, momentum = trial_hparams("sgd_step", stacked_trials, lr=lr, momentum=momentum)
+    if stacked_trials:
+        _check_stacked(params, lr, momentum)
     if _skipped(found_inf):
         return
     firsts = first_step_flags("sgd_step", first_step, len(params))
@@ -123,7 +134,8 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
             g64 = g64 + _hp(weight_decay, p) * p64
         buf = bufs[i] if bufs is not None else None
         _apply_momentum(p, p64, g64, buf, lr=lr, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov, lr_in_momentum=lr_in_momentum, first=firsts[i])
+                        nesterov=nesterov, lr_in_momentum=lr_in_momentum, first=firsts[i],
+                        stacked=stacked_trials)
 
 
 def lars_trust_ratio(w_norm: Tensor, g_norm: Tensor, *, lr, weight_decay, trust_coeff, eps,
@@ -148,6 +160,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
               stochastic_rounding: bool = False) -> None:
     """timm's Lars rule: if weight_decay != 0 or always_adapt, the gradient
     becomes (g + wd*p) * trust_ratio; then SGD momentum with lr outside."""
+    lr, momentum = single_hparams("lars_step", lr=lr, momentum=momentum)
     if _skipped(found_inf):
         return
     firsts = first_step_flags("lars_step", first_step, len(params))
@@ -179,6 +192,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     ``clip_divisor`` (>= 1) divides the gradient first (global-norm clipping).
     ``steps[i]`` (0-dim tensor) is incremented here.
     """
+    lr, clip_divisor = single_hparams("lamb_step", lr=lr, clip_divisor=clip_divisor)
     if _skipped(found_inf):
         return
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):

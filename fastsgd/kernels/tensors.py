@@ -78,14 +78,26 @@ def trial_hparams(op: str, stacked_trials: bool, **hps: Scalar) -> List[Scalar]:
     1-element tensor is a single value and a longer one is an error. Every
     backend reads the arguments through this, so stacking is never inferred
     from a shape."""
+    if stacked_trials:
+        return list(hps.values())
+    return _single_values(op, "pass stacked_trials=True for one value per trial, else a float or a 1-element "
+                              "tensor", hps)
+
+
+def single_hparams(op: str, **hps: Scalar) -> List[Scalar]:
+    """``hps`` of an op without stacked trials (lars_step, lamb_step): each a float, None or a tensor
+    with one element (returned 0-dim, as torch.optim takes ``lr=torch.tensor([0.1])``); a tensor with
+    several values is an error, never one value per trial."""
+    return _single_values(op, "stacked trials (one value per trial) are supported by "
+                              "sgd_step(..., stacked_trials=True) only; give a float or a 1-element tensor", hps)
+
+
+def _single_values(op: str, hint: str, hps) -> List[Scalar]:
     out = []
     for name, x in hps.items():
-        if not stacked_trials and isinstance(x, Tensor) and x.ndim > 0:
+        if isinstance(x, Tensor) and x.ndim > 0:
             if x.numel() != 1:
-                raise ValueError(f"{op}: {name} has {x.numel()} values (shape {tuple(x.shape)}); pass "
-                                 "stacked_trials=True for one value per trial, else a float or a 1-element tensor")
+                raise ValueError(f"{op}: {name} has {x.numel()} values (shape {tuple(x.shape)}); {hint}")
             x = x.reshape(())
         out.append(x)
     return out
-
-

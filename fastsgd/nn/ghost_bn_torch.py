@@ -18,11 +18,11 @@ Passes over an N*C*L tensor:
   forward:  sum(x), sum(x^2), y = (x - mean)*rstd*w + b
   backward: sum(dy), sum(dy*xhat), dx = a*dy + xhat*b' + d'
 In the rows layout each is one fused kernel, about what nn.BatchNorm's CPU
-kernel does (measured 0.7-1.2x its forward+backward time, bench/ghost_bn.py).
-The channels layout has no fused product-sum or three-term update in torch:
-x^2 and dy*x are written to the output buffer and summed, and dx takes two
-passes, so it runs at 1.1-2.2x nn.BatchNorm2d (worst at small H*W, where
-the per-(sample, channel) bookkeeping weighs most).
+kernel does. The channels layout has no fused product-sum or three-term update
+in torch: x^2 and dy*x are written to the output buffer and summed, and dx takes
+two passes, so it costs more than nn.BatchNorm2d, most at small H*W, where the
+per-(sample, channel) bookkeeping weighs most. Both against nn.BatchNorm2d:
+bench/ghost_bn.py, results in bench/results/ghost_bn_cpu.json (column x_bn).
 
 Statistics are accumulated in float32 (float64 for float64 input) as a sum and
 a sum of squares. var = E[x^2] - E[x]^2 loses digits when |mean| >> std, so

@@ -122,3 +122,61 @@ def test_ghost_bn_backends_follow_declared_dtypes(mod):
         else:
             with pytest.raises(TypeError, match="does not support"):
                 backends.get_backend(caps.name, device, {dt}, family="ghost_bn")
+
+
+def _op_args(op, shapes, device):
+    """(positional tensor lists, the lists a step may modify) for one call of ``op`` on fresh tensors."""
+    params = K.make_tensors(shapes, torch.float32, device)
+    grads = K.make_tensors(shapes, torch.float32, device, seed=1)
+    if op == "lamb_step":
+        state = [torch.full_like(p, 0.1) for p in params], [torch.full_like(p, 0.2) for p in params], \
+            [torch.zeros((), dtype=torch.float32, device=device) for _ in params]
+        return (params, grads, *state), [params, *state]
+    bufs = [torch.full_like(p, 0.1) for p in params]
+    return (params, grads, bufs), [params, bufs]
+
+
+# The hyperparameters of each op that may be tensors, and a value for each.
+_TENSOR_HPARAMS = {"sgd_step": {"lr": 0.05, "momentum": 0.9}, "lars_step": {"lr": 0.05, "momentum": 0.9},
+                   "lamb_step": {"lr": 0.05, "clip_divisor": 2.0}}
+
+
+@pytest.mark.parametrize("op", list(contract.OPS))
+@pytest.mark.parametrize("mod", _available(DEVICE))
+def test_several_values_without_stacked_trials_are_refused_never_stacked(mod, op):
+    """Params whose first dimension (3) equals the number of values in a hyperparameter tensor: the shape
+    that could pass for stacked trials. Without ``stacked_trials=True`` (lars_step and lamb_step have no such
+    mode) every backend refuses it, naming the problem, before it modifies anything."""
+    hp_device = DEVICE if mod.CAPABILITIES.device_scalars else "cpu"
+    for name, value in _TENSOR_HPARAMS[op].items():
+        args, modified = _op_args(op, [(3, 5), (3, 130)], DEVICE)
+        before = [t.clone() for ts in modified for t in ts]
+        kw = dict(_TENSOR_HPARAMS[op], **{name: torch.tensor([value, value / 2, value / 4], device=hp_device)})
+        with pytest.raises((ValueError, NotImplementedError), match=r"stacked.trials") as err:
+            getattr(mod, op)(*args, **kw)
+        if isinstance(err.value, ValueError):
+            assert name in str(err.value)
+        after = [t for ts in modified for t in ts]
+        assert all(torch.equal(a, b) for a, b in zip(after, before)), f"{op} modified tensors before refusing"
+
+
+@pytest.mark.parametrize("op", list(contract.OPS))
+@pytest.mark.parametrize("mod", _available(DEVICE))
+def test_a_one_element_hyperparameter_tensor_is_one_value(mod, op):
+    """``lr=torch.tensor([0.05])`` (as torch.optim takes it) is the float 0.05 on every backend and op."""
+    hp_device = DEVICE if mod.CAPABILITIES.device_scalars else "cpu"
+    args, modified = _op_args(op, [(3, 5), (130,)], DEVICE)
+    ref_args, ref_modified = _op_args(op, [(3, 5), (130,)], DEVICE)
+    kw = {k: torch.tensor([v], device=hp_device) for k, v in _TENSOR_HPARAMS[op].items()}
+    getattr(mod, op)(*args, **kw)
+    getattr(reference, op)(*ref_args, **_TENSOR_HPARAMS[op])
+    for got, want in zip(modified, ref_modified):
+        K.assert_all_close(got, want, torch.float32, f"{op} with 1-element tensors")
+
+
+def test_reference_stacked_trials_need_the_trial_count_as_first_dimension():
+    params = [torch.zeros(3, 4), torch.zeros(2, 4)]
+    with pytest.raises(ValueError, match=r"params\[1\] has shape \(2, 4\)"):
+        reference.sgd_step(params, [torch.ones_like(p) for p in params], None, lr=torch.tensor([0.1, 0.2, 0.3]),
+                           stacked_trials=True)
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in params)

@@ -238,7 +238,7 @@ def test_errors_before_any_change():
                      "first dimension")
     _unchanged_after(lambda: sgd(first_step=[True]), [p, q, b], ValueError, "first_step has 1 entries")
     _unchanged_after(lambda: cpu.lars_step([p], [g], [b], lr=torch.tensor([0.1] * 6), momentum=0.9),
-                     [p, b], ValueError, "sgd_step only")
+                     [p, b], ValueError, r"lr has 6 values .*stacked_trials=True\) only")
     _unchanged_after(lambda: cpu.lamb_step([p], [g], [torch.zeros(6)], [torch.zeros(6, dtype=torch.float16)],
                                            [torch.zeros(())], lr=0.1), [p], ValueError, "share a dtype")
     _unchanged_after(lambda: cpu.lamb_step([p], [g], [torch.zeros(6)], [torch.zeros(6)],

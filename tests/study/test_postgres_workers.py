@@ -2,10 +2,11 @@
 
 Two workers run the same ``bench/steps_to_result.py`` command against one
 fresh database, started together (Optuna's schema creation used to kill the
-second one); one is killed with SIGKILL in the middle of a trial. The other
-must finish the study alone, rerunning the killed trial once its heartbeat
-stops, and its summary must equal a single worker's (run on SQLite, the
-default storage). Fixture: tests/study/conftest.py.
+second one); one is stopped (SIGSTOP) while the database shows it holding a
+trial with evaluations, and killed (SIGKILL) while still stopped, so it dies
+holding that trial. The other must finish the study alone, rerunning that
+trial exactly once (to the same evaluations) once its heartbeat stops, and its
+summary must equal a single worker's (run on SQLite, the default storage). Fixture: tests/study/conftest.py.
 """
 import json
 import os
@@ -47,7 +48,8 @@ def log_of(proc) -> str:
 
 def trials_of(url):
     """{batch size: [FrozenTrial]} of the study's batch-size studies (empty before they exist)."""
-    storage = optuna.storages.RDBStorage(url)
+    # read only: a reader that created Optuna's schema would race the workers creating it
+    storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True, skip_table_creation=True)
     out = {}
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
         if "/B" in s.study_name:
@@ -62,6 +64,28 @@ def summary(out):
         return {k: v for k, v in json.load(f).items() if k not in NOT_COMPARED}
 
 
+def held_trial(url, pid):
+    """(batch size, FrozenTrial) of a trial the worker ``pid`` holds RUNNING with evaluations stored, or None."""
+    import sqlalchemy.exc
+
+    if not _schema_ready(url):
+        return None
+    try:
+        studies = trials_of(url)
+    except (sqlalchemy.exc.SQLAlchemyError, KeyError):  # the workers are still creating the schema or studies
+        return None
+    for bs, trials in studies.items():
+        for t in trials:
+            if (t.state == TrialState.RUNNING and (t.user_attrs.get("owner") or {}).get("pid") == pid
+                    and any(k.startswith("eval:") for k in t.user_attrs)):
+                return bs, t
+    return None
+
+
+def evals(t):
+    return {k: v for k, v in t.user_attrs.items() if k.startswith("eval:")}
+
+
 @pytest.mark.timeout(300)
 def test_two_workers_one_killed_mid_trial_finish_the_study_once(postgres_url, tmp_path):
     reference = worker(tmp_path / "single")  # one worker, SQLite
@@ -72,19 +96,22 @@ def test_two_workers_one_killed_mid_trial_finish_the_study_once(postgres_url, tm
         deadline = time.time() + 120
         while victim is None and time.time() < deadline:
             assert a.poll() is None or b.poll() is None, "both workers ended before one could be killed"
-            for trials in trials_of(postgres_url).values() if _schema_ready(postgres_url) else ():
-                for t in trials:
-                    pid = (t.user_attrs.get("owner") or {}).get("pid")
-                    started = any(k.startswith("eval:") for k in t.user_attrs)
-                    if t.state == TrialState.RUNNING and started and pid in procs and procs[pid].poll() is None:
-                        victim = (procs[pid], t.number, t.user_attrs["index"])
-                        break
-                if victim:
-                    break
+            for pid, proc in procs.items():
+                if proc.poll() is not None or held_trial(postgres_url, pid) is None:
+                    continue
+                # Freeze the worker, then look again: what it holds now it still holds when it is killed
+                # (a stopped process finishes nothing; the look takes far less than the 3 s grace period).
+                os.kill(pid, signal.SIGSTOP)
+                held = held_trial(postgres_url, pid)
+                if held is None:  # it finished that trial just before it stopped: let it go on, look again
+                    os.kill(pid, signal.SIGCONT)
+                    continue
+                os.kill(pid, signal.SIGKILL)
+                victim = (proc,) + held
+                break
             time.sleep(0.05)
         assert victim is not None, "no trial was seen running with evaluations"
-        killed, number, index = victim
-        os.kill(killed.pid, signal.SIGKILL)
+        killed, victim_bs, held = victim
         survivor = b if killed is a else a
         assert survivor.wait(timeout=180) == 0, log_of(survivor)
         assert reference.wait(timeout=180) == 0, log_of(reference)
@@ -97,7 +124,6 @@ def test_two_workers_one_killed_mid_trial_finish_the_study_once(postgres_url, tm
 
     studies = trials_of(postgres_url)
     assert sorted(studies) == [32, 128]
-    interrupted = []
     for bs, trials in studies.items():
         assert not [t.number for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)], bs
         assert not [t for t in trials if t.user_attrs.get("outcome") in ("duplicate", "spurious")]
@@ -106,20 +132,27 @@ def test_two_workers_one_killed_mid_trial_finish_the_study_once(postgres_url, tm
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 assert t.user_attrs["index"] not in finished, f"B={bs}: trial {t.user_attrs['index']} ran twice"
                 finished[t.user_attrs["index"]] = t
-            else:
-                assert t.state == TrialState.FAIL and t.user_attrs["outcome"] == "interrupted", (bs, t.number)
-                assert t.user_attrs["owner"]["pid"] == killed.pid
-                interrupted.append((bs, t))
+            else:  # the only failed trial is the one the killed worker held
+                assert (bs, t.number) == (victim_bs, held.number), (bs, t.number, t.state)
         assert sorted(finished) == [0, 1, 2], f"B={bs}: finished trials {sorted(finished)}"
-        for _, t in interrupted:  # the killed trial's rerun was done by the survivor
-            if t in trials:
-                assert finished[t.user_attrs["index"]].user_attrs["owner"]["pid"] == survivor.pid
-    # The victim's trial was taken over and rerun, unless the kill landed in the moment after it finished
-    # (the engine trains a 150-step trial quickly): then it is stored once, finished by the killed worker.
-    victim_trials = [t for trials in studies.values() for t in trials if t.number == number
-                     and t.user_attrs["index"] == index and (t.user_attrs.get("owner") or {}).get("pid") == killed.pid]
-    assert victim_trials and all(t.state == TrialState.FAIL or t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                                 for t in victim_trials)
+
+    # The trial the killed worker held: failed as interrupted, nothing it had stored lost, and run again
+    # exactly once, by the survivor, to the same evaluations.
+    trials = studies[victim_bs]
+    (after,) = [t for t in trials if t.number == held.number]
+    assert after.state == TrialState.FAIL and after.user_attrs["outcome"] == "interrupted"
+    assert after.user_attrs["owner"]["pid"] == killed.pid
+    assert evals(held).items() <= evals(after).items()
+    same = [t for t in trials if (t.user_attrs["index"], t.user_attrs["stage"]) ==
+            (held.user_attrs["index"], held.user_attrs["stage"])]
+    assert [t.number for t in same] == sorted(t.number for t in same) and same[0].number == held.number
+    assert [t.state for t in same[1:]] in ([TrialState.COMPLETE], [TrialState.PRUNED]), "rerun not exactly once"
+    rerun = same[1]
+    assert rerun.user_attrs["owner"]["pid"] == survivor.pid and rerun.user_attrs["seed"] == held.user_attrs["seed"]
+    for key, value in evals(held).items():
+        assert key in rerun.user_attrs, f"the rerun did not evaluate at {key}"
+        assert {k: v for k, v in rerun.user_attrs[key].items() if k != "t"} == \
+            {k: v for k, v in value.items() if k != "t"}, key
 
     single = summary(tmp_path / "single")
     assert summary(tmp_path / ("b" if killed is a else "a")) == single

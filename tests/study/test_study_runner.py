@@ -124,14 +124,92 @@ def test_resume_after_simulated_kill_loses_nothing_reruns_nothing(clean_study, t
     same_records(store.records(), clean)  # the reruns reproduce the uninterrupted study exactly
 
 
+def die_while_enqueueing(monkeypatch, kill):
+    """Raise like a kill from the write of the ``n``-th enqueued trial of the run (``("trial", n)``) or of the
+    ``n``-th stage marker (``("marker", n)``), the last write of a stage."""
+    import sqlalchemy.orm
+    from optuna.storages._rdb import models
+
+    kind, n = kill
+    calls = []
+    if kind == "trial":
+        real = optuna.storages.RDBStorage._get_prepared_new_trial
+
+        def dying(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise SimulatedKill()
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(optuna.storages.RDBStorage, "_get_prepared_new_trial", dying)
+    else:
+        real_add = sqlalchemy.orm.Session.add
+
+        def dying(self, instance, *args, **kwargs):
+            if isinstance(instance, models.StudyUserAttributeModel) and instance.key.startswith("enqueued:"):
+                calls.append(1)
+                if len(calls) == n:
+                    raise SimulatedKill()
+            return real_add(self, instance, *args, **kwargs)
+
+        monkeypatch.setattr(sqlalchemy.orm.Session, "add", dying)
+
+
+# ("trial", 3): in the middle of the first stage (B = 32, two of its four trials written);
+# ("marker", 2): every trial of B = 128's stage written, its marker not yet (B = 32 already finished).
+@pytest.mark.parametrize("kill", [("trial", 3), ("marker", 2)], ids=["mid-stage", "before-marker"])
+def test_resume_after_a_kill_while_enqueueing_gives_the_uninterrupted_study(clean_study, tmp_path, monkeypatch,
+                                                                            kill):
+    _, clean = clean_study
+    config = StudyConfig(out=str(tmp_path), **TINY)
+    with monkeypatch.context() as m:
+        die_while_enqueueing(m, kill)
+        with pytest.raises(SimulatedKill):
+            run_study(config, progress=False, log=lambda s: None)
+    run_study(config, progress=False, log=lambda s: None)
+    store = open_storage(config)
+    for bs, study in store.batch_studies().items():
+        trials = study.get_trials(deepcopy=False)
+        assert [t.state for t in trials if t.state not in (optuna.trial.TrialState.COMPLETE,
+                                                           optuna.trial.TrialState.PRUNED)] == [], bs
+        keys = [(t.user_attrs["stage"], t.user_attrs["index"]) for t in trials]
+        assert sorted(keys) == [("search@0", i) for i in range(4)], bs  # one stage, each trial once
+    same_records(store.records(), clean)
+
+
+def test_wall_seconds_total_counts_training_only(clean_study, tmp_path, monkeypatch):
+    """A second run of a finished study trains nothing and adds nothing to wall_seconds_total; the total is the
+    time the groups of trials took to train, so it is positive and below the first run's wall time."""
+    import shutil
+
+    out, _ = clean_study
+    first = json.loads((out / "study_summary.json").read_text())
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)  # the finished study (its SQLite file with the write-ahead log)
+    trained = []
+    monkeypatch.setattr(runner, "run_trials", lambda workload, specs, *a, **kw: trained.extend(specs))
+    again = run_study(StudyConfig(out=str(copy), **TINY), progress=False, log=lambda s: None)
+    assert trained == []
+    assert 0 < first["wall_seconds_total"] < first["wall_seconds"]
+    assert again["wall_seconds_total"] == first["wall_seconds_total"]
+
+
 def finished_trials(db):
-    """(batch-size study, trial number) of every finished trial in a SQLite study file."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    """(batch-size study, trial number) of every finished trial in a SQLite study file.
+
+    Finished means the trial's state is final: a process killed between writing a trial's outcome and its
+    state leaves it RUNNING, to be failed and rerun by the resume. The reader never creates Optuna's schema
+    (it would race the study's process creating it)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_compatibility_check=True,
+                                         skip_table_creation=True)
     out = set()
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        out |= {(summary.study_name, t.number) for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("outcome") in FINAL_OUTCOMES}
+    try:
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            out |= {(summary.study_name, t.number) for t in study.get_trials(deepcopy=False)
+                    if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)}
+    finally:
+        storage.engine.dispose()
     return out
 
 

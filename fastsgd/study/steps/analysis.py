@@ -84,7 +84,7 @@ other modules such as the time-to-result report read it). Schema
       "warnings": ["..."],
       "plots": ["steps_vs_batch_size.png", ...],
       "wall_seconds": 183.2,          # this invocation
-      "wall_seconds_total": 410.0     # all completed invocations on this storage (resumes add up)
+      "wall_seconds_total": 410.0     # time spent training trials, summed over every run and worker
     }
 
 ``steps``, ``fit`` and ``regions`` are ``null`` when not measurable (goal never

@@ -77,6 +77,7 @@ from fastsgd.study.workloads.data import restrict_eval_sets
 
 PROTOCOLS = ("tuned",) + search.SCALING_RULES
 GOAL_RULES = ("fixed", "golmant")
+TRAIN_SECONDS = "train_seconds"  # meta key: seconds spent training groups of trials, over all runs and workers
 WAIT_POLL_SECONDS = 1.0  # how often a worker with nothing left to claim looks at the others' trials
 
 
@@ -313,7 +314,9 @@ class _BatchSize:
             self.progress.show(self.bs, self.done, running[0], self.infeasible, advance=1)
 
         self.progress.show(self.bs, self.done, running[0], self.infeasible)
+        start = time.perf_counter()
         run_trials(self.workload, [spec for _, spec in part], settings, on_eval=on_eval, on_end=on_end)
+        self.store.add_meta(TRAIN_SECONDS, time.perf_counter() - start)
 
     # -- stages ------------------------------------------------------------------------------------
     def search(self, space) -> None:
@@ -555,9 +558,10 @@ def summarize(config: StudyConfig, store: StudyStorage, goal: float, metric: str
 
     records = store.records()
     result = analyze_study(config, records, goal, metric, space)
-    # Training time adds up over the runs that completed (a resumed study counts each part once).
-    total = float(store.get_meta("wall_seconds_total") or 0.0) + wall_seconds
-    store.set_meta("wall_seconds_total", total)
+    # The time spent training, over every run and worker (each group of trials adds its own time as it ends):
+    # a resume that only reads finished trials adds nothing, and a group cut short by a kill adds nothing
+    # either (its trials are rerun, and the rerun counts).
+    total = float(store.get_meta(TRAIN_SECONDS) or 0.0)
     summary = {"schema": SCHEMA, "workload": config.workload, "optimizer": config.optimizer,
                "protocol": config.protocol, "storage": storage_label(store.url, config.out), "search_space": space,
                **result, "config": config.stored(), "wall_seconds": wall_seconds, "wall_seconds_total": total}
@@ -639,6 +643,6 @@ def summary_table(summary: Dict[str, object]) -> str:
     if reg:
         lines.append(f"regions from the points: perfect scaling up to B = {reg.get('perfect_scaling_max')}, "
                      f"maximal data parallelism from B = {reg.get('maximal_parallelism_min')}")
-    lines.append(f"wall time {summary['wall_seconds']:.1f} s (all runs of this study: "
+    lines.append(f"wall time {summary['wall_seconds']:.1f} s (training over all runs and workers of this study: "
                  f"{summary['wall_seconds_total']:.1f} s)")
     return "\n".join(lines)

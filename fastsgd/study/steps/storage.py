@@ -34,10 +34,13 @@ PostgreSQL, lets many processes on many machines share one study):
   trains every ``heartbeat_interval`` seconds, from a background thread, and
   the staleness test uses the database server's clock) is marked FAIL with
   outcome ``interrupted`` — its evaluations stay stored — and its point and
-  seed are enqueued again. Trials are deterministic given their seed, so the
+  seed are enqueued again, in the same transaction (a kill in between cannot
+  leave it failed and not rerun). Trials are deterministic given their seed, so the
   rerun reproduces the lost part exactly; finished trials never rerun.
-- a study-level ``"<study name>/meta"`` study holds the ``config`` and, for
-  Golmant's goal rule, the computed ``goal``.
+- a study-level ``"<study name>/meta"`` study holds the ``config``, for
+  Golmant's goal rule the computed ``goal``, and ``train_seconds``: the
+  seconds spent training groups of trials, added by every run and worker as
+  each group ends.
 
 Scaling out: run the same command (same ``--storage`` URL, e.g. PostgreSQL)
 in several processes or machines. They take enqueued trials atomically from
@@ -46,9 +49,11 @@ lock). The writes that several processes could make at once — creating the
 Optuna schema and the studies with their attributes, enqueueing a batch size,
 recovering stale trials, study-level results — run under one cross-process
 lock per study: a PostgreSQL advisory lock (released by the server if its
-holder dies), a file lock beside a SQLite file. Other databases get no lock;
-should two processes then enqueue one batch size, the second copy of a trial
-is marked FAIL with outcome ``duplicate`` when claimed and never trained.
+holder dies), a file lock beside a SQLite file. A stage's trials and its
+``enqueued:<stage>`` marker are one transaction (see :meth:`StudyStorage.enqueue`),
+so a kill never leaves half a stage. Other databases get no lock; should two
+processes then enqueue one stage, the second copy of a trial is marked FAIL
+with outcome ``duplicate`` when claimed and never trained.
 """
 from __future__ import annotations
 
@@ -260,21 +265,55 @@ class StudyStorage:
         with self.lock():
             self.meta.set_user_attr(key, value)
 
+    def add_meta(self, key: str, amount: float) -> float:
+        """Add ``amount`` to the number stored under ``key`` (0 when absent), read and written under the
+        study's lock so that concurrent workers add up; returns the new value."""
+        with self.lock():
+            value = float(self.meta.user_attrs.get(key) or 0.0) + float(amount)
+            self.meta.set_user_attr(key, value)
+        return value
+
     # -- trials ----------------------------------------------------------------------------------
     def enqueue(self, study: optuna.Study, trials: List[Dict[str, object]], stage: str = "search") -> bool:
         """Enqueue ``trials`` (dicts of RUN_ATTRS: at least index, point, hparams, seed) once per
         ``stage`` name; a stage already enqueued is left alone (a resume or a second process
-        computes the same stages). Returns whether anything was enqueued."""
+        computes the same stages). Returns whether anything was enqueued.
+
+        The trials and the stage's marker (user attr ``enqueued:<stage>``) are written in one
+        database transaction, so a process killed while enqueueing leaves either the whole stage
+        or nothing of it: no other process claims a trial of a half-written stage, and a resume
+        computes the stage again from the same records and enqueues the same trials."""
         key = f"enqueued:{stage}"
         if study.user_attrs.get(key):
             return False
         with self.lock():
-            if study.user_attrs.get(key):  # read from the database, not a cache
-                return False  # another process enqueued them while this one waited for the lock
+            return self._enqueue_stage(study._study_id, key, trials)
+
+    def _enqueue_stage(self, study_id: int, key: str, trials: List[Dict[str, object]]) -> bool:
+        """One transaction: re-check the marker (under a row lock on the study where the database has
+        them), add the WAITING trials as ``Study.enqueue_trial`` would, write the marker. Uses the
+        RDBStorage pieces that ``create_new_trial`` is made of, because Optuna itself commits every
+        trial separately."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.storage.scoped_session) as session:
+            study_row = models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+            marker = models.StudyUserAttributeModel.find_by_study_and_key(study_row, key, session)
+            if marker is not None and json.loads(marker.value_json):
+                return False  # another process enqueued the stage while this one waited
             for t in trials:
-                attrs = {"role": "search", "base_trial": None, **t, "stage": stage, "seed": int(t["seed"])}
-                study.enqueue_trial(dict(t["point"]), user_attrs=attrs)
-            study.set_user_attr(key, len(trials))
+                attrs = {"role": "search", "base_trial": None, **t, "stage": key[len("enqueued:"):],
+                         "seed": int(t["seed"])}
+                template = optuna.trial.create_trial(state=TrialState.WAITING,
+                                                     system_attrs={"fixed_params": dict(t["point"])},
+                                                     user_attrs=attrs)
+                self.storage._get_prepared_new_trial(study_id, template, session)
+            if marker is None:
+                session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,
+                                                           value_json=json.dumps(len(trials))))
+            else:
+                marker.value_json = json.dumps(len(trials))
         return True
 
     @staticmethod
@@ -312,15 +351,29 @@ class StudyStorage:
                     continue
                 if t._trial_id not in no_heartbeat and not self._dead_here(t) and not self._never_claimed(t):
                     continue
-                try:
-                    self.storage.set_trial_user_attr(t._trial_id, "outcome", "interrupted")
-                    self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-                except UpdateFinishedTrialError:
-                    continue  # it finished after all
-                study.enqueue_trial(t.user_attrs["point"],
-                                    user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
-                n += 1
+                n += self._requeue(study._study_id, t)
         return n
+
+    def _requeue(self, study_id: int, t: optuna.trial.FrozenTrial) -> bool:
+        """One transaction: mark the RUNNING trial ``t`` FAIL with outcome ``interrupted`` and enqueue
+        its point and seed again, so that a kill in between cannot leave it failed without a rerun.
+        False when it finished meanwhile."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.storage.scoped_session) as session:
+            row = models.TrialModel.find_or_raise_by_id(t._trial_id, session, for_update=True)
+            if row.state != TrialState.RUNNING:
+                return False  # it finished after all
+            self.storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, t._trial_id,
+                                                        "outcome", "interrupted")
+            row.state = TrialState.FAIL
+            row.datetime_complete = datetime.datetime.now()
+            template = optuna.trial.create_trial(
+                state=TrialState.WAITING, system_attrs={"fixed_params": dict(t.user_attrs["point"])},
+                user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
+            self.storage._get_prepared_new_trial(study_id, template, session)
+        return True
 
     def unfinished(self, study: optuna.Study) -> int:
         """Trials of this batch size still waiting or running (in any process)."""
