@@ -19,6 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from fastsgd.study.steps.storage import stored_evaluations
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # --no-prune and one trial per group: every trial's outcome is then independent of which
 # worker runs it and of what finished before, so the summaries can be compared exactly.
@@ -35,8 +37,9 @@ def worker(out, storage=None):
     cmd = [sys.executable, os.path.join(ROOT, "bench", "steps_to_result.py"), *STUDY, "--out", str(out)]
     if storage:
         cmd += ["--storage", storage]
-    with open(f"{out}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, FASTSGD_EVAL_FLUSH_SECONDS="0")  # every evaluation stored at once: a running
+    with open(f"{out}.log", "w") as log:                      # trial shows its evaluations in the database
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.out = out
     return proc
 
@@ -77,13 +80,14 @@ def held_trial(url, pid):
     for bs, trials in studies.items():
         for t in trials:
             if (t.state == TrialState.RUNNING and (t.user_attrs.get("owner") or {}).get("pid") == pid
-                    and any(k.startswith("eval:") for k in t.user_attrs)):
+                    and evals(t)):
                 return bs, t
     return None
 
 
 def evals(t):
-    return {k: v for k, v in t.user_attrs.items() if k.startswith("eval:")}
+    """{step: {metric: value}} of the trial's stored evaluations."""
+    return dict(stored_evaluations(t.user_attrs))
 
 
 @pytest.mark.timeout(300)
@@ -149,10 +153,9 @@ def test_two_workers_one_killed_mid_trial_finish_the_study_once(postgres_url, tm
     assert [t.state for t in same[1:]] in ([TrialState.COMPLETE], [TrialState.PRUNED]), "rerun not exactly once"
     rerun = same[1]
     assert rerun.user_attrs["owner"]["pid"] == survivor.pid and rerun.user_attrs["seed"] == held.user_attrs["seed"]
-    for key, value in evals(held).items():
-        assert key in rerun.user_attrs, f"the rerun did not evaluate at {key}"
-        assert {k: v for k, v in rerun.user_attrs[key].items() if k != "t"} == \
-            {k: v for k, v in value.items() if k != "t"}, key
+    rerun_evals = evals(rerun)
+    for step, metrics in evals(held).items():
+        assert rerun_evals.get(step) == metrics, f"the rerun's evaluation at step {step} differs or is missing"
 
     single = summary(tmp_path / "single")
     assert summary(tmp_path / ("b" if killed is a else "a")) == single

@@ -18,8 +18,8 @@ PostgreSQL, lets many processes on many machines share one study):
   trial's record;
 - the evaluations in chunks, user attrs ``"evals:<first step, 7 digits>"`` =
   {"steps": [...], "t": [unix times], "metrics": {metric: [values]}}: a running
-  trial's evaluations are written at least every ``EVAL_FLUSH_SECONDS`` and at
-  its end. One write per evaluation made the study's database reads grow with
+  trial's evaluations are written at least every ``EVAL_FLUSH_SECONDS`` (or
+  ``FASTSGD_EVAL_FLUSH_SECONDS``) and at its end. One write per evaluation made the study's database reads grow with
   every evaluation ever stored (Optuna loads a trial with all its attributes);
   chunks keep a trial at a handful of rows. A kill loses at most the last
   seconds of a running trial's curve, which its rerun reproduces anyway.
@@ -79,6 +79,7 @@ from fastsgd.study.steps.trials import TrialResult, TrialSpec
 EVAL_PREFIX = "eval:"    # one evaluation per attr (the earlier layout; read, no longer written)
 EVALS_PREFIX = "evals:"  # a chunk of evaluations per attr
 EVAL_FLUSH_SECONDS = 30.0  # a running trial's buffered evaluations are written at least this often
+FLUSH_ENV = "FASTSGD_EVAL_FLUSH_SECONDS"  # overrides it (0: every evaluation at once, e.g. to watch live curves)
 DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)
 SPURIOUS = "spurious"    # ask() found no enqueued trial left (another process took it)
 HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
@@ -434,7 +435,7 @@ class StudyStorage:
         chunk["t"].append(time.time())
         for k, v in metrics.items():
             chunk["metrics"].setdefault(k, []).append(float(v))
-        if time.monotonic() - chunk["since"] >= EVAL_FLUSH_SECONDS:
+        if time.monotonic() - chunk["since"] >= float(os.environ.get(FLUSH_ENV, EVAL_FLUSH_SECONDS)):
             self.flush_evals(trial)
 
     def flush_evals(self, trial: optuna.Trial) -> None:
