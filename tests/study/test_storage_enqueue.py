@@ -111,3 +111,19 @@ def test_a_recovery_killed_halfway_leaves_the_trial_to_recover_again(url, monkey
     assert (spec.trial_id, spec.seed) == (0, 100)
     assert [(i, t.user_attrs.get("outcome")) for (i, *_), t in zip(stage_rows(study), study.get_trials())] == \
         [(0, "interrupted"), (0, None)]
+
+
+def test_a_batch_study_opened_by_a_killed_process_gets_all_its_attributes(url, monkeypatch):
+    real = optuna.Study.set_user_attr
+
+    def dying(self, key, value):
+        if key == "max_steps":
+            raise Killed("killed between the batch study's two attributes")
+        return real(self, key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(optuna.Study, "set_user_attr", dying)
+        with pytest.raises(Killed):
+            StudyStorage(url, "x", {"k": 1}).batch_study(8, 10)
+    study = StudyStorage(url, "x", {"k": 1}).batch_study(8, 10)
+    assert {k: study.user_attrs.get(k) for k in ("batch_size", "max_steps")} == {"batch_size": 8, "max_steps": 10}

@@ -232,9 +232,9 @@ class StudyStorage:
 
     def batch_study(self, batch_size: int, max_steps: int) -> optuna.Study:
         study = self._study(f"B{batch_size}")
-        if "batch_size" not in study.user_attrs:
+        if "max_steps" not in study.user_attrs:  # written last: a kill between the two writes is redone
             with self.lock():
-                if "batch_size" not in study.user_attrs:
+                if "max_steps" not in study.user_attrs:
                     study.set_user_attr("batch_size", int(batch_size))
                     study.set_user_attr("max_steps", int(max_steps))
         return study
