@@ -281,9 +281,10 @@ class StudyStorage:
 
     def _enqueue_stage(self, study_id: int, key: str, trials: List[Dict[str, object]]) -> bool:
         """One transaction: re-check the marker (under a row lock on the study where the database has
-        them), add the WAITING trials as ``Study.enqueue_trial`` would, write the marker. Uses the
-        RDBStorage pieces that ``create_new_trial`` is made of, because Optuna itself commits every
-        trial separately."""
+        them), add the WAITING trials as ``Study.enqueue_trial`` would, write the marker. Optuna
+        commits every trial separately, so this uses the pieces its ``create_new_trial`` is made of
+        (``RDBStorage._get_prepared_new_trial`` and the ORM models of optuna.storages._rdb): internals,
+        pinned by tests/study/test_storage_enqueue.py."""
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
@@ -355,8 +356,12 @@ class StudyStorage:
             row = models.TrialModel.find_or_raise_by_id(t._trial_id, session, for_update=True)
             if row.state != TrialState.RUNNING:
                 return False  # it finished after all
-            self.storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, t._trial_id,
-                                                        "outcome", "interrupted")
+            outcome = models.TrialUserAttributeModel.find_by_trial_and_key(row, "outcome", session)
+            if outcome is None:
+                session.add(models.TrialUserAttributeModel(trial_id=t._trial_id, key="outcome",
+                                                           value_json=json.dumps("interrupted")))
+            else:
+                outcome.value_json = json.dumps("interrupted")
             row.state = TrialState.FAIL
             row.datetime_complete = datetime.datetime.now()
             template = optuna.trial.create_trial(
