@@ -127,3 +127,17 @@ def test_a_batch_study_opened_by_a_killed_process_gets_all_its_attributes(url, m
             StudyStorage(url, "x", {"k": 1}).batch_study(8, 10)
     study = StudyStorage(url, "x", {"k": 1}).batch_study(8, 10)
     assert {k: study.user_attrs.get(k) for k in ("batch_size", "max_steps")} == {"batch_size": 8, "max_steps": 10}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_that_finished_meanwhile_is_not_recovered(url):
+    """Recovery decides on a trial read earlier; if it has finished since (a slow but live worker), the
+    state test inside the recovery's transaction leaves it finished and enqueues nothing."""
+    store = StudyStorage(url, "x", {"k": 1})
+    study = store.batch_study(8, 10)
+    store.enqueue(study, TRIALS[:1])
+    trial = study.ask()
+    (seen_running,) = study.get_trials(deepcopy=False)
+    study.tell(trial, 1.0)
+    assert not store._requeue(study._study_id, seen_running)
+    assert [(t.state, t.user_attrs.get("outcome")) for t in study.get_trials()] == [(TrialState.COMPLETE, None)]

@@ -354,16 +354,20 @@ class StudyStorage:
 
         with _create_scoped_session(self.storage.scoped_session) as session:
             row = models.TrialModel.find_or_raise_by_id(t._trial_id, session, for_update=True)
-            if row.state != TrialState.RUNNING:
+            # Conditional, and the transaction's first write: SQLite reads outside the write transaction,
+            # so the state test must be part of the update, which also takes the write lock from here on.
+            failed = session.query(models.TrialModel).filter(
+                models.TrialModel.trial_id == t._trial_id, models.TrialModel.state == TrialState.RUNNING,
+            ).update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
+            if failed != 1:
                 return False  # it finished after all
+            row.datetime_complete = datetime.datetime.now()  # as Optuna's set_trial_state_values
             outcome = models.TrialUserAttributeModel.find_by_trial_and_key(row, "outcome", session)
             if outcome is None:
                 session.add(models.TrialUserAttributeModel(trial_id=t._trial_id, key="outcome",
                                                            value_json=json.dumps("interrupted")))
             else:
                 outcome.value_json = json.dumps("interrupted")
-            row.state = TrialState.FAIL
-            row.datetime_complete = datetime.datetime.now()
             template = optuna.trial.create_trial(
                 state=TrialState.WAITING, system_attrs={"fixed_params": dict(t.user_attrs["point"])},
                 user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
