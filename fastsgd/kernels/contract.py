@@ -14,8 +14,8 @@ calling):
   ``lr=torch.tensor([0.1])``). A tensor with several values is refused
   before anything is modified, with an error that names the argument and
   stacked trials, whatever the params' shapes: stacking is never inferred
-  from a shape (fastsgd.kernels.tensors.trial_hparams / single_hparams read
-  these arguments the same way for every backend).
+  from a shape (fastsgd.kernels.tensors.trial_hparams / single_hparams are
+  the shared reading of these arguments).
 - Stacked trials, the one exception: ``sgd_step(..., stacked_trials=True)``
   (an explicit opt-in; lars_step and lamb_step have no such mode). ``lr`` and
   ``momentum`` may then be 1-D tensors of length T, every param has T as its

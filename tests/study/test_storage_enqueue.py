@@ -111,3 +111,33 @@ def test_a_recovery_killed_halfway_leaves_the_trial_to_recover_again(url, monkey
     assert (spec.trial_id, spec.seed) == (0, 100)
     assert [(i, t.user_attrs.get("outcome")) for (i, *_), t in zip(stage_rows(study), study.get_trials())] == \
         [(0, "interrupted"), (0, None)]
+
+
+def test_a_batch_study_opened_by_a_killed_process_gets_all_its_attributes(url, monkeypatch):
+    real = optuna.Study.set_user_attr
+
+    def dying(self, key, value):
+        if key == "max_steps":
+            raise Killed("killed between the batch study's two attributes")
+        return real(self, key, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(optuna.Study, "set_user_attr", dying)
+        with pytest.raises(Killed):
+            StudyStorage(url, "x", {"k": 1}).batch_study(8, 10)
+    study = StudyStorage(url, "x", {"k": 1}).batch_study(8, 10)
+    assert {k: study.user_attrs.get(k) for k in ("batch_size", "max_steps")} == {"batch_size": 8, "max_steps": 10}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_that_finished_meanwhile_is_not_recovered(url):
+    """Recovery decides on a trial read earlier; if it has finished since (a slow but live worker), the
+    state test inside the recovery's transaction leaves it finished and enqueues nothing."""
+    store = StudyStorage(url, "x", {"k": 1})
+    study = store.batch_study(8, 10)
+    store.enqueue(study, TRIALS[:1])
+    trial = study.ask()
+    (seen_running,) = study.get_trials(deepcopy=False)
+    study.tell(trial, 1.0)
+    assert not store._requeue(study._study_id, seen_running)
+    assert [(t.state, t.user_attrs.get("outcome")) for t in study.get_trials()] == [(TrialState.COMPLETE, None)]

@@ -243,9 +243,9 @@ class StudyStorage:
 
     def batch_study(self, batch_size: int, max_steps: int) -> optuna.Study:
         study = self._study(f"B{batch_size}")
-        if "batch_size" not in study.user_attrs:
+        if "max_steps" not in study.user_attrs:  # written last: a kill between the two writes is redone
             with self.lock():
-                if "batch_size" not in study.user_attrs:
+                if "max_steps" not in study.user_attrs:
                     study.set_user_attr("batch_size", int(batch_size))
                     study.set_user_attr("max_steps", int(max_steps))
         return study
@@ -292,9 +292,10 @@ class StudyStorage:
 
     def _enqueue_stage(self, study_id: int, key: str, trials: List[Dict[str, object]]) -> bool:
         """One transaction: re-check the marker (under a row lock on the study where the database has
-        them), add the WAITING trials as ``Study.enqueue_trial`` would, write the marker. Uses the
-        RDBStorage pieces that ``create_new_trial`` is made of, because Optuna itself commits every
-        trial separately."""
+        them), add the WAITING trials as ``Study.enqueue_trial`` would, write the marker. Optuna
+        commits every trial separately, so this uses the pieces its ``create_new_trial`` is made of
+        (``RDBStorage._get_prepared_new_trial`` and the ORM models of optuna.storages._rdb): internals,
+        pinned by tests/study/test_storage_enqueue.py."""
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
 
@@ -364,12 +365,20 @@ class StudyStorage:
 
         with _create_scoped_session(self.storage.scoped_session) as session:
             row = models.TrialModel.find_or_raise_by_id(t._trial_id, session, for_update=True)
-            if row.state != TrialState.RUNNING:
+            # Conditional, and the transaction's first write: SQLite reads outside the write transaction,
+            # so the state test must be part of the update, which also takes the write lock from here on.
+            failed = session.query(models.TrialModel).filter(
+                models.TrialModel.trial_id == t._trial_id, models.TrialModel.state == TrialState.RUNNING,
+            ).update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
+            if failed != 1:
                 return False  # it finished after all
-            self.storage._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, t._trial_id,
-                                                        "outcome", "interrupted")
-            row.state = TrialState.FAIL
-            row.datetime_complete = datetime.datetime.now()
+            row.datetime_complete = datetime.datetime.now()  # as Optuna's set_trial_state_values
+            outcome = models.TrialUserAttributeModel.find_by_trial_and_key(row, "outcome", session)
+            if outcome is None:
+                session.add(models.TrialUserAttributeModel(trial_id=t._trial_id, key="outcome",
+                                                           value_json=json.dumps("interrupted")))
+            else:
+                outcome.value_json = json.dumps("interrupted")
             template = optuna.trial.create_trial(
                 state=TrialState.WAITING, system_attrs={"fixed_params": dict(t.user_attrs["point"])},
                 user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
