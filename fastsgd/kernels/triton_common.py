@@ -42,6 +42,11 @@ class LaunchConfig:
     # them, so it keeps the 2-pass path (norm partials, trust ratios, update).
     fused_max: int
 
+    def __post_init__(self):
+        if not 0 <= self.fused_max <= self.chunk:
+            raise ValueError(f"fused_max {self.fused_max} must be within 0..chunk ({self.chunk}): a fused tensor "
+                             "is one program's chunk")
+
 
 
 

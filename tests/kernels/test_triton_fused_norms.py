@@ -218,3 +218,10 @@ def test_fused_max_follows_the_environment(monkeypatch):
     assert gpu_passes.fused_max(FUSED) == FUSED
     monkeypatch.setenv(gpu_passes.TWO_PASS_ENV, "1")
     assert gpu_passes.fused_max(FUSED) == 0
+
+
+def test_fused_max_cannot_exceed_the_chunk():
+    """A fused tensor is one program's chunk: a larger fused_max is refused when the config is made."""
+    with pytest.raises(ValueError, match="fused_max 129 must be within 0..chunk \\(128\\)"):
+        T.common.LaunchConfig(block=64, chunk=128, reduce_block=4, num_warps=1, fused_max=129)
+    assert T.common.GPU_CONFIG.fused_max <= T.common.GPU_CONFIG.chunk
