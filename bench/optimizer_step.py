@@ -15,6 +15,10 @@ Providers (``--providers`` picks some; unavailable ones are listed with why):
   torch-adam-fused             torch.optim.Adam(fused=True), where torch has a fused Adam for the device:
                                LAMB's moment update without the trust ratio, the floor LAMB is held to [lamb]
   fastsgd-<backend>            fastsgd.Nesterov / LARS / LAMB with backend= each backend for the device
+  fastsgd-<gpu>-2pass          LARS / LAMB on the triton and cuda backends with FASTSGD_GPU_TWO_PASS=1:
+                               every tensor through the norm and update launches, against the
+                               fastsgd-<gpu> row in which tensors up to one program/block get
+                               norms and update in one launch (fastsgd/kernels/gpu_passes.py)
   timm                         timm.optim.Lars / Lamb (the installed timm package; when ``import timm``
                                fails, e.g. without torchvision, its optim/lars.py and lamb.py files are
                                loaded directly -- still timm's code, and the row says so)      [lars, lamb]
@@ -57,6 +61,7 @@ import layouts  # noqa: E402
 
 import fastsgd  # noqa: E402
 from fastsgd import backends  # noqa: E402
+from fastsgd.kernels import gpu_passes  # noqa: E402
 from fastsgd.measure import environment, memory_bandwidth, quantiles, synchronize, time_fn, write_rows  # noqa: E402  # noqa: E402
 from fastsgd.study.tables import format_table  # noqa: E402
 
@@ -164,8 +169,35 @@ def _apex_provider(kind: str, device: torch.device) -> Provider:
 
 
 # ---- providers -----------------------------------------------------------------
-def _fastsgd_provider(kind: str, backend: str, device: torch.device, dtype: torch.dtype) -> Provider:
-    name = f"fastsgd-{backend}"
+def with_two_pass(make: Callable[[List[torch.Tensor]], torch.optim.Optimizer], value: str):
+    """``make`` whose optimizer's step runs with FASTSGD_GPU_TWO_PASS=value
+    (read by the GPU backends on every call) and restores the variable after."""
+    def wrapped(ps):
+        opt = make(ps)
+        step = opt.step
+
+        def step_with_env(*args, **kwargs):
+            old = os.environ.get(gpu_passes.TWO_PASS_ENV)
+            os.environ[gpu_passes.TWO_PASS_ENV] = value
+            try:
+                return step(*args, **kwargs)
+            finally:
+                if old is None:
+                    del os.environ[gpu_passes.TWO_PASS_ENV]
+                else:
+                    os.environ[gpu_passes.TWO_PASS_ENV] = old
+        opt.step = step_with_env
+        return opt
+    return wrapped
+
+
+# LARS and LAMB on these backends have a fused and a 2-pass path (gpu_passes.py).
+TWO_PASS_BACKENDS = ("triton", "cuda")
+
+
+def _fastsgd_provider(kind: str, backend: str, device: torch.device, dtype: torch.dtype,
+                      two_pass: bool = False) -> Provider:
+    name = f"fastsgd-{backend}" + ("-2pass" if two_pass else "")
     try:
         backends.get_backend(backend, device, {dtype})
     except (backends.BackendUnavailable, TypeError) as exc:
@@ -181,7 +213,13 @@ def _fastsgd_provider(kind: str, backend: str, device: torch.device, dtype: torc
     else:
         make = lambda ps: fastsgd.LAMB(ps, lr=hp["lr"], weight_decay=hp["weight_decay"],  # noqa: E731
                                        backend=backend)
-    return Provider(name, make, version=f"fastsgd {fastsgd.__version__}")
+    note = ""
+    if kind in ("lars", "lamb") and backend in TWO_PASS_BACKENDS:
+        # Both rows of the comparison set the variable around each step, so both pay for it alike.
+        make = with_two_pass(make, "1" if two_pass else "0")
+        note = f"{gpu_passes.TWO_PASS_ENV}=1: norms and update in separate launches for every tensor" if two_pass \
+            else f"{gpu_passes.TWO_PASS_ENV}=0: tensors that fit one program/block fused (the default)"
+    return Provider(name, make, note=note, version=f"fastsgd {fastsgd.__version__}")
 
 
 def providers_for(kind: str, device: torch.device, dtype: torch.dtype) -> List[Provider]:
@@ -199,6 +237,8 @@ def providers_for(kind: str, device: torch.device, dtype: torch.dtype) -> List[P
     out.append(_apex_provider(kind, device))
     for backend in backends.BACKENDS:
         out.append(_fastsgd_provider(kind, backend, device, dtype))
+        if kind in ("lars", "lamb") and backend in TWO_PASS_BACKENDS:
+            out.append(_fastsgd_provider(kind, backend, device, dtype, two_pass=True))
     return out
 
 
@@ -280,7 +320,8 @@ def measure_layout(layout: str, shapes, cases: Sequence[tuple], device, dtype, r
 def add_speedups(rows: List[Dict]) -> None:
     """speedup = baseline median / this median, within each (layout, optimizer); ratio = this median / the
     median of the row it is held to (fastsgd LARS: fastsgd Nesterov, same backend; fastsgd LAMB: torch's
-    fused Adam)."""
+    fused Adam); vs_2pass (fastsgd-<gpu> LARS/LAMB rows) = this median / the median of the same backend's
+    -2pass row."""
     def find(layout, kind, provider):
         return next((b for b in rows if (b["layout"], b["optimizer"], b["provider"]) == (layout, kind, provider)),
                     None)
@@ -290,9 +331,12 @@ def add_speedups(rows: List[Dict]) -> None:
         r["baseline"] = BASELINE[r["optimizer"]]
         r["speedup"] = None if base is None else base["median_ms"] / r["median_ms"]
         r["ratio_to"] = r["ratio"] = None
+        two_pass = find(r["layout"], r["optimizer"], r["provider"] + "-2pass")
+        r["vs_2pass"] = None if two_pass is None else r["median_ms"] / two_pass["median_ms"]
         if r["provider"].startswith("fastsgd-") and r["provider"] != "fastsgd-reference" and \
                 r["optimizer"] in ("lars", "lamb"):
-            kind, prov = ("nesterov", r["provider"]) if r["optimizer"] == "lars" else ("lamb", "torch-adam-fused")
+            base_provider = r["provider"].removesuffix("-2pass")
+            kind, prov = ("nesterov", base_provider) if r["optimizer"] == "lars" else ("lamb", "torch-adam-fused")
             other = find(r["layout"], kind, prov)
             if other is not None:
                 r["ratio_to"] = f"{kind} {prov}"
@@ -361,13 +405,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
 
     cols = ["layout", "optimizer", "provider", "version", "tensors", "params_M", "median_ms", "q20_ms", "q80_ms",
             "min_MB", "GBps", "pct_bw", "speedup", "ratio_to", "ratio"]
+    if any(r["vs_2pass"] is not None for r in rows):
+        cols.append("vs_2pass")
     if args.launches:
         cols.append("launches")
     print()
     print(format_table(rows, cols))
     print("\nspeedup: median of the baseline / median of the row; baseline torch-fused for nesterov, timm for "
           "lars and lamb.\nratio: median of the row / median of the row named in ratio_to (measured in the same "
-          "round-robin unless --separate).")
+          "round-robin unless --separate).\nvs_2pass: median of a fastsgd-<gpu> LARS/LAMB row / median of its "
+          "-2pass row (below 1: fusing small tensors' norms into the update pays).")
     notes = sorted({(r["provider"], r["note"]) for r in rows if r["note"]})
     for prov, note in notes:
         print(f"  {prov}: {note}")

@@ -111,8 +111,7 @@ has_buf: momentum buffers present (state slot 0). stochastic_rounding: round
          const ScalarTuple& momentum, double dampening, double weight_decay, bool nesterov, double trust_coeff,
          double eps, bool trust_clip, bool adapt, bool lr_in_momentum, bool has_buf, const ScalarTuple& grad_scale,
          const ScalarTuple& found_inf, bool stochastic_rounding, uint64_t seed, uintptr_t seed_counter,
-         uintptr_t partials,
-         uintptr_t ratio, uintptr_t stream, int device) {
+         int64_t fused_max, bool all_fused, uintptr_t partials, uintptr_t ratio, uintptr_t stream, int device) {
         set_device(device, "lars_step");
         LarsArgs a;
         a.sgd = sgd_args(table, n_tensors, n_blocks, chunk_size, lr, momentum, dampening, weight_decay, nesterov,
@@ -122,6 +121,8 @@ has_buf: momentum buffers present (state slot 0). stochastic_rounding: round
         a.eps = eps;
         a.trust_clip = trust_clip;
         a.adapt = adapt;
+        a.fused_max = fused_max;
+        a.all_fused = all_fused;
         a.partials = reinterpret_cast<double*>(partials);
         a.ratio = reinterpret_cast<double*>(ratio);
         launch_lars(a, stream);
@@ -130,22 +131,26 @@ has_buf: momentum buffers present (state slot 0). stochastic_rounding: round
       py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"),
       py::arg("trust_coeff"), py::arg("eps"), py::arg("trust_clip"), py::arg("adapt"), py::arg("lr_in_momentum"),
       py::arg("has_buf"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("stochastic_rounding"),
-      py::arg("seed"), py::arg("seed_counter"), py::arg("partials"), py::arg("ratio"), py::arg("stream"),
-      py::arg("device"),
+      py::arg("seed"), py::arg("seed_counter"), py::arg("fused_max"), py::arg("all_fused"), py::arg("partials"),
+      py::arg("ratio"), py::arg("stream"), py::arg("device"),
       R"doc(LARS (timm rule) over every tensor of the table: at most 3 launches, no host sync.
 
 With adapt (weight_decay != 0 or always_adapt): per-block partial sums of p^2
 and (g/grad_scale)^2 into `partials` (float64[2 * n_blocks]), per-tensor trust
 ratios into `ratio` (float64[n_tensors]), then the momentum update of
-cuda_sgd_step with g <- (g + weight_decay * p) * ratio. Other arguments as in
-cuda_sgd_step.)doc");
+cuda_sgd_step with g <- (g + weight_decay * p) * ratio. A tensor of
+1..fused_max elements (fused_max <= chunk_size; 0: none) gets its norms and
+ratio in the update launch instead, from the block that updates it; with
+all_fused (every tensor is one) the step is that one launch. Other arguments
+as in cuda_sgd_step.)doc");
 
   m.def(
       "cuda_lamb_step",
       [](uintptr_t table, int64_t n_tensors, int64_t n_blocks, int64_t chunk_size, const ScalarTuple& lr,
          double beta1, double beta2, double eps, double weight_decay, bool bias_correction, bool trust_clip,
          bool adapt, const ScalarTuple& clip_divisor, bool has_clip_divisor, const ScalarTuple& grad_scale,
-         const ScalarTuple& found_inf, uintptr_t partials, uintptr_t per_tensor, uintptr_t stream, int device) {
+         const ScalarTuple& found_inf, int64_t fused_max, bool all_fused, uintptr_t partials, uintptr_t per_tensor,
+         uintptr_t stream, int device) {
         set_device(device, "lamb_step");
         LambArgs a;
         a.table = to_table(table, n_tensors, n_blocks, chunk_size);
@@ -161,6 +166,8 @@ cuda_sgd_step.)doc");
         a.has_clip_divisor = has_clip_divisor;
         a.grad_scale = to_scalar(grad_scale);
         a.found_inf = to_scalar(found_inf);
+        a.fused_max = fused_max;
+        a.all_fused = all_fused;
         a.partials = reinterpret_cast<double*>(partials);
         a.per_tensor = reinterpret_cast<double*>(per_tensor);
         launch_lamb(a, stream);
@@ -168,8 +175,8 @@ cuda_sgd_step.)doc");
       py::arg("table"), py::arg("n_tensors"), py::arg("n_blocks"), py::arg("chunk_size"), py::arg("lr"),
       py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("bias_correction"),
       py::arg("trust_clip"), py::arg("adapt"), py::arg("clip_divisor"), py::arg("has_clip_divisor"),
-      py::arg("grad_scale"), py::arg("found_inf"), py::arg("partials"), py::arg("per_tensor"), py::arg("stream"),
-      py::arg("device"),
+      py::arg("grad_scale"), py::arg("found_inf"), py::arg("fused_max"), py::arg("all_fused"), py::arg("partials"),
+      py::arg("per_tensor"), py::arg("stream"), py::arg("device"),
       R"doc(LAMB (timm rule) over every tensor of the table: at most 3 launches, no host sync.
 
 The table's state slots 0/1 are exp_avg/exp_avg_sq and slot 4 the float32
@@ -177,8 +184,9 @@ The table's state slots 0/1 are exp_avg/exp_avg_sq and slot 4 the float32
 incremented, nothing written). `partials`: float64[2 * n_blocks] scratch for
 the |p|, |u| partial sums; `per_tensor`: float64[4 * n_tensors] scratch (trust
 ratio and bias corrections). clip_divisor (used when has_clip_divisor):
-gradients are divided by it after unscaling. Other arguments as in
-cuda_sgd_step.)doc");
+gradients are divided by it after unscaling. fused_max, all_fused: as in
+cuda_lars_step (a fused tensor's step is advanced by its update block; an
+empty tensor is never fused). Other arguments as in cuda_sgd_step.)doc");
 }
 
 }  // namespace cuda

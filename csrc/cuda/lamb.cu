@@ -11,6 +11,12 @@
 // out and r = 1. Launch 1 reads the step itself; launches 2 and 3 agree with it
 // because 3 reads the bias corrections that 2 computed before incrementing.
 //
+// Fused (fused_max > 0): a tensor that one block owns (norms.cuh:
+// fused_tensor) is skipped by launches 1 and 2; launch 3's block computes
+// its bias corrections, norms and trust ratio, advances its step, then
+// updates it (the norms pass has just brought its data into L1/L2). When
+// every tensor is fused (all_fused), launches 1 and 2 are left out.
+//
 // Per element, in acc_t:
 //   g = grad / grad_scale / clip_divisor
 //   m = b1 * m + (1 - b1) * g,  v = b2 * v + (1 - b2) * g^2
@@ -18,6 +24,7 @@
 #include <cmath>
 
 #include "cuda/common.cuh"
+#include "cuda/norms.cuh"
 
 namespace fastsgd {
 namespace cuda {
@@ -73,17 +80,18 @@ __device__ __forceinline__ void lamb_chunk(const LambArgs& a, const Entry& e, Bi
   });
 }
 
-__global__ void __launch_bounds__(kThreads) lamb_norms_kernel(const LambArgs a) {
-  if (step_skipped(a.found_inf)) return;
-  const Chunk c = this_chunk(a.table);
-  const Entry& e = c.e;
-  const BiasCorrection bc = bias_correction(a, e);
-  double pp = 0.0, uu = 0.0;
+// The block's sums of p^2 and u^2 over [begin, end) (u from the new
+// moments, nothing stored): per thread in acc_t, across the block in fp64.
+// Valid in thread 0.
+__device__ __forceinline__ void lamb_block_squares(const LambArgs& a, const Entry& e, BiasCorrection bc,
+                                                   int64_t begin, int64_t end, double& pp, double& uu) {
+  pp = 0.0;
+  uu = 0.0;
   dispatch_kind(e.kind, [&](auto kind) {
     using K = decltype(kind);
     using A = typename K::acc_t;
     A p2 = A(0), u2 = A(0);
-    lamb_chunk<K>(a, e, bc, c.begin, c.end, [&](auto width, int64_t, const auto& p, const auto&, const auto&,
+    lamb_chunk<K>(a, e, bc, begin, end, [&](auto width, int64_t, const auto& p, const auto&, const auto&,
                                             const auto& u) {
       constexpr int W = decltype(width)::value;
 #pragma unroll
@@ -96,6 +104,14 @@ __global__ void __launch_bounds__(kThreads) lamb_norms_kernel(const LambArgs a) 
     uu = u2;
   });
   block_sum2(pp, uu);
+}
+
+__global__ void __launch_bounds__(kThreads) lamb_norms_kernel(const LambArgs a) {
+  if (step_skipped(a.found_inf)) return;
+  const Chunk c = this_chunk(a.table);
+  if (fused_tensor(c.e, a.fused_max)) return;  // the update kernel computes its norms
+  double pp, uu;
+  lamb_block_squares(a, c.e, bias_correction(a, c.e), c.begin, c.end, pp, uu);
   if (threadIdx.x == 0) {
     a.partials[2 * blockIdx.x] = pp;
     a.partials[2 * blockIdx.x + 1] = uu;
@@ -106,17 +122,12 @@ __global__ void __launch_bounds__(kThreads) lamb_finalize_kernel(const LambArgs 
   if (step_skipped(a.found_inf)) return;
   const int64_t t = blockIdx.x;
   const Entry e = load_entry(a.table.table, t);
+  if (fused_tensor(e, a.fused_max)) return;  // ratio and step: the update kernel's block
   double pp = 0.0, uu = 0.0;
   if (a.adapt) segment_sum2(a.partials, e, a.table.chunk_size, pp, uu);
   if (threadIdx.x == 0) {
-    double r = 1.0;
-    if (a.adapt) {
-      const double w = sqrt(pp), u = sqrt(uu);
-      if (w > 0.0 && u > 0.0) r = w / u;
-      if (a.trust_clip) r = fmin(r, 1.0);
-    }
     const BiasCorrection bc = bias_correction(a, e);
-    a.per_tensor[4 * t] = r;
+    a.per_tensor[4 * t] = lamb_trust_ratio(pp, uu, a.adapt, a.trust_clip);
     a.per_tensor[4 * t + 1] = bc.bc1;
     a.per_tensor[4 * t + 2] = bc.sqrt_bc2;
     float* step = reinterpret_cast<float*>(e.ptr[4]);
@@ -128,13 +139,29 @@ __global__ void __launch_bounds__(kThreads) lamb_finalize_kernel(const LambArgs 
 // set by its float64 instantiation (all dtype kinds share the one kernel).
 // Left as is unless the GPU benchmark shows the fp32 step well below copy
 // bandwidth.
+// kFused: some tensors are fused (a.fused_max > 0); a separate instantiation,
+// so the 2-pass update compiles as it did without the fused path.
+template <bool kFused>
 __global__ void __launch_bounds__(kThreads) lamb_update_kernel(const LambArgs a) {
   if (step_skipped(a.found_inf)) return;
   const Chunk c = this_chunk(a.table);
   const Entry& e = c.e;
-  const double* per_tensor = a.per_tensor + 4 * c.tensor;
-  const double r = per_tensor[0];
-  const BiasCorrection bc{per_tensor[1], per_tensor[2]};
+  double r;
+  BiasCorrection bc;
+  if (kFused && fused_tensor(e, a.fused_max)) {  // this block owns the whole tensor: bias corrections, norms, ratio, step
+    bc = bias_correction(a, e);  // from the step before it advances
+    double pp = 0.0, uu = 0.0;
+    if (a.adapt) lamb_block_squares(a, e, bc, c.begin, c.end, pp, uu);
+    r = from_thread0(lamb_trust_ratio(pp, uu, a.adapt, a.trust_clip));  // its barrier: every thread has read step
+    if (threadIdx.x == 0) {
+      float* step = reinterpret_cast<float*>(e.ptr[4]);
+      *step = *step + 1.0f;
+    }
+  } else {
+    const double* per_tensor = a.per_tensor + 4 * c.tensor;
+    r = per_tensor[0];
+    bc = BiasCorrection{per_tensor[1], per_tensor[2]};
+  }
   dispatch_kind(e.kind, [&](auto kind) {
     using K = decltype(kind);
     using P = typename K::param_t;
@@ -169,15 +196,21 @@ __global__ void __launch_bounds__(kThreads) lamb_update_kernel(const LambArgs a)
 void launch_lamb(const LambArgs& args, uintptr_t stream) {
   const cudaStream_t s = as_stream(stream);
   if (args.table.n_tensors == 0) return;
-  if (args.adapt && args.table.n_blocks > 0) {
-    FASTSGD_LAUNCH(lamb_norms_kernel, static_cast<unsigned>(args.table.n_blocks), s)(args);
-    check_launch("lamb_step", "lamb_norms_kernel");
+  if (!args.all_fused) {
+    if (args.adapt && args.table.n_blocks > 0) {
+      FASTSGD_LAUNCH(lamb_norms_kernel, static_cast<unsigned>(args.table.n_blocks), s)(args);
+      check_launch("lamb_step", "lamb_norms_kernel");
+    }
+    // It increments the step of every tensor not fused, empty tensors included.
+    FASTSGD_LAUNCH(lamb_finalize_kernel, static_cast<unsigned>(args.table.n_tensors), s)(args);
+    check_launch("lamb_step", "lamb_finalize_kernel");
   }
-  // Always runs: it increments every tensor's step, empty tensors included.
-  FASTSGD_LAUNCH(lamb_finalize_kernel, static_cast<unsigned>(args.table.n_tensors), s)(args);
-  check_launch("lamb_step", "lamb_finalize_kernel");
   if (args.table.n_blocks > 0) {
-    FASTSGD_LAUNCH(lamb_update_kernel, static_cast<unsigned>(args.table.n_blocks), s)(args);
+    if (args.fused_max > 0) {
+      FASTSGD_LAUNCH(lamb_update_kernel<true>, static_cast<unsigned>(args.table.n_blocks), s)(args);
+    } else {
+      FASTSGD_LAUNCH(lamb_update_kernel<false>, static_cast<unsigned>(args.table.n_blocks), s)(args);
+    }
     check_launch("lamb_step", "lamb_update_kernel");
   }
 }

@@ -55,12 +55,22 @@ struct SgdArgs {
   // LARS: per-tensor trust ratio (double[n_tensors]) multiplying g + wd * p.
   // nullptr for plain SGD.
   const double* ratio = nullptr;
+  // LARS, fused: tensors of 1..fused_max elements compute their trust ratio
+  // in the update kernel from these (0: every ratio is read from `ratio`).
+  int64_t fused_max = 0;
+  double trust_coeff = 0.0, trust_eps = 0.0;
+  bool trust_clip = false;
 };
 
 struct LarsArgs {
   SgdArgs sgd;                 // sgd.ratio is set by launch_lars
   double trust_coeff = 0.001, eps = 1e-8;
   bool trust_clip = false, adapt = false;  // adapt = weight_decay != 0 or always_adapt
+  // Tensors of 1..fused_max elements (at most chunk_size: one block each) get
+  // norms and update in one kernel; 0: none (the 2-pass path). all_fused:
+  // every tensor is such a tensor, so the norm and ratio launches are left out.
+  int64_t fused_max = 0;
+  bool all_fused = false;
   double* partials = nullptr;  // scratch, double[2 * n_blocks]
   double* ratio = nullptr;     // scratch, double[n_tensors]
 };
@@ -71,6 +81,8 @@ struct LambArgs {
   bool has_clip_divisor = false;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-6, weight_decay = 0.0;
   bool bias_correction = true, trust_clip = false, adapt = false;
+  int64_t fused_max = 0;   // as in LarsArgs; a fused tensor's step is advanced by its update block
+  bool all_fused = false;  // no tensor is empty or larger than fused_max
   double* partials = nullptr;    // scratch, double[2 * n_blocks]
   double* per_tensor = nullptr;  // scratch, double[4 * n_tensors]
 };

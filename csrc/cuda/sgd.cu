@@ -10,14 +10,22 @@
 //   d = s + mu * b if nesterov else b
 //   p -= d if lr_in_momentum else lr * d          (no buffer: p -= lr * g)
 // Memory traffic per element: read p, g (+ b), write p (+ b); nothing else.
+//
+// LARS, fused (fused_max > 0): the block that owns a whole small tensor
+// (norms.cuh: fused_tensor) first reads p and g for its norms and trust
+// ratio, then updates the tensor, whose data is then in L1/L2.
 #include "cuda/common.cuh"
+#include "cuda/norms.cuh"
 
 namespace fastsgd {
 namespace cuda {
 namespace {
 
-template <class K>
-__device__ __forceinline__ void sgd_chunk(const SgdArgs& a, const Entry& e, int64_t t, int64_t begin, int64_t end) {
+// fused_ratio: the LARS trust ratio computed by this block (kFusedRatio);
+// otherwise it is read from a.ratio (1 for SGD).
+template <class K, bool kFusedRatio>
+__device__ __forceinline__ void sgd_chunk(const SgdArgs& a, const Entry& e, int64_t t, int64_t begin, int64_t end,
+                                          double fused_ratio) {
   using P = typename K::param_t;
   using S = typename K::state_t;
   using A = typename K::acc_t;
@@ -29,7 +37,7 @@ __device__ __forceinline__ void sgd_chunk(const SgdArgs& a, const Entry& e, int6
   const A lr0 = read_scalar<A>(a.lr);
   const A mu0 = read_scalar<A>(a.momentum);
   const A inv_scale = A(1) / read_scalar<A>(a.grad_scale);
-  const A ratio = a.ratio ? static_cast<A>(a.ratio[t]) : A(1);
+  const A ratio = kFusedRatio ? static_cast<A>(fused_ratio) : a.ratio ? static_cast<A>(a.ratio[t]) : A(1);
   const A wd = static_cast<A>(a.weight_decay);
   const A one_minus_damp = static_cast<A>(1.0 - a.dampening);
   const bool first = e.first_step;
@@ -85,17 +93,38 @@ __device__ __forceinline__ void sgd_chunk(const SgdArgs& a, const Entry& e, int6
 // set by its float64 instantiation (the fp32/bf16/fp16 kinds share the one
 // kernel, so they get the same allocation). Left as is unless the GPU
 // benchmark shows the fp32 step well below copy bandwidth.
+// kFusedNorms: the LARS update with fused tensors (a.fused_max > 0); a
+// separate instantiation, so SGD and the 2-pass LARS update compile without
+// the norms code.
+template <bool kFusedNorms>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(const SgdArgs a) {
   if (step_skipped(a.found_inf)) return;  // AMP skipped the step: write nothing
   const Chunk c = this_chunk(a.table);
-  dispatch_kind(c.e.kind, [&](auto kind) { sgd_chunk<decltype(kind)>(a, c.e, c.tensor, c.begin, c.end); });
+  if constexpr (kFusedNorms) {
+    if (fused_tensor(c.e, a.fused_max)) {  // this block owns the whole tensor: its norms first
+      double pp, gg;
+      lars_block_squares(a.grad_scale, c.e, c.begin, c.end, pp, gg);
+      const double ratio =
+          from_thread0(lars_trust_ratio(pp, gg, a.weight_decay, a.trust_coeff, a.trust_eps, a.trust_clip, a.lr));
+      dispatch_kind(c.e.kind, [&](auto kind) { sgd_chunk<decltype(kind), true>(a, c.e, c.tensor, c.begin, c.end,
+                                                                               ratio); });
+      return;
+    }
+  }
+  dispatch_kind(c.e.kind, [&](auto kind) { sgd_chunk<decltype(kind), false>(a, c.e, c.tensor, c.begin, c.end,
+                                                                            0.0); });
 }
 
 }  // namespace
 
 void launch_sgd(const SgdArgs& args, uintptr_t stream, const char* op) {
   if (args.table.n_blocks == 0) return;  // only empty tensors: nothing to do
-  FASTSGD_LAUNCH(sgd_kernel, static_cast<unsigned>(args.table.n_blocks), as_stream(stream))(args);
+  const unsigned blocks = static_cast<unsigned>(args.table.n_blocks);
+  if (args.ratio != nullptr && args.fused_max > 0) {
+    FASTSGD_LAUNCH(sgd_kernel<true>, blocks, as_stream(stream))(args);
+  } else {
+    FASTSGD_LAUNCH(sgd_kernel<false>, blocks, as_stream(stream))(args);
+  }
   check_launch(op, "sgd_kernel");
 }
 

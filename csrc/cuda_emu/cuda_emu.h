@@ -91,6 +91,8 @@ unsigned char* shuffle_slot(unsigned thread);
 
 // Runs body(ctx) as every thread of every block of a grid.
 void run_grid(unsigned blocks, unsigned threads, void (*body)(void*), void* ctx);
+// Grids run so far (kernel launches), for tests that count launches per step.
+std::uint64_t grids_run();
 
 // `kernel<<<blocks, threads>>>(args...)` spelled launch(kernel, blocks, threads)(args...).
 template <class Kernel>

@@ -57,6 +57,7 @@ struct Block {
 };
 
 Block g;
+std::uint64_t g_grids = 0;
 
 void yield() { swapcontext(&g.fibers[g.current].context, &g.scheduler); }
 
@@ -130,6 +131,8 @@ void sync_warp() {
   wait(g.warp_barriers[w], g.live_in_warp[w]);
 }
 
+std::uint64_t grids_run() { return g_grids; }
+
 unsigned char* shuffle_slot(unsigned thread) { return reinterpret_cast<unsigned char*>(&g.slots[thread]); }
 
 void run_grid(unsigned blocks, unsigned threads, void (*body)(void*), void* ctx) {
@@ -141,6 +144,7 @@ void run_grid(unsigned blocks, unsigned threads, void (*body)(void*), void* ctx)
     g.fibers.emplace_back();
     g.fibers.back().stack.reset(new char[kStackBytes]);
   }
+  ++g_grids;
   g.slots.assign(threads, 0);
   g.body = body;
   g.ctx = ctx;

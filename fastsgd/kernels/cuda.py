@@ -9,8 +9,8 @@ How a call runs:
    dtypes and the first-step flags -- not on the grads, which autograd
    re-creates every step (``zero_grad(set_to_none=True)``) at addresses that
    may move (dynamic shapes change the allocation pattern). A hit costs one
-   pass over the tensors in Python (~1 us per tensor on the host). If the
-   grads moved, a cheap check (contiguous, same device, numel and dtype as
+   pass over the tensors in Python, the host cost that grows with the number
+   of tensors. If the grads moved, a cheap check (contiguous, same device, numel and dtype as
    the param) stands in for the full one, and a copy of the table with the
    new grad addresses is uploaded (one small asynchronous copy).
 2. On a miss: check what the native code cannot (one CUDA device, shapes,
@@ -21,7 +21,13 @@ How a call runs:
    (tensor, chunk) entry per CUDA block -- and copy it to the device without
    a host sync. A step over any number of tensors is then ONE launch (SGD
    family) or at most three (LARS/LAMB: per-block norm partials, per-tensor
-   reduction, update).
+   reduction, update). A LARS/LAMB tensor that one block owns (up to
+   CHUNK_SIZE elements) gets its norms from that block in the update launch,
+   which then finds its data in cache; when every tensor is such a tensor
+   (LAMB: and none is empty), the step is ONE launch.
+   FASTSGD_GPU_TWO_PASS=1 (read per call; fastsgd/kernels/gpu_passes.py)
+   sends every tensor through the three launches, with the same results bit
+   for bit.
 3. Call fastsgd._C.cuda_*_step with the table address, hyperparameters as
    (value, device_ptr, dtype_code, per_row) tuples and the current stream.
 
@@ -43,6 +49,7 @@ import torch
 from torch import Tensor
 
 from fastsgd._native import native, native_error
+from fastsgd.kernels import gpu_passes
 from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
 from fastsgd.kernels.tensors import device_guard, first_step_flags, grad_like_param, grads_fit, is_dense, trial_hparams
@@ -56,7 +63,12 @@ STRIDED = CAPABILITIES.strided  # walks each tensor as flat memory: dense layout
 
 # Elements per CUDA block (a multiple of every vector width, 8). 16K elements
 # keep each block busy for a few dozen 16-byte loads per thread while leaving
-# thousands of blocks for large models.
+# thousands of blocks for large models. It is also the LARS/LAMB fused size:
+# a tensor of up to CHUNK_SIZE elements has one block on either path, so
+# computing its norms in that block costs no parallelism and saves a second
+# read of it from memory; a larger tensor's norm needs all of its blocks, so
+# it keeps the 2-pass launches. (The GPU benchmark's fastsgd-cuda against
+# fastsgd-cuda-2pass rows are to confirm it.)
 CHUNK_SIZE = 16384
 _ALIGN = 16  # bytes: vector loads need every pointer of a tensor 16-byte aligned
 
@@ -186,12 +198,13 @@ class _Table:
     """The device-side tensor table of one set of tensors, plus the scratch
     that LARS/LAMB need (allocated on first use)."""
 
-    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "partials", "per_tensor",
-                 "grads", "static_aligned")
+    __slots__ = ("dev", "host", "n_tensors", "n_blocks", "chunk_size", "max_numel", "has_empty", "partials",
+                 "per_tensor", "grads", "static_aligned")
 
-    def __init__(self, dev, host, n_tensors, n_blocks, chunk_size):
+    def __init__(self, dev, host, n_tensors, n_blocks, chunk_size, max_numel, has_empty):
         self.dev, self.host = dev, host
         self.n_tensors, self.n_blocks, self.chunk_size = n_tensors, n_blocks, chunk_size
+        self.max_numel, self.has_empty = max_numel, has_empty  # which LARS/LAMB launches a step needs
         self.partials: Optional[Tensor] = None
         self.per_tensor: Optional[Tensor] = None
         self.grads: Optional[List[Tensor]] = None     # temporary grad copies the table points at
@@ -343,7 +356,7 @@ def _build(op, params, grads, s0, s1, steps, first, cols, numels, n_trials, devi
                 raise TypeError(f"fastsgd cuda {op}: exp_avg {i} is {m.dtype} but exp_avg_sq {i} is {v.dtype}")
     host, n_blocks = build_host_table(cols, numels, kinds, first, _row_lens(op, params, n_trials), CHUNK_SIZE)
     host, dev = _upload(host, device, capturing)
-    entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE)
+    entry = _Table(dev, host, n, n_blocks, CHUNK_SIZE, max(numels, default=0), 0 in numels)
     if copied:
         # Not cached (the copies are temporary); alive until the launch is
         # queued, or for good when a graph being captured will read them.
@@ -366,7 +379,7 @@ def _with_grads(old: _Table, grad_ptrs: Tuple[int, ...], device: torch.device, c
     vec = (old.static_aligned & (g % _ALIGN == 0)).to(torch.int64)
     host[7:n * 8:8] = (host[7:n * 8:8] & ~(1 << 41)) | (vec << 41)
     host, dev = _upload(host, device, capturing)
-    entry = _Table(dev, host, n, old.n_blocks, old.chunk_size)
+    entry = _Table(dev, host, n, old.n_blocks, old.chunk_size, old.max_numel, old.has_empty)
     entry.static_aligned = old.static_aligned
     return entry
 
@@ -481,8 +494,10 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
             _launch(op, mod.cuda_sgd_step, params, bufs, maximize=bool(maximize), **common)
         else:
             partials, ratio = table.scratch(device)
+            fused_max = gpu_passes.fused_max(table.chunk_size)
             _launch(op, mod.cuda_lars_step, params, bufs, trust_coeff=lars["trust_coeff"], eps=lars["eps"],
-                    trust_clip=lars["trust_clip"], adapt=lars["adapt"], partials=partials, ratio=ratio, **common)
+                    trust_clip=lars["trust_clip"], adapt=lars["adapt"], fused_max=fused_max,
+                    all_fused=0 < table.max_numel <= fused_max, partials=partials, ratio=ratio, **common)
         if counter is not None:
             counter.add_(1)  # queued after the launch on the same stream (a graph node when capturing)
 
@@ -508,6 +523,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     device, table = _prepare(op, params, grads, exp_avgs, exp_avg_sqs, steps, (False,) * len(params),
                              (lr, clip_divisor))
     partials, per_tensor = table.scratch(device)
+    fused_max = gpu_passes.fused_max(table.chunk_size)
     with device_guard(device):  # the native set_device then changes nothing the caller sees
         _launch(op, _native().cuda_lamb_step, params, exp_avgs,
                 table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
@@ -518,5 +534,6 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
                 clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
                 has_clip_divisor=clip_divisor is not None,
                 grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
-                found_inf=found if found[1] else _NONE, partials=partials, per_tensor=per_tensor,
-                stream=_stream(device), device=device.index or 0)
+                found_inf=found if found[1] else _NONE, fused_max=fused_max,
+                all_fused=table.max_numel <= fused_max and not table.has_empty, partials=partials,
+                per_tensor=per_tensor, stream=_stream(device), device=device.index or 0)

@@ -35,15 +35,38 @@ class LaunchConfig:
     chunk: int         # elements per program (a multiple of block)
     reduce_block: int  # partial sums summed per iteration in the trust-ratio kernel
     num_warps: int
+    # LARS/LAMB: a tensor of 1..fused_max elements is owned by one program,
+    # which computes its norms and then updates it in the same launch (one
+    # read of the tensor from memory instead of two). At most ``chunk``: a
+    # larger tensor is split over several programs, and its norm needs all of
+    # them, so it keeps the 2-pass path (norm partials, trust ratios, update).
+    fused_max: int
+
+    def __post_init__(self):
+        if not 0 <= self.fused_max <= self.chunk:
+            raise ValueError(f"fused_max {self.fused_max} must be within 0..chunk ({self.chunk}): a fused tensor "
+                             "is one program's chunk")
+
+
 
 
 # GPU sizes: 16 KiB-64 KiB of each tensor per program keeps a ResNet-50 step
 # at a few thousand programs while a tiny tensor costs one short program.
 # (Chosen, not yet tuned on a GPU.)
-GPU_CONFIG = LaunchConfig(block=2048, chunk=16384, reduce_block=256, num_warps=8)
+#
+# fused_max = chunk: every tensor that fits one program takes the fused
+# path. Such a tensor gets one program on either path, so fusing costs no
+# parallelism; it saves the second read of p and g (LAMB: also of m and v)
+# from memory -- the update pass re-reads what the same program just read,
+# from L1/L2 -- and, when no tensor is larger, the two extra launches.
+# Fusing larger tensors would need one program to walk a whole tensor (one
+# SM's share of the bandwidth for the biggest tensors of a model) or a
+# grid-wide wait. To be confirmed by the GPU benchmark
+# (bench/optimizer_step.py: fastsgd-triton against fastsgd-triton-2pass).
+GPU_CONFIG = LaunchConfig(block=2048, chunk=16384, reduce_block=256, num_warps=8, fused_max=16384)
 # Interpreter sizes: small, so that test shapes of a few hundred elements
 # cross block and chunk boundaries and exercise the same loops as on a GPU.
-INTERPRETER_CONFIG = LaunchConfig(block=64, chunk=128, reduce_block=4, num_warps=1)
+INTERPRETER_CONFIG = LaunchConfig(block=64, chunk=128, reduce_block=4, num_warps=1, fused_max=128)
 
 
 def kernel_mode() -> str:
@@ -69,6 +92,14 @@ def interpret_requested() -> bool:
 
 def launch_config(device: torch.device) -> LaunchConfig:
     return GPU_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+
+
+@triton.jit
+def fused_tensor(numel, FUSED_MAX: tl.constexpr):
+    """True for a tensor whose norms and update run in one program
+    (LaunchConfig.fused_max; FUSED_MAX 0: none, the 2-pass path). Empty
+    tensors have no program and stay on the 2-pass path (LAMB's step count)."""
+    return (numel > 0) & (numel <= FUSED_MAX)
 
 
 @triton.jit

@@ -11,6 +11,12 @@ reduction in two launches without atomics (so results are deterministic).
 
 Bytes moved: partials 2*s per element (read p, g; s = element size) plus 8 per
 program; trust ratio 8 per program plus 4-8 per tensor.
+
+Fused path (FUSED_MAX > 0, see triton_common.fused_tensor): a tensor that
+fits one program gets its norms and trust ratio inside the update kernel
+(triton_sgd / triton_lamb), from ``lars_chunk_squares`` and ``trust_ratio``
+below -- the very functions these kernels use, so both paths give the same
+bits -- and both kernels here skip it.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from fastsgd.kernels.triton_common import (
     COL_NUMEL,
     TABLE_WIDTH,
     address,
+    fused_tensor,
     load_f32,
     load_hparam,
     program_chunk,
@@ -41,22 +48,10 @@ def _squares_block(p_ptr, g_ptr, offsets, mask, scale, HAS_SCALE: tl.constexpr, 
 
 
 @triton.jit
-def lars_partials_kernel(
-    tensors_ptr,     # (T, TABLE_WIDTH) int64: addresses of param, grad; numel; ...
-    programs_ptr,    # (P, 2) int64: tensor index, first element of this program's chunk
-    partials_ptr,    # (P, 2) fp32 out: sum of p^2, sum of (g / grad_scale)^2 over the chunk
-    scale_ptr,       # () AMP grad scale, read when HAS_SCALE
-    found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
-    PARAM_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-):
-    if step_skipped(found_inf_ptr, HAS_FOUND_INF):
-        return
-    tensor, start, row = program_chunk(tensors_ptr, programs_ptr)
-    p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
-    g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
-    numel = tl.load(row + COL_NUMEL)
-    scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
+def lars_chunk_squares(p_ptr, g_ptr, start, numel, scale, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """(sum p^2, sum (g / grad_scale)^2) over elements [start, start + CHUNK)
+    of one tensor, summed in one fixed order."""
     p_acc = tl.zeros([BLOCK], dtype=tl.float32)
     g_acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, CHUNK, BLOCK):
@@ -69,9 +64,49 @@ def lars_partials_kernel(
             pp, gg = _squares_block(p_ptr, g_ptr, offsets, offsets < numel, scale, HAS_SCALE, True)
             p_acc += pp
             g_acc += gg
+    return tl.sum(p_acc, axis=0), tl.sum(g_acc, axis=0)
+
+
+@triton.jit
+def trust_ratio(w_norm, d_norm, lr, weight_decay, trust_coeff, eps, LAMB: tl.constexpr, TRUST_CLIP: tl.constexpr):
+    """A tensor's trust ratio from |p| and |d| (d: the LARS grad, the LAMB update)."""
+    if LAMB:
+        r = w_norm / tl.where(d_norm > 0, d_norm, 1.0)
+    else:
+        r = trust_coeff * w_norm / (d_norm + weight_decay * w_norm + eps)
+    ratio = tl.where((w_norm > 0) & (d_norm > 0), r, 1.0)
+    if TRUST_CLIP:
+        if LAMB:
+            ratio = tl.minimum(ratio, 1.0)
+        else:  # LARC: the ratio is capped so that lr * ratio <= lr
+            ratio = tl.minimum(ratio / lr, 1.0)
+    return ratio
+
+
+@triton.jit
+def lars_partials_kernel(
+    tensors_ptr,     # (T, TABLE_WIDTH) int64: addresses of param, grad; numel; ...
+    programs_ptr,    # (P, 2) int64: tensor index, first element of this program's chunk
+    partials_ptr,    # (P, 2) fp32 out: sum of p^2, sum of (g / grad_scale)^2 over the chunk
+    scale_ptr,       # () AMP grad scale, read when HAS_SCALE
+    found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
+    PARAM_DTYPE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, FUSED_MAX: tl.constexpr,
+):
+    if step_skipped(found_inf_ptr, HAS_FOUND_INF):
+        return
+    tensor, start, row = program_chunk(tensors_ptr, programs_ptr)
+    numel = tl.load(row + COL_NUMEL)
+    if FUSED_MAX > 0:
+        if fused_tensor(numel, FUSED_MAX):  # norms computed by the update kernel
+            return
+    p_ptr = address(row, 0, PARAM_DTYPE, ALIGNED)
+    g_ptr = address(row, 1, PARAM_DTYPE, ALIGNED)
+    scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
+    pp, gg = lars_chunk_squares(p_ptr, g_ptr, start, numel, scale, HAS_SCALE, BLOCK, CHUNK)
     pid = tl.program_id(0)
-    tl.store(partials_ptr + 2 * pid, tl.sum(p_acc, axis=0))
-    tl.store(partials_ptr + 2 * pid + 1, tl.sum(g_acc, axis=0))
+    tl.store(partials_ptr + 2 * pid, pp)
+    tl.store(partials_ptr + 2 * pid + 1, gg)
 
 
 @triton.jit
@@ -83,12 +118,15 @@ def trust_ratio_kernel(
     found_inf_ptr,   # () non-zero: skip, read when HAS_FOUND_INF
     lr_value, weight_decay, trust_coeff, eps,
     LAMB: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, FUSED_MAX: tl.constexpr,
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
     tensor = tl.program_id(0)
     row = tensors_ptr + tensor * TABLE_WIDTH
+    if FUSED_MAX > 0:
+        if fused_tensor(tl.load(row + COL_NUMEL), FUSED_MAX):  # ratio and step count: the update kernel's job
+            return
     ratio = 1.0
     if ADAPT:
         first = tl.load(row + COL_FIRST_PROGRAM)
@@ -105,16 +143,10 @@ def trust_ratio_kernel(
             j += BLOCK
         w_norm = tl.sqrt(tl.sum(w_acc, axis=0))
         d_norm = tl.sqrt(tl.sum(d_acc, axis=0))
-        if LAMB:
-            r = w_norm / tl.where(d_norm > 0, d_norm, 1.0)
-        else:
-            r = trust_coeff * w_norm / (d_norm + weight_decay * w_norm + eps)
-        ratio = tl.where((w_norm > 0) & (d_norm > 0), r, 1.0)
-        if TRUST_CLIP:
-            if LAMB:
-                ratio = tl.minimum(ratio, 1.0)
-            else:  # LARC: the ratio is capped so that lr * ratio <= lr
-                ratio = tl.minimum(ratio / load_hparam(lr_ptr, lr_value, LR_IS_TENSOR), 1.0)
+        lr = 1.0
+        if TRUST_CLIP and not LAMB:
+            lr = load_hparam(lr_ptr, lr_value, LR_IS_TENSOR)
+        ratio = trust_ratio(w_norm, d_norm, lr, weight_decay, trust_coeff, eps, LAMB, TRUST_CLIP)
     tl.store(ratios_ptr + tensor, ratio)
     if LAMB:
         step_ptr = address(row, 4, tl.float32)

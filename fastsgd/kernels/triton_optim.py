@@ -18,9 +18,15 @@ dtype (the usual case) is one group.
 Launches per group and call:
   sgd_step   1
   lars_step  1 without adaptation (weight_decay == 0 and not always_adapt),
-             else 3: norm partials, trust ratios, update
-  lamb_step  3 with adaptation (norm partials, trust ratios + step counts,
-             update), else 2 (step counts, update)
+             else 1 when every tensor fits one program (norms and update of
+             each tensor in its program), else 3: norm partials, trust
+             ratios (both for the larger tensors only), update
+  lamb_step  1 when every tensor fits one program and none is empty, else
+             3 with adaptation (norm partials, trust ratios + step counts,
+             update), 2 without (step counts, update)
+"Fits one program": 1..fused_max elements (triton_common.LaunchConfig);
+FASTSGD_GPU_TWO_PASS=1 sends every tensor through the separate launches
+(fastsgd/kernels/gpu_passes.py), with the same results bit for bit.
 None of them reads anything back to the host: lr, grad_scale, found_inf and
 LAMB's clip divisor may be device tensors, so a step can be captured in a
 CUDA graph (the tables must exist before capture: run one eager step first).
@@ -48,6 +54,7 @@ float64 and complex tensors, strided views (use backend="reference").
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from dataclasses import dataclass
 from operator import attrgetter
@@ -70,6 +77,7 @@ if _IMPORT_ERROR is None:
     from fastsgd.kernels.triton_sgd import momentum_sgd_kernel
     from fastsgd.kernels.triton_table import TensorTable, addresses_of
 
+from fastsgd.kernels import gpu_passes
 from fastsgd.kernels.contract import Capabilities
 from fastsgd.kernels.table_cache import TableCache
 from fastsgd.kernels.tensors import device_guard, first_step_flags, grads_fit, is_dense
@@ -85,8 +93,6 @@ STRIDED = CAPABILITIES.strided  # kernels walk each tensor as one flat range of 
 _DTYPES = CAPABILITIES.dtypes
 _numel = Tensor.numel
 _dtype = attrgetter("dtype")
-_STACKED_ERROR = ("fastsgd backend 'triton' does not support stacked trials (1-D {name} tensors); "
-                  "use backend='reference' or 'cpu' for per-trial hyperparameters")
 
 # Tables of tensor addresses, shared by all calls (keyed on the tensors).
 TABLES = triton_table.TritonTables() if _IMPORT_ERROR is None else None
@@ -138,6 +144,22 @@ def manual_seed(seed: int, device: Union[str, torch.device] = "cuda") -> None:
 
 
 # ---- checks: everything is validated before any tensor is touched -----------
+
+def _stacked_error(name: str) -> NotImplementedError:
+    """The error for per-trial (1-D) hyperparameters, naming the backends
+    whose Capabilities record says they take stacked trials."""
+    from fastsgd import backends  # here, not at import: backends loads the backend modules
+    able = []
+    for backend, path in backends.REGISTRY["optimizer"].items():
+        try:
+            if importlib.import_module(path).CAPABILITIES.stacked_trials:
+                able.append(repr(backend))
+        except ImportError:  # a backend that cannot even be imported here is no advice
+            continue
+    choice = " or ".join([", ".join(able[:-1]), able[-1]] if len(able) > 1 else able)
+    return NotImplementedError(f"fastsgd backend 'triton' does not support stacked trials (1-D {name} tensors); "
+                               f"use backend={choice} for per-trial hyperparameters")
+
 
 def _check_device(device: torch.device) -> None:
     reason = unavailable_reason()
@@ -237,7 +259,7 @@ def _check_scalar(op: str, name: str, value, device: torch.device, *, allow_none
         raise ValueError(f"{op}: {name} is required")
     if isinstance(value, Tensor):
         if value.ndim == 1 and value.numel() > 1:
-            raise NotImplementedError(_STACKED_ERROR.format(name=name))
+            raise _stacked_error(name)
         if value.numel() != 1:
             raise ValueError(f"{op}: {name} must be a float or a 1-element tensor, got shape {tuple(value.shape)}")
         if value.device != device:
@@ -251,7 +273,7 @@ def _host_float(op: str, name: str, value) -> float:
     """Hyperparameters compiled into the launch as floats (not lr)."""
     if isinstance(value, Tensor):
         if value.ndim == 1 and value.numel() > 1:
-            raise NotImplementedError(_STACKED_ERROR.format(name=name))
+            raise _stacked_error(name)
         return float(value.item())
     return float(value)
 
@@ -340,7 +362,7 @@ def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[S
              stochastic_rounding: bool = False, stacked_trials: bool = False) -> None:
     """torch.optim.SGD's update for all tensors in one launch per dtype group."""
     if stacked_trials:
-        raise NotImplementedError(_STACKED_ERROR.format(name="lr/momentum"))
+        raise _stacked_error("lr/momentum")
     _momentum_step("sgd_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, lr_in_momentum=lr_in_momentum,
                    first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
@@ -395,9 +417,13 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
         dummy = table.tensors
         lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
         ratios = dummy
+        fused_max = 0
         if lars is not None and lars["adapt"]:
-            ratios = _trust_ratios(table, cfg, params_dtype=p_dtype, lr=lr, weight_decay=weight_decay,
-                                   grad_scale=grad_scale, found_inf=found_inf, **lars)
+            fused_max = gpu_passes.fused_max(cfg.fused_max)
+            ratios = torch.empty((table.num_tensors,), dtype=torch.float32, device=device)
+            if fused_max == 0 or table.max_numel > fused_max:  # some tensor spans several programs
+                _trust_ratios(table, cfg, ratios, fused_max, params_dtype=p_dtype, lr=lr,
+                              weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf, **lars)
         if table.num_programs == 0:
             continue
         momentum_sgd_kernel[(table.num_programs,)](
@@ -406,6 +432,7 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
             found_inf if found_inf is not None else dummy,
             rng if rng is not None and b_dtype == torch.bfloat16 else dummy,
             lr_value, momentum, one_minus_dampening, weight_decay, int(all(g_flags)),
+            lars["trust_coeff"] if lars is not None else 0.0, lars["eps"] if lars is not None else 0.0,
             PARAM_DTYPE=common.TORCH_TO_TRITON[p_dtype],
             BUF_DTYPE=common.TORCH_TO_TRITON[b_dtype or p_dtype],
             HAS_MOMENTUM=bufs is not None, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
@@ -413,30 +440,30 @@ def _momentum_step(op, params, grads, bufs, *, lr, momentum, dampening, weight_d
             HAS_RATIO=ratios is not dummy, LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
             STOCHASTIC_ROUNDING=rounding and b_dtype == torch.bfloat16, ALIGNED=table.aligned,
-            BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+            BLOCK=cfg.block, CHUNK=cfg.chunk, TRUST_CLIP=lars is not None and lars["trust_clip"],
+            FUSED_MAX=fused_max, num_warps=cfg.num_warps)
 
 
-def _trust_ratios(table: TensorTable, cfg, *, params_dtype, lr, weight_decay, trust_coeff, eps, trust_clip,
-                  adapt, grad_scale, found_inf) -> Tensor:
-    """LARS trust ratio per tensor of ``table``, on the device (2 launches)."""
+def _trust_ratios(table: TensorTable, cfg, ratios: Tensor, fused_max: int, *, params_dtype, lr, weight_decay,
+                  trust_coeff, eps, trust_clip, adapt, grad_scale, found_inf) -> None:
+    """LARS trust ratios into ``ratios`` (2 launches) for the tensors of
+    ``table`` not fused into the update kernel (all when fused_max is 0)."""
     device = table.tensors.device
     dummy = table.tensors
     partials = torch.empty((max(table.num_programs, 1), 2), dtype=torch.float32, device=device)
-    ratios = torch.empty((table.num_tensors,), dtype=torch.float32, device=device)
     if table.num_programs:
         lars_partials_kernel[(table.num_programs,)](
             table.tensors, table.programs, partials,
             grad_scale if grad_scale is not None else dummy, found_inf if found_inf is not None else dummy,
             PARAM_DTYPE=common.TORCH_TO_TRITON[params_dtype], HAS_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None, ALIGNED=table.aligned, BLOCK=cfg.block, CHUNK=cfg.chunk,
-            num_warps=cfg.num_warps)
+            FUSED_MAX=fused_max, num_warps=cfg.num_warps)
     lr_ptr, lr_value, lr_is_tensor = _scalar_arg(lr, dummy)
     trust_ratio_kernel[(table.num_tensors,)](
         table.tensors, partials, ratios, lr_ptr, found_inf if found_inf is not None else dummy,
         lr_value, weight_decay, trust_coeff, eps,
         LAMB=False, ADAPT=True, TRUST_CLIP=trust_clip, LR_IS_TENSOR=lr_is_tensor,
-        HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.reduce_block)
-    return ratios
+        HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.reduce_block, FUSED_MAX=fused_max)
 
 
 # ---- LAMB --------------------------------------------------------------------
@@ -453,7 +480,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
               weight_decay: float = 0.01, bias_correction: bool = True, trust_clip: bool = False,
               always_adapt: bool = False, clip_divisor: Optional[Scalar] = None,
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-    """LAMB in 2-3 launches per dtype group; ``steps`` advance on the device."""
+    """LAMB in 1-3 launches per dtype group; ``steps`` advance on the device."""
     op = "lamb_step"
     if len(params) == 0:
         return
@@ -476,6 +503,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     weight_decay = float(weight_decay)
     adapt = weight_decay != 0 or always_adapt
     cfg = common.launch_config(device)
+    fused_max = gpu_passes.fused_max(cfg.fused_max)
     # ---- checked: from here on tensors change ----
     for (p_dtype, s_dtype), idx in _group_by(list(zip(tensors.dtypes[0], tensors.dtypes[2]))).items():
         addresses, numels = tensors.group(idx)
@@ -490,7 +518,8 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
             LR_IS_TENSOR=lr_is_tensor, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
             HAS_CLIP=clip_divisor is not None, CLIP_IS_TENSOR=clip_is_tensor,
             HAS_WEIGHT_DECAY=weight_decay != 0, BIAS_CORRECTION=bool(bias_correction), ALIGNED=table.aligned,
-            BLOCK=cfg.block, CHUNK=cfg.chunk, num_warps=cfg.num_warps)
+            BLOCK=cfg.block, CHUNK=cfg.chunk, ADAPT=adapt, TRUST_CLIP=bool(trust_clip), FUSED_MAX=fused_max,
+            num_warps=cfg.num_warps)
 
         def launch_lamb(norms_only: bool) -> None:
             lamb_kernel[(table.num_programs,)](
@@ -499,12 +528,14 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
                 clip_ptr, lr_value, clip_value, beta1, 1.0 - beta1, beta2, 1.0 - beta2, _log(beta1), _log(beta2),
                 float(eps), weight_decay, NORMS_ONLY=norms_only, **lamb_args)
 
-        if adapt and table.num_programs:
-            launch_lamb(norms_only=True)
-        trust_ratio_kernel[(table.num_tensors,)](
-            table.tensors, partials, ratios, lr_ptr, found_inf if found_inf is not None else dummy,
-            lr_value, weight_decay, 0.0, float(eps),
-            LAMB=True, ADAPT=adapt, TRUST_CLIP=bool(trust_clip), LR_IS_TENSOR=lr_is_tensor,
-            HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.reduce_block)
+        # Empty tensors have no program: trust_ratio_kernel advances their steps.
+        if fused_max == 0 or table.max_numel > fused_max or table.has_empty:
+            if adapt and table.num_programs:
+                launch_lamb(norms_only=True)
+            trust_ratio_kernel[(table.num_tensors,)](
+                table.tensors, partials, ratios, lr_ptr, found_inf if found_inf is not None else dummy,
+                lr_value, weight_decay, 0.0, float(eps),
+                LAMB=True, ADAPT=adapt, TRUST_CLIP=bool(trust_clip), LR_IS_TENSOR=lr_is_tensor,
+                HAS_FOUND_INF=found_inf is not None, BLOCK=cfg.reduce_block, FUSED_MAX=fused_max)
         if table.num_programs:
             launch_lamb(norms_only=False)

@@ -11,6 +11,11 @@ only a tensor's last, partial block is masked.
 
 Bytes moved per element (s = param/grad element size, b = buffer element
 size): plain SGD 3*s (read p, g; write p); with momentum 3*s + 2*b.
+
+LARS, fused (FUSED_MAX > 0): a tensor that fits one program
+(triton_common.fused_tensor) gets its norms and trust ratio here, from the
+program's own pass over p and g just before the update (which then finds
+them in cache); the other tensors read the ratio triton_norms computed.
 """
 from __future__ import annotations
 
@@ -22,12 +27,14 @@ from fastsgd.kernels.triton_common import (
     COL_NUMEL,
     address,
     advance_rng,
+    fused_tensor,
     load_f32,
     load_hparam,
     program_chunk,
     step_skipped,
     store_rounded,
 )
+from fastsgd.kernels.triton_norms import lars_chunk_squares, trust_ratio
 
 
 @triton.jit
@@ -77,12 +84,14 @@ def momentum_sgd_kernel(
     rng_ptr,         # (3,) int64 stochastic-rounding state: seed, call counter, ticket
     lr_value, momentum, one_minus_dampening, weight_decay,
     first_all,       # 1: every buffer is new (b = g); else the per-tensor flag column decides
+    trust_coeff, eps,  # LARS, read for the tensors fused here (FUSED_MAX > 0)
     PARAM_DTYPE: tl.constexpr, BUF_DTYPE: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     LR_IN_MOMENTUM: tl.constexpr, HAS_WEIGHT_DECAY: tl.constexpr, HAS_RATIO: tl.constexpr,
     LR_IS_TENSOR: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     STOCHASTIC_ROUNDING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    TRUST_CLIP: tl.constexpr = False, FUSED_MAX: tl.constexpr = 0,
 ):
     if step_skipped(found_inf_ptr, HAS_FOUND_INF):
         return
@@ -97,7 +106,13 @@ def momentum_sgd_kernel(
     numel = tl.load(row + COL_NUMEL)
     lr = load_hparam(lr_ptr, lr_value, LR_IS_TENSOR)
     scale = load_hparam(scale_ptr, 1.0, HAS_SCALE)
-    ratio = load_hparam(ratios_ptr + tensor, 1.0, HAS_RATIO)
+    ratio = load_hparam(ratios_ptr + tensor, 1.0, HAS_RATIO and FUSED_MAX == 0)
+    if HAS_RATIO and FUSED_MAX > 0:
+        if fused_tensor(numel, FUSED_MAX):  # one program owns the tensor: its norms first (start == 0)
+            pp, gg = lars_chunk_squares(p_ptr, g_ptr, start, numel, scale, HAS_SCALE, BLOCK, CHUNK)
+            ratio = trust_ratio(tl.sqrt(pp), tl.sqrt(gg), lr, weight_decay, trust_coeff, eps, False, TRUST_CLIP)
+        else:
+            ratio = tl.load(ratios_ptr + tensor)
     seed = 0
     counter = 0
     if STOCHASTIC_ROUNDING:

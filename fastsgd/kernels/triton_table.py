@@ -60,6 +60,8 @@ class TensorTable:
     num_tensors: int
     num_programs: int
     aligned: bool     # every address is a multiple of 16 bytes (kernels may use vector loads)
+    max_numel: int    # of the largest tensor (0 for no tensors): whether LARS/LAMB need the 2-pass launches
+    has_empty: bool   # some tensor has no elements (no program; LAMB advances its step in the 2-pass launch)
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -145,7 +147,8 @@ class TritonTables:
                 rows[:, COL_FLAG] = torch.tensor(flags, dtype=torch.int64)
             static_aligned = all(_aligned(col) for col in static if col is not None)
             table = TensorTable(_to_device(rows, device), programs, len(numels), int(counts.sum()),
-                                static_aligned and (moving is None or _aligned(moving)))
+                                static_aligned and (moving is None or _aligned(moving)), max(numels, default=0),
+                                0 in numels)
             return _Rows(table, rows, static_aligned), True
 
         def patch(entry: _Rows, moved: Tuple[int, ...]) -> _Rows:
@@ -153,7 +156,8 @@ class TritonTables:
             rows[:, volatile] = torch.tensor(moved, dtype=torch.int64)
             table = entry.table
             return _Rows(TensorTable(_to_device(rows, device), table.programs, table.num_tensors,
-                                     table.num_programs, entry.static_aligned and _aligned(moved)),
+                                     table.num_programs, entry.static_aligned and _aligned(moved), table.max_numel,
+                                     table.has_empty),
                          rows, entry.static_aligned)
 
         key = (device, chunk, static, numels, flags)

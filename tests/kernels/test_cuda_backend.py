@@ -576,6 +576,115 @@ def test_unaligned_tensors_take_the_scalar_path(dev, dtype):
 
 
 # =============================================================================
+# LARS/LAMB fused path: a tensor that one block owns (1..CHUNK_SIZE elements)
+# gets norms, trust ratio (LAMB: step) and update in the update launch;
+# FASTSGD_GPU_TWO_PASS=1 sends every tensor through the 2-pass launches.
+# Emulated (CHUNK_SIZE 1024 there) and on a GPU (16384).
+# =============================================================================
+from fastsgd.kernels import gpu_passes  # noqa: E402
+
+FUSED_LARS = [dict(momentum=0.9, weight_decay=1e-4),
+              dict(momentum=0.9, weight_decay=1e-4, nesterov=True, trust_clip=True),
+              dict(momentum=0.0, weight_decay=0.0, always_adapt=True, trust_coeff=0.02)]
+FUSED_LAMB = [dict(weight_decay=0.01), dict(weight_decay=0.0),
+              dict(weight_decay=0.0, always_adapt=True, trust_clip=True),
+              dict(weight_decay=0.1, bias_correction=False, beta1=0.8, beta2=0.99, eps=1e-3)]
+
+
+def _fused_layout(kind):
+    """Shapes around the fused size (= the chunk of the table the test uses)."""
+    c = ck.CHUNK_SIZE
+    fused = [(1,), (7,), (3, 5, 7), (c - 1,), (c,)]
+    return fused if kind == "all_fused" else fused + [(c + 1,), (0,), (2 * c + 5,)]
+
+
+def _lars_steps(dev, shapes, dtype, hp, steps=3):
+    params = kc.make_tensors(shapes, dtype, dev)
+    bufs = [torch.zeros_like(p) for p in params] if hp["momentum"] else None
+    for step in range(steps):
+        grads = kc.make_tensors(shapes, dtype, dev, seed=100 + step)
+        ck.lars_step(params, grads, bufs, lr=kc.LRS[step], first_step=step == 0, **hp)
+    return params + (bufs or [])
+
+
+def _lamb_steps(dev, shapes, dtype, hp, steps=3):
+    params = kc.make_tensors(shapes, dtype, dev)
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    counts = [torch.zeros((), device=dev) for _ in params]
+    for step in range(steps):
+        grads = kc.make_tensors(shapes, dtype, dev, seed=100 + step)
+        ck.lamb_step(params, grads, m, v, counts, lr=kc.LRS[step], **hp)
+    return params + m + v + counts
+
+
+def _fused_and_two_pass(monkeypatch, run):
+    monkeypatch.delenv(gpu_passes.TWO_PASS_ENV, raising=False)
+    fused = run()
+    monkeypatch.setenv(gpu_passes.TWO_PASS_ENV, "1")
+    two_pass = run()
+    monkeypatch.delenv(gpu_passes.TWO_PASS_ENV)
+    for i, (a, b) in enumerate(zip(fused, two_pass)):
+        assert torch.equal(a, b), f"tensor {i} {tuple(a.shape)}: fused and 2-pass differ"
+
+
+@pytest.mark.parametrize("layout", ["all_fused", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_fused_lars_equals_two_pass_and_matches_reference(dev, monkeypatch, layout, dtype):
+    shapes = _fused_layout(layout)
+    for hp in FUSED_LARS:
+        _fused_and_two_pass(monkeypatch, lambda: _lars_steps(dev, shapes, dtype, hp))
+        kc.check_lars(ck, dev, shapes, dtype, hp)
+    kc.check_lars(ck, dev, shapes, dtype, FUSED_LARS[1], lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=512.0)
+
+
+@pytest.mark.parametrize("layout", ["all_fused", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_fused_lamb_equals_two_pass_and_matches_reference(dev, monkeypatch, layout, dtype):
+    shapes = _fused_layout(layout)
+    for hp in FUSED_LAMB:
+        _fused_and_two_pass(monkeypatch, lambda: _lamb_steps(dev, shapes, dtype, hp))
+        kc.check_lamb(ck, dev, shapes, dtype, hp)
+    kc.check_lamb(ck, dev, shapes, dtype, FUSED_LAMB[0], lr_as_tensor=_lr_tensor_ok(dtype), grad_scale=256.0,
+                  clip_divisor=torch.tensor(2.5, device=dev))
+
+
+def _launches(dev, fn) -> int:
+    """Kernel launches of one call of ``fn``: counted by the emulator, or by the profiler on a GPU."""
+    if dev == "cuda":
+        return len(_kernel_launches(fn))
+    before = _cuda_emu.grids_run()
+    fn()
+    return _cuda_emu.grids_run() - before
+
+
+@pytest.mark.parametrize("op,layout,hp,fused,two_pass", [
+    ("lars", "all_fused", dict(weight_decay=1e-4), 1, 3),
+    ("lars", "mixed", dict(weight_decay=1e-4), 3, 3),
+    ("lars", "all_fused", dict(weight_decay=0.0), 1, 1),  # nothing adapts
+    ("lamb", "all_fused", dict(weight_decay=0.01), 1, 3),
+    ("lamb", "all_fused", dict(weight_decay=0.0), 1, 2),  # step counts only
+    ("lamb", "mixed", dict(weight_decay=0.01), 3, 3),
+    ("lamb", "all_fused+empty", dict(weight_decay=0.01), 3, 3),  # an empty tensor's step: the 2-pass launches
+])
+def test_fused_path_launches(dev, monkeypatch, op, layout, hp, fused, two_pass):
+    shapes = _fused_layout(layout.split("+")[0]) + ([(0,)] if layout.endswith("+empty") else [])
+    params = kc.make_tensors(shapes, torch.float32, dev)
+    grads = kc.make_tensors(shapes, torch.float32, dev, seed=1)
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    counts = [torch.zeros((), device=dev) for _ in params]
+    if op == "lars":
+        def step():
+            ck.lars_step(params, grads, states[0], lr=0.1, momentum=0.9, **hp)
+    else:
+        def step():
+            ck.lamb_step(params, grads, *states, counts, lr=0.01, **hp)
+    monkeypatch.delenv(gpu_passes.TWO_PASS_ENV, raising=False)
+    assert _launches(dev, step) == fused
+    monkeypatch.setenv(gpu_passes.TWO_PASS_ENV, "1")
+    assert _launches(dev, step) == two_pass
+
+
+# =============================================================================
 # GPU: launches, CUDA graphs, large tensors
 # =============================================================================
 def _kernel_launches(fn) -> list:

@@ -44,7 +44,8 @@ def optimizer_variants(arch: int) -> int:
     types = dict(table, **floats, first_all="i32")
     size = dict(BLOCK=2048, CHUNK=16384)
     off = dict(NESTEROV=False, MAXIMIZE=False, LR_IN_MOMENTUM=False, HAS_WEIGHT_DECAY=False, HAS_RATIO=False,
-               LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, STOCHASTIC_ROUNDING=False, ALIGNED=True)
+               LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, STOCHASTIC_ROUNDING=False, ALIGNED=True,
+               TRUST_CLIP=False, FUSED_MAX=0)
     sgd = [
         dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.float32, HAS_MOMENTUM=False),
         dict(off, PARAM_DTYPE=tl.bfloat16, BUF_DTYPE=tl.float32, HAS_MOMENTUM=True, NESTEROV=True, MAXIMIZE=True,
@@ -52,22 +53,40 @@ def optimizer_variants(arch: int) -> int:
         dict(off, PARAM_DTYPE=tl.float16, BUF_DTYPE=tl.float16, HAS_MOMENTUM=True, LR_IN_MOMENTUM=True,
              HAS_RATIO=True, ALIGNED=False),
         dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.bfloat16, HAS_MOMENTUM=True, STOCHASTIC_ROUNDING=True),
+        # LARS, fused: one-program tensors compute their norms and trust ratio in the update kernel
+        dict(off, PARAM_DTYPE=tl.float32, BUF_DTYPE=tl.float32, HAS_MOMENTUM=True, HAS_WEIGHT_DECAY=True,
+             HAS_RATIO=True, NESTEROV=True, TRUST_CLIP=True, LR_IS_TENSOR=True, HAS_SCALE=True, HAS_FOUND_INF=True,
+             FUSED_MAX=16384),
+        dict(off, PARAM_DTYPE=tl.bfloat16, BUF_DTYPE=tl.bfloat16, HAS_MOMENTUM=True, HAS_RATIO=True, ALIGNED=False,
+             FUSED_MAX=16384),
     ]
     lamb_off = dict(LR_IS_TENSOR=False, HAS_SCALE=False, HAS_FOUND_INF=False, HAS_CLIP=False, CLIP_IS_TENSOR=False,
-                    HAS_WEIGHT_DECAY=False, BIAS_CORRECTION=False, ALIGNED=True)
+                    HAS_WEIGHT_DECAY=False, BIAS_CORRECTION=False, ALIGNED=True, ADAPT=True, TRUST_CLIP=False,
+                    FUSED_MAX=0)
     lamb = [
         dict(lamb_off, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, NORMS_ONLY=True, HAS_CLIP=True,
              CLIP_IS_TENSOR=True, HAS_WEIGHT_DECAY=True, BIAS_CORRECTION=True, HAS_SCALE=True, HAS_FOUND_INF=True),
         dict(lamb_off, PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.bfloat16, NORMS_ONLY=False, LR_IS_TENSOR=True,
              BIAS_CORRECTION=True, HAS_CLIP=True),
         dict(lamb_off, PARAM_DTYPE=tl.float16, STATE_DTYPE=tl.float32, NORMS_ONLY=False, ALIGNED=False),
+        # fused: the norms pass skips one-program tensors, the update pass does their norms, ratio and step
+        dict(lamb_off, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, NORMS_ONLY=True, HAS_WEIGHT_DECAY=True,
+             BIAS_CORRECTION=True, FUSED_MAX=16384),
+        dict(lamb_off, PARAM_DTYPE=tl.float32, STATE_DTYPE=tl.float32, NORMS_ONLY=False, HAS_WEIGHT_DECAY=True,
+             BIAS_CORRECTION=True, HAS_CLIP=True, CLIP_IS_TENSOR=True, HAS_SCALE=True, HAS_FOUND_INF=True,
+             LR_IS_TENSOR=True, ADAPT=True, TRUST_CLIP=True, FUSED_MAX=16384),
+        dict(lamb_off, PARAM_DTYPE=tl.bfloat16, STATE_DTYPE=tl.float32, NORMS_ONLY=False, ADAPT=False,
+             FUSED_MAX=16384),
     ]
-    ratio_off = dict(TRUST_CLIP=False, LR_IS_TENSOR=False, HAS_FOUND_INF=False, BLOCK=256)
+    ratio_off = dict(TRUST_CLIP=False, LR_IS_TENSOR=False, HAS_FOUND_INF=False, BLOCK=256, FUSED_MAX=0)
     ratios = [dict(ratio_off, LAMB=False, ADAPT=True, TRUST_CLIP=True, LR_IS_TENSOR=True, HAS_FOUND_INF=True),
               dict(ratio_off, LAMB=True, ADAPT=True, TRUST_CLIP=True),
-              dict(ratio_off, LAMB=True, ADAPT=False)]
-    partials = [dict(PARAM_DTYPE=tl.float32, HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=False, **size),
-                dict(PARAM_DTYPE=tl.bfloat16, HAS_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, **size)]
+              dict(ratio_off, LAMB=True, ADAPT=False),
+              dict(ratio_off, LAMB=False, ADAPT=True, FUSED_MAX=16384)]
+    partials = [dict(PARAM_DTYPE=tl.float32, HAS_SCALE=False, HAS_FOUND_INF=False, ALIGNED=False, FUSED_MAX=0,
+                     **size),
+                dict(PARAM_DTYPE=tl.bfloat16, HAS_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True, FUSED_MAX=16384,
+                     **size)]
     jobs = ([(momentum_sgd_kernel, dict(c, **size)) for c in sgd] + [(lamb_kernel, dict(c, **size)) for c in lamb]
             + [(trust_ratio_kernel, c) for c in ratios] + [(lars_partials_kernel, c) for c in partials])
     for kernel, constexprs in jobs:
