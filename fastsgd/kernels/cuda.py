@@ -52,7 +52,8 @@ from fastsgd._native import native, native_error
 from fastsgd.kernels import gpu_passes
 from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import device_guard, first_step_flags, grad_like_param, grads_fit, is_dense, trial_hparams
+from fastsgd.kernels.tensors import (device_guard, first_step_flags, grad_like_param, grads_fit, is_dense,
+                                     single_hparams, trial_hparams)
 
 Scalar = Union[float, Tensor]
 
@@ -449,6 +450,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
               stochastic_rounding: bool = False) -> None:
     """timm's Lars rule in at most three launches (see reference.lars_step)."""
+    lr, momentum = single_hparams("fastsgd cuda lars_step", lr=lr, momentum=momentum)
     _sgd_like("lars_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
               weight_decay=weight_decay, nesterov=nesterov, maximize=False, lr_in_momentum=lr_in_momentum,
               first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
@@ -471,10 +473,7 @@ def _sgd_like(op, params, grads, bufs, *, lr, momentum, dampening, weight_decay,
     found = _scalar(op, "found_inf", found_inf, device, keep)
     if found[1] == 0 and found[0] != 0:  # found_inf given as a set CPU tensor: skipped step
         return
-    lr_t = _scalar(op, "lr", lr, device, keep, rows_ok=True)
-    if lars is not None and lars["trust_clip"] and lr_t[3]:
-        raise NotImplementedError("fastsgd cuda lars_step: trust_clip with a per-trial (1-D) lr is not supported "
-                                  "(the trust ratio is per tensor); use backend='reference'")
+    lr_t = _scalar(op, "lr", lr, device, keep, rows_ok=True)  # rows: sgd_step's stacked trials
     flags = first_step_flags(f"fastsgd cuda {op}", first_step, len(params))
     device, table = _prepare(op, params, grads, bufs, None, None, flags, (lr, momentum))
     counter = _sr_counter(device) if stochastic_rounding and bufs is not None else None
@@ -512,6 +511,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     """LAMB (timm's rule) in at most three launches (see reference.lamb_step).
     ``steps`` are 0-dim float32 tensors on the params' device, incremented on the device."""
     op = "lamb_step"
+    lr, clip_divisor = single_hparams("fastsgd cuda lamb_step", lr=lr, clip_divisor=clip_divisor)
     params, grads, exp_avgs, exp_avg_sqs, steps = map(list, (params, grads, exp_avgs, exp_avg_sqs, steps))
     if not params:
         return
@@ -527,11 +527,11 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
     with device_guard(device):  # the native set_device then changes nothing the caller sees
         _launch(op, _native().cuda_lamb_step, params, exp_avgs,
                 table=table.dev.data_ptr(), n_tensors=table.n_tensors, n_blocks=table.n_blocks,
-                chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep, rows_ok=True),
+                chunk_size=table.chunk_size, lr=_scalar(op, "lr", lr, device, keep),
                 beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
                 bias_correction=bool(bias_correction), trust_clip=bool(trust_clip),
                 adapt=bool(weight_decay != 0 or always_adapt),
-                clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, rows_ok=True, default=1.0),
+                clip_divisor=_scalar(op, "clip_divisor", clip_divisor, device, keep, default=1.0),
                 has_clip_divisor=clip_divisor is not None,
                 grad_scale=_scalar(op, "grad_scale", grad_scale, device, keep, default=1.0),
                 found_inf=found if found[1] else _NONE, fused_max=fused_max,

@@ -385,7 +385,7 @@ def test_errors_name_the_problem(emulated):
         ck.sgd_step(p, [torch.zeros(4)], None, lr=0.1)
     with pytest.raises(TypeError, match="not dense"):
         ck.sgd_step([torch.zeros(3, 4)[:, :2]], [torch.zeros(3, 2)], None, lr=0.1)
-    with pytest.raises(NotImplementedError, match="trust_clip with a per-trial"):
+    with pytest.raises(ValueError, match="lr has 2 values"):  # stacked trials are sgd_step's alone
         ck.lars_step([torch.zeros(2, 3)], [torch.zeros(2, 3)], None, lr=torch.tensor([0.1, 0.2]),
                      momentum=0.0, trust_clip=True, weight_decay=1e-4)
     with pytest.raises(ValueError, match="first dimension to be 2"):
