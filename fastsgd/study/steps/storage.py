@@ -81,7 +81,7 @@ EVALS_PREFIX = "evals:"  # a chunk of evaluations per attr
 EVAL_FLUSH_SECONDS = 30.0  # a running trial's buffered evaluations are written at least this often
 FLUSH_ENV = "FASTSGD_EVAL_FLUSH_SECONDS"  # overrides it (0: every evaluation at once, e.g. to watch live curves)
 DUPLICATE = "duplicate"  # a second copy of an enqueued trial (two processes enqueued the same batch size)
-SPURIOUS = "spurious"    # ask() found no enqueued trial left (another process took it)
+SPURIOUS = "spurious"    # a waiting trial that is no study trial (and, in older studies, a trial ask() made up)
 HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 60        # seconds without a heartbeat after which a trial counts as abandoned
 
@@ -220,6 +220,7 @@ class StudyStorage:
         self.config = json.loads(json.dumps(config))  # JSON-normalised, so it compares equal after a round trip
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex}
         self._pending: Dict[int, dict] = {}  # Optuna trial id -> evaluations not yet written
+        self._loaded: Dict[str, optuna.Study] = {}  # batch-size studies by name (a study's id never changes)
         self.meta = self._study("meta")
 
     def lock(self, purpose: str = "study"):
@@ -251,12 +252,18 @@ class StudyStorage:
         return study
 
     def batch_studies(self) -> Dict[int, optuna.Study]:
-        """Every batch size of this study found in the storage."""
+        """Every batch size of this study found in the storage. Lists the studies' names only:
+        Optuna's study summaries read every trial of every study, which made each call grow with
+        the whole study."""
+        prefix = self.name + "/B"
         out = {}
-        for s in optuna.get_all_study_summaries(self.storage, include_best_trial=False):
-            if s.study_name.startswith(self.name + "/B") and s.study_name[len(self.name) + 2:].isdigit():
-                out[int(s.study_name[len(self.name) + 2:])] = optuna.load_study(
-                    study_name=s.study_name, storage=self.storage)
+        for s in self.storage.get_all_studies():
+            if s.study_name.startswith(prefix) and s.study_name[len(prefix):].isdigit():
+                study = self._loaded.get(s.study_name)
+                if study is None:
+                    study = self._loaded[s.study_name] = optuna.load_study(study_name=s.study_name,
+                                                                           storage=self.storage)
+                out[int(s.study_name[len(prefix):])] = study
         return dict(sorted(out.items()))
 
     def get_meta(self, key: str):
@@ -385,6 +392,23 @@ class StudyStorage:
             self.storage._get_prepared_new_trial(study_id, template, session)
         return True
 
+    def _take(self, trial_id: int) -> bool:
+        """Move a WAITING trial to RUNNING, as Optuna does when it pops a trial from the queue, with
+        the state test inside the UPDATE: SQLite reads outside the write transaction, so a test
+        before the update would let two processes both take the trial. False when another did."""
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.storage.scoped_session) as session:
+            row = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            taken = session.query(models.TrialModel).filter(
+                models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.WAITING,
+            ).update({models.TrialModel.state: TrialState.RUNNING}, synchronize_session=False)
+            if taken != 1:
+                return False
+            row.datetime_start = datetime.datetime.now()  # as Optuna's set_trial_state_values
+        return True
+
     def unfinished(self, study: optuna.Study) -> int:
         """Trials of this batch size still waiting or running (in any process)."""
         return sum("index" in t.user_attrs for t in study.get_trials(
@@ -393,26 +417,24 @@ class StudyStorage:
     def claim(self, study: optuna.Study, n: int) -> List[Tuple[optuna.Trial, TrialSpec]]:
         """Take up to ``n`` enqueued trials (atomically, so several processes can share a study).
 
-        Reads the study twice per call plus once per trial taken (Optuna's ``ask``): a study's
-        trials are read whole, so reads per trial would make claiming grow with the study."""
+        One read of the waiting trials per call, then each is taken by :meth:`_take`. (Optuna's
+        ``ask`` reads every waiting trial again for each trial it takes, which made claiming a batch
+        size's trials grow with the square of their number, and its state change is not atomic on
+        SQLite.)"""
         out: List[Tuple[optuna.Trial, TrialSpec]] = []
-        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        taken = self._taken_runs(study)
-        while len(out) < min(n, waiting):
-            # Optuna warns that heartbeats are meant for optimize(); they are beaten here
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                trial = study.ask()
-            self.heartbeat.add(trial._trial_id)
-            attrs = trial.user_attrs
-            if "index" not in attrs:  # another process took the last waiting trial first
-                trial.set_user_attr("outcome", SPURIOUS)
-                study.tell(trial, state=TrialState.FAIL)
-                self.heartbeat.remove(trial._trial_id)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        taken = self._taken_runs(study) if waiting else set()
+        for frozen in waiting:
+            if len(out) >= n:
                 break
-            run = (attrs["index"], attrs.get("stage"))
-            if run in taken:
-                trial.set_user_attr("outcome", DUPLICATE)
+            if not self._take(frozen._trial_id):
+                continue  # another process took it first
+            trial = optuna.Trial(study, frozen._trial_id)
+            self.heartbeat.add(trial._trial_id)
+            attrs = frozen.user_attrs  # written at enqueue time, never changed after
+            run = (attrs.get("index"), attrs.get("stage"))
+            if "index" not in attrs or run in taken:  # not a study trial, or a second copy of one
+                trial.set_user_attr("outcome", DUPLICATE if "index" in attrs else SPURIOUS)
                 study.tell(trial, state=TrialState.FAIL)
                 self.heartbeat.remove(trial._trial_id)
                 continue
