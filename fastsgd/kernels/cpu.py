@@ -31,8 +31,7 @@ move (autograd re-creates them every step with ``zero_grad(set_to_none=True)``),
 so on a hit their addresses are written into a copy of the table after a cheap
 check against the params (device, element count, dtype, contiguity): a few
 attribute reads per param instead of the shape checks, which an identical key
-means would pass again (the effect is measured in
-bench/results/optimizer_step_cpu.json). Tensors that are not contiguous
+means would pass again. Tensors that are not contiguous
 (channels_last, ...) are checked on every call and never cached. One thing the
 key cannot see: a tensor re-created at the same address with the same element
 count but another shape passes as the old one (the kernels walk flat memory,
@@ -244,8 +243,9 @@ def _expand_trials(what: str, rows: np.ndarray, params: Sequence[Tensor], trials
             nonzero = out[:, ptr_field] != 0
             out[nonzero, ptr_field] += (row * row_numel * elem)[nonzero]
         out = np.ascontiguousarray(out)
+        out.setflags(write=False)  # shared by every later call with the same layout
         if len(_expanded) >= _EXPANDED_MAX:  # a study keeps a few layouts at a time (trials leave, groups)
-            _expanded.pop(next(iter(_expanded)))
+            _expanded.pop(next(iter(_expanded)), None)
         _expanded[key] = out
     hparams = np.empty((len(params) * trials, 2), dtype=np.float64)
     hparams[:, 0] = np.tile(lrs, len(params))
@@ -295,6 +295,7 @@ def _with_grads(table: np.ndarray, grad_addresses: Tuple[int, ...]) -> np.ndarra
 def clear_cache() -> None:
     """Drops the cached tables (they hold raw addresses, never tensors)."""
     TABLES.clear(graphs=True)
+    _expanded.clear()
 
 
 # ---- SGD / LARS ------------------------------------------------------------------

@@ -52,8 +52,15 @@ from fastsgd._native import native, native_error
 from fastsgd.kernels import gpu_passes
 from fastsgd.kernels.contract import FLOATS, Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import (device_guard, first_step_flags, grad_like_param, grads_fit, is_dense,
-                                     single_hparams, trial_hparams)
+from fastsgd.kernels.tensors import (
+    device_guard,
+    first_step_flags,
+    grad_like_param,
+    grads_fit,
+    is_dense,
+    single_hparams,
+    trial_hparams,
+)
 
 Scalar = Union[float, Tensor]
 

@@ -80,7 +80,7 @@ if _IMPORT_ERROR is None:
 from fastsgd.kernels import gpu_passes
 from fastsgd.kernels.contract import Capabilities
 from fastsgd.kernels.table_cache import TableCache
-from fastsgd.kernels.tensors import device_guard, first_step_flags, grads_fit, is_dense
+from fastsgd.kernels.tensors import device_guard, first_step_flags, grads_fit, is_dense, single_hparams
 
 Scalar = Union[float, Tensor]
 
@@ -380,6 +380,7 @@ def lars_step(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Optional[
               stochastic_rounding: bool = False) -> None:
     """timm's Lars rule: per-tensor trust ratios by a segmented reduction,
     then the SGD momentum update, in at most 3 launches per dtype group."""
+    lr, momentum = single_hparams("fastsgd triton lars_step", lr=lr, momentum=momentum)
     lars = dict(trust_coeff=float(trust_coeff), eps=float(eps), trust_clip=bool(trust_clip),
                 adapt=weight_decay != 0 or always_adapt)
     _momentum_step("lars_step", params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
@@ -482,6 +483,7 @@ def lamb_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Seque
               grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """LAMB in 1-3 launches per dtype group; ``steps`` advance on the device."""
     op = "lamb_step"
+    lr, clip_divisor = single_hparams("fastsgd triton lamb_step", lr=lr, clip_divisor=clip_divisor)
     if len(params) == 0:
         return
     device = params[0].device

@@ -2,6 +2,8 @@
 step order, and studies stored in the one-attr-per-evaluation layout still read."""
 import math
 
+import pytest
+
 from fastsgd.study.steps import storage as storage_module
 from fastsgd.study.steps.analysis import BUDGET
 from fastsgd.study.steps.storage import EVAL_PREFIX, EVALS_PREFIX, StudyStorage
@@ -43,8 +45,8 @@ def test_a_trials_evaluations_are_one_chunk_written_at_its_end(tmp_path):
 
 
 def test_a_long_running_trial_is_written_in_chunks_that_read_back_in_order(tmp_path, monkeypatch):
+    monkeypatch.setenv(storage_module.FLUSH_ENV, "0")  # every evaluation is "old enough"
     store, study, trial, spec = one_trial(tmp_path)
-    monkeypatch.setattr(storage_module, "EVAL_FLUSH_SECONDS", 0.0)  # every evaluation is "old enough"
     for s in (0, 3, 9):
         store.record_eval(trial, s, metrics_at(s))
     # written while the trial still runs: a dead process leaves them for the record of its interrupted trial
@@ -62,3 +64,11 @@ def test_studies_stored_one_attr_per_evaluation_still_read(tmp_path):
     (rec,) = store.records(16)
     assert rec.steps == [0, 2, 5] and set(rec.metrics) == {"val_error", "val_loss"}
     assert rec.metrics["val_loss"] == [2.0, 1.98, 1.95]
+
+
+def test_a_bad_flush_interval_is_refused_when_the_storage_opens(tmp_path, monkeypatch):
+    for bad in ("-1", "soon", "nan"):
+        monkeypatch.setenv(storage_module.FLUSH_ENV, bad)
+        with pytest.raises(ValueError, match="FASTSGD_EVAL_FLUSH_SECONDS=.*seconds >= 0"):
+            StudyStorage(str(tmp_path / "study.db"), "w/nesterov/tuned", {"seed": 0})
+    assert not (tmp_path / "study.db").exists()

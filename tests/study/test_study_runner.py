@@ -321,3 +321,11 @@ def test_duplicate_enqueue_from_two_processes_trains_each_trial_once(tmp_path):
     assert sorted(spec.trial_id for _, spec in claimed) == [0, 1, 2]
     outcomes = [t.user_attrs.get("outcome") for t in s1.get_trials()]
     assert outcomes.count("duplicate") == 3
+
+
+def test_a_backend_without_stacked_trials_is_refused_before_the_storage_is_touched(tmp_path):
+    out = tmp_path / "study"
+    config = StudyConfig(out=str(out), backend="triton", **TINY)
+    with pytest.raises(ValueError, match="'triton' cannot step stacked trials"):
+        run_study(config, progress=False, log=lambda s: None)
+    assert not out.exists()  # no database, no claimed trial left RUNNING

@@ -70,7 +70,7 @@ from fastsgd.study.steps.analysis import (
     trial_steps_to_result,
 )
 from fastsgd.study.steps.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, StudyStorage
-from fastsgd.study.steps.trials import RunSettings, run_trials
+from fastsgd.study.steps.trials import RunSettings, run_trials, stacked_backend
 from fastsgd.study.workloads import get_workload
 from fastsgd.study.workloads.base import Workload
 from fastsgd.study.workloads.data import restrict_eval_sets
@@ -423,6 +423,9 @@ def run_study(config: StudyConfig, *, workload: Optional[Workload] = None, progr
     metric = config.goal_metric or workload.goal_metric
     if not (config.train_metrics or metric.startswith("train_")):
         workload = restrict_eval_sets(workload, ["val"])
+    # the kernel backend before the storage: a backend that cannot step stacked trials is refused
+    # before any trial is claimed
+    stacked_backend(config.backend, RunSettings.device)
     os.makedirs(config.out, exist_ok=True)
     store = open_storage(config)
     batch_sizes = sorted(config.batch_sizes)

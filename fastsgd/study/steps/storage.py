@@ -117,6 +117,20 @@ def _sqlite_wal(storage: optuna.storages.RDBStorage) -> None:
     storage.engine.dispose()  # reconnect, so every pooled connection gets the pragmas
 
 
+def eval_flush_seconds() -> float:
+    """``FASTSGD_EVAL_FLUSH_SECONDS`` (seconds >= 0), else ``EVAL_FLUSH_SECONDS``."""
+    raw = os.environ.get(FLUSH_ENV)
+    if raw is None:
+        return EVAL_FLUSH_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"{FLUSH_ENV}={raw!r}: need a number of seconds >= 0")
+    return value
+
+
 def _lock_key(name: str) -> int:
     """A signed 64-bit advisory-lock key for ``name``."""
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
@@ -203,6 +217,7 @@ class StudyStorage:
         if not 0 < heartbeat_interval < grace_period:
             raise ValueError(f"need 0 < heartbeat_interval < grace_period, got {heartbeat_interval} and "
                              f"{grace_period}")
+        self.flush_seconds = eval_flush_seconds()  # a bad setting is refused before the database is touched
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.url = storage_url(url)
         if self.url.startswith("sqlite:///"):
@@ -466,7 +481,7 @@ class StudyStorage:
         chunk["t"].append(time.time())
         for k, v in metrics.items():
             chunk["metrics"].setdefault(k, []).append(float(v))
-        if time.monotonic() - chunk["since"] >= float(os.environ.get(FLUSH_ENV, EVAL_FLUSH_SECONDS)):
+        if time.monotonic() - chunk["since"] >= self.flush_seconds:
             self.flush_evals(trial)
 
     def flush_evals(self, trial: optuna.Trial) -> None:

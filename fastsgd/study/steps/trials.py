@@ -370,6 +370,7 @@ class _Batches:
     generator per trial."""
 
     BLOCK = 64  # steps of indices drawn together: the draw costs about as much as a small step
+    BLOCK_ELEMENTS = 1 << 22  # ... and at most this many indices (large batches of many trials)
 
     def __init__(self, workload: Workload, seeds: Sequence[int], device: torch.device):
         self.workload, self.device = workload, device
@@ -384,7 +385,8 @@ class _Batches:
             x, y = self.data
             if (self.block is None or not 0 <= step - self.block_start < self.block.shape[1]
                     or self.block.shape[2] != batch_size):
-                self.block = batch_indices_block(self.keys, step, self.BLOCK, batch_size, len(x))
+                steps = max(1, min(self.BLOCK, self.BLOCK_ELEMENTS // (len(self.keys) * batch_size)))
+                self.block = batch_indices_block(self.keys, step, steps, batch_size, len(x))
                 self.block_start = step
             idx = self.block[:, step - self.block_start]
             return x[idx], y[idx]
