@@ -87,6 +87,13 @@ def capabilities(name: str, family: str = "optimizer"):
     return mod.CAPABILITIES
 
 
+def stacked_trial_backends() -> list:
+    """Names of the optimizer backends available here whose capabilities include stacked trials
+    (``sgd_step(..., stacked_trials=True)``), in registry order."""
+    return [name for name, reason in available_backends().items()
+            if reason is None and capabilities(name).stacked_trials]
+
+
 def validate_name(backend: str, family: str = "optimizer") -> str:
     if backend != "auto" and backend not in REGISTRY[family]:
         raise ValueError(f"Invalid backend: {backend!r}; choose 'auto' or one of {', '.join(REGISTRY[family])}")

@@ -54,7 +54,6 @@ float64 and complex tensors, strided views (use backend="reference").
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from dataclasses import dataclass
 from operator import attrgetter
@@ -146,16 +145,10 @@ def manual_seed(seed: int, device: Union[str, torch.device] = "cuda") -> None:
 # ---- checks: everything is validated before any tensor is touched -----------
 
 def _stacked_error(name: str) -> NotImplementedError:
-    """The error for per-trial (1-D) hyperparameters, naming the backends
+    """The error for per-trial (1-D) hyperparameters, naming the backends available here
     whose Capabilities record says they take stacked trials."""
     from fastsgd import backends  # here, not at import: backends loads the backend modules
-    able = []
-    for backend, path in backends.REGISTRY["optimizer"].items():
-        try:
-            if importlib.import_module(path).CAPABILITIES.stacked_trials:
-                able.append(repr(backend))
-        except ImportError:  # a backend that cannot even be imported here is no advice
-            continue
+    able = [repr(b) for b in backends.stacked_trial_backends()]
     choice = " or ".join([", ".join(able[:-1]), able[-1]] if len(able) > 1 else able)
     return NotImplementedError(f"fastsgd backend 'triton' does not support stacked trials (1-D {name} tensors); "
                                f"use backend={choice} for per-trial hyperparameters")

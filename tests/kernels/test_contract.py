@@ -83,8 +83,12 @@ def test_stacked_trials_run_or_are_refused(mod):
     bufs = [torch.zeros_like(p) for p in params]
     lr = torch.tensor([0.1, 0.05, 0.0], device=DEVICE if mod.CAPABILITIES.device_scalars else "cpu")
     if not mod.CAPABILITIES.stacked_trials:
-        with pytest.raises((ValueError, NotImplementedError), match="stacked trials"):
+        able = backends.stacked_trial_backends()  # the advice names exactly the backends that can
+        assert able and mod.CAPABILITIES.name not in able
+        with pytest.raises((ValueError, NotImplementedError), match="stacked trials") as err:
             mod.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=True, stacked_trials=True)
+        named = {name for name in backends.REGISTRY["optimizer"] if repr(name) in str(err.value)}
+        assert named == set(able) | {mod.CAPABILITIES.name}, str(err.value)
         return
     ref_p, ref_b = [p.clone() for p in params], [b.clone() for b in bufs]
     mod.sgd_step(params, grads, bufs, lr=lr, momentum=0.9, first_step=True, stacked_trials=True)

@@ -346,8 +346,7 @@ def stacked_backend(name: str, device: torch.device, dtypes=(torch.float32,)):
     backend without them is refused here, before any trial trains."""
     name = backends.requested_backend(name)
     device = torch.device(device)
-    able = [n for n, reason in backends.available_backends().items()
-            if reason is None and backends.capabilities(n).stacked_trials]
+    able = backends.stacked_trial_backends()
     if name == "auto":
         for candidate in backends.AUTO_ORDER.get(device.type, ()) + ("reference",):
             if candidate in able:
