@@ -301,20 +301,6 @@ def test_stochastic_rounding_refuses_fp16_buffers():
 
 # ---- bad input: a clear error before anything changes ---------------------------
 
-def test_stacked_trials_error_names_the_backends_that_take_them():
-    """The advice follows the Capabilities records: the backends that take
-    stacked trials (reference, cpu, cuda), not triton itself."""
-    import importlib
-    with pytest.raises(NotImplementedError) as err:
-        T.sgd_step(K.make_tensors([(3,)], torch.float32, CPU), K.make_tensors([(3,)], torch.float32, CPU, seed=1),
-                   None, lr=torch.tensor([0.1, 0.2]))
-    advice = str(err.value).split("use backend=")[1]
-    named = {name for name in fastsgd.backends.REGISTRY["optimizer"] if f"'{name}'" in advice}
-    assert named == {"reference", "cpu", "cuda"}, advice
-    for name, path in fastsgd.backends.REGISTRY["optimizer"].items():
-        assert importlib.import_module(path).CAPABILITIES.stacked_trials == (name in named), name
-
-
 @pytest.mark.parametrize("case", ["stacked_lr", "stacked_momentum", "grad_dtype", "lengths", "float64",
                                   "strided", "first_step_len", "lr_shape", "lamb_step_dtype"])
 def test_bad_input_raises_before_changing_anything(case):

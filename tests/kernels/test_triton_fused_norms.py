@@ -55,16 +55,21 @@ def _id(x):
     return str(x).replace("torch.", "")
 
 
+def _step_inputs(shapes, dtype, step, lr_as_tensor, grad_scale):
+    """A step's gradients (scaled by ``grad_scale`` when given, with the scale tensor) and lr."""
+    grads = K.make_tensors(shapes, dtype, CPU, seed=100 + step)
+    scale = None
+    if grad_scale is not None:
+        scale = torch.tensor(grad_scale)
+        grads = [(g.double() * grad_scale).to(dtype) for g in grads]
+    return grads, scale, torch.tensor(K.LRS[step]) if lr_as_tensor else K.LRS[step]
+
+
 def _lars_run(shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None):
     params = K.make_tensors(shapes, dtype, CPU)
     bufs = [torch.zeros_like(p) for p in params] if hp.get("momentum", 0.9) != 0 else None
     for step in range(steps):
-        grads = K.make_tensors(shapes, dtype, CPU, seed=100 + step)
-        scale = None
-        if grad_scale is not None:
-            scale = torch.tensor(grad_scale)
-            grads = [(g.double() * grad_scale).to(dtype) for g in grads]
-        lr = torch.tensor(K.LRS[step]) if lr_as_tensor else K.LRS[step]
+        grads, scale, lr = _step_inputs(shapes, dtype, step, lr_as_tensor, grad_scale)
         T.lars_step(params, grads, bufs, lr=lr, first_step=step == 0, grad_scale=scale, **hp)
     return params + (bufs or [])
 
@@ -74,12 +79,7 @@ def _lamb_run(shapes, dtype, hp, *, steps=3, lr_as_tensor=False, grad_scale=None
     m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     counts = [torch.zeros(()) for _ in params]
     for step in range(steps):
-        grads = K.make_tensors(shapes, dtype, CPU, seed=100 + step)
-        scale = None
-        if grad_scale is not None:
-            scale = torch.tensor(grad_scale)
-            grads = [(g.double() * grad_scale).to(dtype) for g in grads]
-        lr = torch.tensor(K.LRS[step]) if lr_as_tensor else K.LRS[step]
+        grads, scale, lr = _step_inputs(shapes, dtype, step, lr_as_tensor, grad_scale)
         T.lamb_step(params, grads, m, v, counts, lr=lr, grad_scale=scale, clip_divisor=clip_divisor, **hp)
     return params + m + v + counts
 
