@@ -71,6 +71,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._rdb import models  # the one-transaction writes below use Optuna's RDB internals,
+from optuna.storages._rdb.storage import _create_scoped_session  # pinned by tests/study/test_storage_enqueue.py
 from optuna.trial import TrialState
 
 from fastsgd.study.steps.analysis import FINAL_OUTCOMES, GOAL, TrialRecord
@@ -129,6 +131,18 @@ def eval_flush_seconds() -> float:
     if not value >= 0:
         raise ValueError(f"{FLUSH_ENV}={raw!r}: need a number of seconds >= 0")
     return value
+
+
+def _change_state(session, trial_id: int, old: TrialState, new: TrialState):
+    """In the caller's transaction: move the trial from ``old`` to ``new`` and return its row, or None
+    when it is no longer in ``old``. The state test is part of the UPDATE, the transaction's first
+    write: SQLite reads outside the write transaction, so a test before the update would let two
+    processes both change the trial."""
+    row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+    changed = session.query(models.TrialModel).filter(
+        models.TrialModel.trial_id == trial_id, models.TrialModel.state == old,
+    ).update({models.TrialModel.state: new}, synchronize_session=False)
+    return row if changed == 1 else None
 
 
 def _lock_key(name: str) -> int:
@@ -318,21 +332,15 @@ class StudyStorage:
         commits every trial separately, so this uses the pieces its ``create_new_trial`` is made of
         (``RDBStorage._get_prepared_new_trial`` and the ORM models of optuna.storages._rdb): internals,
         pinned by tests/study/test_storage_enqueue.py."""
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
         with _create_scoped_session(self.storage.scoped_session) as session:
             study_row = models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
             marker = models.StudyUserAttributeModel.find_by_study_and_key(study_row, key, session)
             if marker is not None and json.loads(marker.value_json):
                 return False  # another process enqueued the stage while this one waited
             for t in trials:
-                attrs = {"role": "search", "base_trial": None, **t, "stage": key[len("enqueued:"):],
-                         "seed": int(t["seed"])}
-                template = optuna.trial.create_trial(state=TrialState.WAITING,
-                                                     system_attrs={"fixed_params": dict(t["point"])},
-                                                     user_attrs=attrs)
-                self.storage._get_prepared_new_trial(study_id, template, session)
+                self._add_waiting(session, study_id, t["point"], {"role": "search", "base_trial": None, **t,
+                                                                 "stage": key[len("enqueued:"):],
+                                                                 "seed": int(t["seed"])})
             if marker is None:
                 session.add(models.StudyUserAttributeModel(study_id=study_id, key=key,
                                                            value_json=json.dumps(len(trials))))
@@ -382,17 +390,9 @@ class StudyStorage:
         """One transaction: mark the RUNNING trial ``t`` FAIL with outcome ``interrupted`` and enqueue
         its point and seed again, so that a kill in between cannot leave it failed without a rerun.
         False when it finished meanwhile."""
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
         with _create_scoped_session(self.storage.scoped_session) as session:
-            row = models.TrialModel.find_or_raise_by_id(t._trial_id, session, for_update=True)
-            # Conditional, and the transaction's first write: SQLite reads outside the write transaction,
-            # so the state test must be part of the update, which also takes the write lock from here on.
-            failed = session.query(models.TrialModel).filter(
-                models.TrialModel.trial_id == t._trial_id, models.TrialModel.state == TrialState.RUNNING,
-            ).update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
-            if failed != 1:
+            row = _change_state(session, t._trial_id, TrialState.RUNNING, TrialState.FAIL)
+            if row is None:
                 return False  # it finished after all
             row.datetime_complete = datetime.datetime.now()  # as Optuna's set_trial_state_values
             outcome = models.TrialUserAttributeModel.find_by_trial_and_key(row, "outcome", session)
@@ -401,28 +401,26 @@ class StudyStorage:
                                                            value_json=json.dumps("interrupted")))
             else:
                 outcome.value_json = json.dumps("interrupted")
-            template = optuna.trial.create_trial(
-                state=TrialState.WAITING, system_attrs={"fixed_params": dict(t.user_attrs["point"])},
-                user_attrs={k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
-            self.storage._get_prepared_new_trial(study_id, template, session)
+            self._add_waiting(session, study_id, t.user_attrs["point"],
+                              {k: t.user_attrs[k] for k in RUN_ATTRS if k in t.user_attrs})
         return True
 
     def _take(self, trial_id: int) -> bool:
-        """Move a WAITING trial to RUNNING, as Optuna does when it pops a trial from the queue, with
-        the state test inside the UPDATE: SQLite reads outside the write transaction, so a test
-        before the update would let two processes both take the trial. False when another did."""
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
+        """Move a WAITING trial to RUNNING, as Optuna does when it pops a trial from the queue (see
+        :func:`_change_state`). False when another process took it."""
         with _create_scoped_session(self.storage.scoped_session) as session:
-            row = models.TrialModel.find_or_raise_by_id(trial_id, session)
-            taken = session.query(models.TrialModel).filter(
-                models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.WAITING,
-            ).update({models.TrialModel.state: TrialState.RUNNING}, synchronize_session=False)
-            if taken != 1:
+            row = _change_state(session, trial_id, TrialState.WAITING, TrialState.RUNNING)
+            if row is None:
                 return False
             row.datetime_start = datetime.datetime.now()  # as Optuna's set_trial_state_values
         return True
+
+    def _add_waiting(self, session, study_id: int, point: Dict[str, float], user_attrs: Dict[str, object]) -> None:
+        """Add a WAITING trial with ``point`` as its fixed params, as ``Study.enqueue_trial`` does, inside
+        the caller's transaction (Optuna's ``create_new_trial`` commits each trial on its own)."""
+        template = optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": dict(point)},
+                                             user_attrs=user_attrs)
+        self.storage._get_prepared_new_trial(study_id, template, session)
 
     def unfinished(self, study: optuna.Study) -> int:
         """Trials of this batch size still waiting or running (in any process)."""

@@ -57,7 +57,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from fastsgd import backends
-from fastsgd.backends import get_backend
 from fastsgd.study.steps.analysis import BUDGET, GOAL, INFEASIBLE, PRUNED, beats
 from fastsgd.study.steps.engine import (
     KeyedDropout,
@@ -420,7 +419,7 @@ def _run(workload: Workload, specs: Sequence[TrialSpec], settings: RunSettings, 
     stack = _make_stack(mode, workload, models, momentum, batches.keys, device)
     dtypes = {p.dtype for m in models[:1] for p in m.parameters()}
     backend = stacked_backend(settings.backend, device, dtypes) if mode != "single" else \
-        get_backend(backends.requested_backend(settings.backend), device, dtypes)
+        backends.get_backend(backends.requested_backend(settings.backend), device, dtypes)
     results = [TrialResult(spec=s) for s in specs]
     live = list(range(len(specs)))  # positions in ``specs`` of the rows of the stack
     initial_loss = torch.full((len(specs),), math.nan)  # by position in ``specs``; set at the first step
