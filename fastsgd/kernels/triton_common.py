@@ -48,8 +48,6 @@ class LaunchConfig:
                              "is one program's chunk")
 
 
-
-
 # GPU sizes: 16 KiB-64 KiB of each tensor per program keeps a ResNet-50 step
 # at a few thousand programs while a tiny tensor costs one short program.
 # (Chosen, not yet tuned on a GPU.)
